@@ -1,0 +1,1 @@
+"""Avatar backends: photo -> animatable Gaussian head, and expression -> image of it."""

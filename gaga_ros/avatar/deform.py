@@ -1,0 +1,105 @@
+"""Mesh-bound Gaussians: move and turn each Gaussian with the triangle it is bound to.
+
+Vectorised torch on the avatar's device. A Gaussian follows its anchor (a barycentric point on its
+triangle pushed along the blended vertex normal), so deformed mean = neutral mean + anchor motion;
+this reproduces the neutral avatar exactly and keeps far-bound points (hair) from swinging.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gaga_ros.avatar.base import CAMERA_FIXED, Avatar, Binding
+
+#: Bounds of the per-Gaussian growth factor: stretched skin (a closing lid) grows to stay closed.
+STRETCH_RANGE = (0.5, 3.0)
+_EPS = 1e-12
+
+
+def vertex_normals(vertices: torch.Tensor, triangles: torch.Tensor) -> torch.Tensor:
+    """(V, 3) unit area-weighted vertex normals of a mesh (triangles counter-clockwise outside)."""
+    corners = vertices[triangles]
+    face = torch.linalg.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+    normals = torch.zeros_like(vertices)
+    for k in range(3):
+        normals.index_add_(0, triangles[:, k], face)
+    return normals / normals.norm(dim=1, keepdim=True).clamp_min(_EPS)
+
+
+def anchor_frames(vertices: torch.Tensor, triangles: torch.Tensor,
+                  binding: Binding) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Anchor points (N,3), orthonormal frames (N,3,3, columns tangent/bitangent/normal) and
+    triangle areas (N,) of each bound Gaussian; CAMERA_FIXED entries read triangle 0."""
+    tri_index = torch.where(binding.triangle == CAMERA_FIXED, 0, binding.triangle)
+    tri = triangles[tri_index]
+    corners = vertices[tri]  # (N, 3, 3)
+    bary = binding.barycentric[..., None]
+    normal = (vertex_normals(vertices, triangles)[tri] * bary).sum(1)
+    normal = normal / normal.norm(dim=1, keepdim=True).clamp_min(_EPS)
+    anchor = (corners * bary).sum(1) + binding.offset[:, None] * normal
+    edge = corners[:, 1] - corners[:, 0]
+    tangent = edge - (edge * normal).sum(1, keepdim=True) * normal
+    tangent = tangent / tangent.norm(dim=1, keepdim=True).clamp_min(_EPS)
+    frame = torch.stack([tangent, torch.linalg.cross(normal, tangent), normal], dim=-1)
+    area = torch.linalg.cross(edge, corners[:, 2] - corners[:, 0]).norm(dim=1) / 2
+    return anchor, frame, area
+
+
+def quat_to_matrix(q: torch.Tensor) -> torch.Tensor:
+    """(N,3,3) rotations of (w,x,y,z) quaternions (normalised first)."""
+    w, x, y, z = (q / q.norm(dim=1, keepdim=True).clamp_min(_EPS)).unbind(1)
+    return torch.stack([
+        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], 1).reshape(-1, 3, 3)
+
+
+def matrix_to_quat(m: torch.Tensor) -> torch.Tensor:
+    """(N,4) unit (w,x,y,z) quaternions of rotation matrices (N,3,3), stable for every angle."""
+    m00, m11, m22 = m[:, 0, 0], m[:, 1, 1], m[:, 2, 2]
+    # Four candidate solutions; each is accurate where its leading component is large.
+    cands = torch.stack([
+        torch.stack([1 + m00 + m11 + m22, m[:, 2, 1] - m[:, 1, 2], m[:, 0, 2] - m[:, 2, 0],
+                     m[:, 1, 0] - m[:, 0, 1]], 1),
+        torch.stack([m[:, 2, 1] - m[:, 1, 2], 1 + m00 - m11 - m22, m[:, 0, 1] + m[:, 1, 0],
+                     m[:, 0, 2] + m[:, 2, 0]], 1),
+        torch.stack([m[:, 0, 2] - m[:, 2, 0], m[:, 0, 1] + m[:, 1, 0], 1 - m00 + m11 - m22,
+                     m[:, 1, 2] + m[:, 2, 1]], 1),
+        torch.stack([m[:, 1, 0] - m[:, 0, 1], m[:, 0, 2] + m[:, 2, 0], m[:, 1, 2] + m[:, 2, 1],
+                     1 - m00 - m11 + m22], 1),
+    ], 1)  # (N, 4 candidates, 4)
+    best = torch.stack([1 + m00 + m11 + m22, 1 + m00 - m11 - m22, 1 - m00 + m11 - m22,
+                        1 - m00 - m11 + m22], 1).argmax(1)
+    q = cands[torch.arange(m.shape[0], device=m.device), best]
+    q = q / q.norm(dim=1, keepdim=True).clamp_min(_EPS)
+    return q * torch.where(q[:, :1] < 0, -1.0, 1.0)
+
+
+def deform(avatar: Avatar, vertices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Means (N,3), quats (N,4) and growth factors (N,) of the avatar's Gaussians on mesh `vertices`.
+
+    `vertices` (V,3) is the deformed mesh in the canonical frame (same topology as the neutral one).
+    Quaternions turn with the rotation from the rest frame to the deformed frame of each anchor;
+    growth is sqrt of the triangle's area ratio, so Gaussians on stretched skin keep covering it.
+    CAMERA_FIXED Gaussians are returned unchanged (growth 1).
+    """
+    vertices = torch.as_tensor(vertices, dtype=torch.float32, device=avatar.device)
+    if vertices.shape != avatar.neutral_vertices.shape:
+        raise ValueError(f"deform needs vertices of shape {tuple(avatar.neutral_vertices.shape)}, "
+                         f"got {tuple(vertices.shape)}")
+    rest = avatar.cache.get("rest")
+    if rest is None:
+        rest = anchor_frames(avatar.neutral_vertices, avatar.triangles, avatar.binding)
+        avatar.cache["rest"] = rest
+    anchor0, frame0, area0 = rest
+    anchor, frame, area = anchor_frames(vertices, avatar.triangles, avatar.binding)
+    g = avatar.gaussians
+    fixed = (avatar.binding.triangle == CAMERA_FIXED)[:, None]
+    means = torch.where(fixed, g.means, g.means + anchor - anchor0)
+    turn = frame @ frame0.transpose(1, 2)
+    quats = matrix_to_quat(turn @ quat_to_matrix(g.quats)) * g.quats.norm(dim=1, keepdim=True)
+    quats = torch.where(fixed, g.quats, quats)
+    ratio = torch.where(area0 > 1e-8, area / area0.clamp_min(1e-8), torch.ones_like(area))
+    growth = ratio.sqrt().clamp(*STRETCH_RANGE)
+    growth = torch.where(fixed[:, 0], torch.ones_like(growth), growth)
+    return means, quats, growth

@@ -1,0 +1,414 @@
+"""The asset-free geometric avatar: one photo lifted onto its FaceMesh into mesh-bound Gaussians.
+
+A GAGAvatar-like dual lifting without learned weights. The forward lift puts one Gaussian on every
+head pixel of the crop (subsampled to `grid`), at the depth of the fitted FaceMesh where the pixel
+hits it, else on a head ellipsoid fitted to the mesh; the backward lift closes the head behind with a
+second layer on the ellipsoid's back half, coloured by mirroring the front. Gaussians are bound to
+mesh triangles (gaga_ros.avatar.deform) so expressions move them; a dark mouth interior and the eye
+openings are bound to triangles that the avatar adds across the mouth and the eyes.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import cv2
+import numpy as np
+import torch
+
+from gaga_ros.avatar.base import CAMERA_FIXED, Avatar, Binding, NoFaceError, content_id
+from gaga_ros.avatar.deform import anchor_frames, deform, matrix_to_quat, quat_to_matrix
+from gaga_ros.camera import Camera
+from gaga_ros.config import CROP_SCALE, CROP_SIZE
+from gaga_ros.expression import Expression, ExpressionError, FaceModel, frontal_transform
+from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES, FACE_LANDMARKS, REGIONS, TRIANGLES
+from gaga_ros.gaussians import Gaussians
+from gaga_ros.source import as_rgb
+
+#: Smallest face accepted, as the face-oval width in source pixels (FaceMesh is unreliable below).
+MIN_FACE_PX = 40
+#: Head ellipsoid of the canonical face (centre, radii), canonical units; scaled to each source.
+HEAD_CENTRE = np.array([0.0, 0.02, -0.02])
+HEAD_RADII = np.array([0.40, 0.62, 0.50])
+MOUTH_COLOUR = (0.16, 0.05, 0.05)
+TEETH_COLOUR = (0.78, 0.75, 0.68)
+#: Depth of the mouth interior and the teeth behind the lips, canonical units.
+MOUTH_DEPTH, TEETH_DEPTH = 0.05, 0.025
+#: Darkening of the mirrored back layer, which the source photo never saw.
+BACK_SHADE = 0.8
+
+
+def _zipper(upper: np.ndarray, lower: np.ndarray) -> np.ndarray:
+    """Triangles closing the opening between two contours that run corner to corner.
+
+    Each triangle's first edge runs along a contour, so its tangent frame stays defined when the
+    opening closes to a line.
+    """
+    if upper[0] != lower[0] or upper[-1] != lower[-1] or len(upper) != len(lower):
+        raise ValueError("contours must share both corners and have equal lengths")
+    tris = [(upper[0], upper[1], lower[1])]
+    for k in range(1, len(upper) - 2):
+        tris += [(upper[k], upper[k + 1], lower[k]), (lower[k], lower[k + 1], upper[k + 1])]
+    tris.append((upper[-2], upper[-1], lower[-2]))
+    tris = np.array(tris, np.int64)
+    corners = CANONICAL_VERTICES[tris]
+    normal_z = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])[:, 2]
+    flip = normal_z < 0  # wind outwards (+z) by swapping the first two, keeping the contour edge first
+    tris[flip] = tris[flip][:, [1, 0, 2]]
+    return tris
+
+
+def _opening_triangles() -> dict[str, np.ndarray]:
+    inner = REGIONS["mouth_inner"]
+    mouth_upper = inner[:11]
+    mouth_lower = np.r_[inner[0], inner[11:][::-1], inner[10]]
+    return {
+        "mouth": _zipper(mouth_upper, mouth_lower),
+        "left_eye": _zipper(REGIONS["left_eye_upper"], REGIONS["left_eye_lower"]),
+        "right_eye": _zipper(REGIONS["right_eye_upper"], REGIONS["right_eye_lower"]),
+    }
+
+
+_OPENINGS = _opening_triangles()
+#: Avatar triangles: the face surface, then the mouth opening, then the two eye openings.
+AVATAR_TRIANGLES = np.concatenate([TRIANGLES.astype(np.int64), _OPENINGS["mouth"],
+                                   _OPENINGS["left_eye"], _OPENINGS["right_eye"]])
+_MOUTH = np.arange(len(TRIANGLES), len(TRIANGLES) + len(_OPENINGS["mouth"]))
+_EYES = np.arange(_MOUTH[-1] + 1, len(AVATAR_TRIANGLES))
+_LIPS = np.union1d(REGIONS["lips_upper"], REGIONS["lips_lower"])
+#: Vertices that expressions barely move: hair, ears and the back of the head follow these.
+_STEADY = np.setdiff1d(np.arange(FACE_LANDMARKS), np.concatenate(
+    [REGIONS[k] for k in ("lips_upper", "lips_lower", "lower_face", "jaw", "left_eye_upper",
+                          "left_eye_lower", "right_eye_upper", "right_eye_lower", "left_eyebrow",
+                          "right_eyebrow")]))
+
+
+def face_size(vertices: np.ndarray) -> float:
+    """RMS distance of the face landmarks from their centroid: the scale of a face."""
+    v = np.asarray(vertices, np.float64)[:FACE_LANDMARKS]
+    return float(np.sqrt(((v - v.mean(0)) ** 2).sum(1).mean()))
+
+
+def rebase_transform(driver: np.ndarray, source: np.ndarray) -> np.ndarray:
+    """Camera that shows the source turned as the driver is turned away from frontal.
+
+    Rotation: R = R_driver R_frontal^T R_source (the driver's head rotation applied before the
+    source camera); translation: the source's, since crops re-centre every driving frame anyway.
+    """
+    frontal = frontal_transform()
+    out = np.array(source, np.float64).reshape(3, 4)
+    d = np.asarray(driver, np.float64).reshape(3, 4)
+    out[:, :3] = d[:, :3] @ frontal[:, :3].T @ out[:, :3]
+    return out.astype(np.float32)
+
+
+class GeometricAvatar:
+    """Photo -> mesh-bound RGB Gaussian head; renders MESH-mode expressions (AvatarBackend)."""
+
+    name = "geometric"
+
+    def __init__(self, grid: int = 192, device: torch.device | str = "cpu",
+                 raster_backend: str = "auto", background: tuple[float, float, float] = (0, 0, 0)):
+        if not 32 <= int(grid) <= CROP_SIZE:
+            raise ValueError(f"grid {grid!r}: accepted is 32..{CROP_SIZE} lifted pixels per side")
+        self.grid = int(grid)
+        self.device = torch.device(device)
+        self.raster_backend = raster_backend
+        self.background = torch.tensor(background, dtype=torch.float32)
+        self._landmarker = None
+        self._segmenter = None
+
+    # ---- reconstruction -------------------------------------------------------------------------
+
+    def reconstruct(self, rgb: np.ndarray) -> Avatar:
+        """Lift one photo into an avatar; NoFaceError if it holds no usable face."""
+        from gaga_ros.crop import crop_head, head_box
+        from gaga_ros.tracking.mesh_tracker import fit_head
+
+        rgb = as_rgb(rgb)
+        notes: list[str] = []
+        faces = self._detect(rgb)
+        if not faces:
+            raise NoFaceError("no face found in the photo; accepted is a photo with one clearly "
+                              f"visible face at least {MIN_FACE_PX} pixels wide")
+        widths = [np.ptp(f.points[REGIONS["face_oval"], 0]) for f in faces]
+        face = faces[int(np.argmax(widths))]
+        if len(faces) > 1:
+            notes.append(f"{len(faces)} faces found; used the largest")
+            warnings.warn(notes[-1], stacklevel=2)
+        if max(widths) < MIN_FACE_PX:
+            raise NoFaceError(f"the face is only {max(widths):.0f} pixels wide; accepted are faces "
+                              f"at least {MIN_FACE_PX} pixels wide")
+        crop = crop_head(rgb, head_box(face.points[:, :2]), size=CROP_SIZE, scale=CROP_SCALE)
+        fit = fit_head(crop.to_crop(face.points).astype(np.float32), size=CROP_SIZE)
+        neutral = np.asarray(fit.canonical_points, np.float64)
+        layers = _Lifter(crop.image, self._matte(crop.image), neutral,
+                         np.asarray(fit.transform, np.float64), self.grid).layers()
+        arrays = {k: np.concatenate([layer[k] for layer in layers]) for k in layers[0]}
+        t = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in arrays.items()}
+        gaussians = Gaussians(t["means"].float(), t["quats"].float(), t["scales"].float(),
+                              t["opacities"].float(), t["colors"].float())
+        binding = Binding(t["triangle"].long(), t["barycentric"].float(), t["offset"].float())
+        avatar_id = content_id(crop.image.tobytes() + f"{self.name}:{self.grid}".encode())
+        return Avatar(self.name, avatar_id, gaussians, binding,
+                      torch.from_numpy(neutral.astype(np.float32)).to(self.device),
+                      torch.from_numpy(AVATAR_TRIANGLES).to(self.device),
+                      np.asarray(fit.transform, np.float32), warnings=tuple(notes))
+
+    def _detect(self, rgb: np.ndarray):
+        from gaga_ros.tracking.landmarks import FaceLandmarker
+
+        if self._landmarker is None:
+            self._landmarker = FaceLandmarker(static_image_mode=True, max_faces=4, min_confidence=0.5)
+        return self._landmarker.detect(rgb)
+
+    def _matte(self, crop: np.ndarray) -> np.ndarray:
+        """Soft person matte (H, W) in [0, 1] of the crop (mediapipe selfie segmentation)."""
+        from mediapipe.python.solutions import selfie_segmentation
+
+        if self._segmenter is None:
+            self._segmenter = selfie_segmentation.SelfieSegmentation(model_selection=0)
+        mask = self._segmenter.process(crop).segmentation_mask
+        return np.clip(np.asarray(mask, np.float32), 0.0, 1.0)
+
+    # ---- rendering ------------------------------------------------------------------------------
+
+    def driven_vertices(self, avatar: Avatar, expression: Expression) -> torch.Tensor:
+        """The source's mesh moved by the expression's motion (never its shape), canonical frame."""
+        if expression.face_model is not FaceModel.MESH:
+            raise ExpressionError("the geometric backend renders MESH-mode expressions (vertices); "
+                                  "got a FLAME-mode one: use the gagavatar backend for FLAME")
+        scale = avatar.cache.get("delta_scale")
+        if scale is None:
+            scale = face_size(avatar.neutral_vertices.cpu().numpy()) / face_size(CANONICAL_VERTICES)
+            avatar.cache["delta_scale"] = scale
+        delta = torch.from_numpy(expression.vertices - CANONICAL_VERTICES).to(avatar.device)
+        return avatar.neutral_vertices + scale * delta
+
+    def scene(self, avatar: Avatar, expression: Expression,
+              size: int = CROP_SIZE) -> tuple[Gaussians, Camera]:
+        """The deformed Gaussians and the camera that show `avatar` driven by `expression`."""
+        means, quats, growth = deform(avatar, self.driven_vertices(avatar, expression))
+        transform = rebase_transform(expression.transform, avatar.source_transform)
+        fixed = avatar.binding.triangle == CAMERA_FIXED
+        if bool(fixed.any()):
+            # Keep the torso where the source camera saw it: undo the head's turn for these.
+            src = torch.from_numpy(avatar.source_transform.astype(np.float32)).to(avatar.device)
+            new = torch.from_numpy(transform).to(avatar.device)
+            cam = means[fixed] @ src[:, :3] + src[:, 3]
+            means[fixed] = (cam - new[:, 3]) @ new[:, :3].T
+            turn = (new[:, :3] @ src[:, :3].T).expand(int(fixed.sum()), 3, 3)
+            quats[fixed] = matrix_to_quat(turn @ quat_to_matrix(quats[fixed]))
+        g = avatar.gaussians
+        gaussians = Gaussians(means, quats, g.scales * growth[:, None], g.opacities, g.colors)
+        return gaussians, Camera.from_transform(transform, int(size))
+
+    def render(self, avatar: Avatar, expression: Expression, size: int = CROP_SIZE) -> np.ndarray:
+        """RGB uint8 (size, size, 3) image of the avatar driven by `expression`."""
+        from gaga_ros.render.rasterize import rasterize
+
+        gaussians, camera = self.scene(avatar, expression, size)
+        result = rasterize(gaussians, camera, self.background.to(avatar.device), self.raster_backend)
+        image = (result.image.clamp(0, 1) * 255 + 0.5).to(torch.uint8)
+        return image.cpu().numpy()
+
+
+class _Lifter:
+    """Dual lifting of one head crop onto its fitted mesh (numpy, float64, runs once per photo)."""
+
+    def __init__(self, crop: np.ndarray, matte: np.ndarray, neutral: np.ndarray,
+                 transform: np.ndarray, grid: int):
+        self.crop, self.matte, self.neutral, self.grid = crop, matte, neutral, grid
+        self.camera = Camera.from_transform(transform, CROP_SIZE)
+        rot, trans = transform[:, :3], transform[:, 3]
+        self.eye = -trans @ rot.T  # camera centre in the canonical frame
+        scale = face_size(neutral) / face_size(CANONICAL_VERTICES)
+        self.centre = HEAD_CENTRE * scale + neutral[:FACE_LANDMARKS].mean(0) - scale * (
+            CANONICAL_VERTICES[:FACE_LANDMARKS].mean(0))
+        self.radii = HEAD_RADII * scale
+        self.pixel = CROP_SIZE / grid  # crop pixels per lifted pixel
+        self.focal = float(self.camera.K[0, 0])
+        # Nearest steady vertex and one triangle holding it, for points off the face surface.
+        self.vertex_triangle = np.full(len(neutral), -1, np.int64)
+        self.vertex_corner = np.zeros(len(neutral), np.int64)
+        for f, tri in enumerate(TRIANGLES):
+            for k, v in enumerate(tri):
+                self.vertex_triangle[v], self.vertex_corner[v] = f, k
+
+    def layers(self) -> list[dict[str, np.ndarray]]:
+        return [self.front(), self.back(), self.mouth()]
+
+    # -- geometry helpers
+
+    def _rays(self, uv: np.ndarray) -> np.ndarray:
+        """Unit world directions (N,3) of the rays through crop pixels uv (N,2)."""
+        k = self.camera.K.astype(np.float64)
+        cam = np.stack([(uv[:, 0] - k[0, 2]) / k[0, 0], (uv[:, 1] - k[1, 2]) / k[1, 1],
+                        np.ones(len(uv))], 1)
+        world = cam @ self.camera.viewmat[:3, :3].astype(np.float64)  # R^T applied to rows
+        return world / np.linalg.norm(world, axis=1, keepdims=True)
+
+    def _unproject(self, uv: np.ndarray, depth: np.ndarray) -> np.ndarray:
+        k, view = self.camera.K.astype(np.float64), self.camera.viewmat.astype(np.float64)
+        cam = np.stack([(uv[:, 0] - k[0, 2]) / k[0, 0] * depth, (uv[:, 1] - k[1, 2]) / k[1, 1] * depth,
+                        depth], 1)
+        return (cam - view[:3, 3]) @ view[:3, :3]
+
+    def _ellipsoid_depth(self, uv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Camera depth of each ray's first hit on the head ellipsoid, and whether it hit; a miss
+        gets the depth of the ray's closest approach to the ellipsoid centre."""
+        d = self._rays(uv) / self.radii
+        o = (self.eye - self.centre) / self.radii
+        a, b, c = (d * d).sum(1), 2 * (d @ o), o @ o - 1
+        disc = b * b - 4 * a * c
+        hit = disc > 0
+        s = np.where(hit, (-b - np.sqrt(np.maximum(disc, 0))) / (2 * a), -b / (2 * a))
+        points = self.eye + s[:, None] * self._rays(uv)
+        return self.camera.depth(points.astype(np.float32)).astype(np.float64), hit
+
+    def _raster(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per lifted pixel: the avatar triangle it sees (-1: none), its barycentrics, its depth."""
+        g = self.grid
+        xy = self.camera.project(self.neutral.astype(np.float32)).astype(np.float64) / self.pixel
+        depth = self.camera.depth(self.neutral.astype(np.float32)).astype(np.float64)
+        tri_id = np.full((g, g), -1, np.int64)
+        zbuf = np.full((g, g), np.inf)
+        bary = np.zeros((g, g, 3))
+        for f, (a, b, c) in enumerate(AVATAR_TRIANGLES):
+            p0, p1, p2 = xy[a], xy[b], xy[c]
+            lo = np.maximum(np.floor(np.minimum(np.minimum(p0, p1), p2) - 0.5).astype(int), 0)
+            hi = np.minimum(np.ceil(np.maximum(np.maximum(p0, p1), p2) - 0.5).astype(int), g - 1)
+            if (hi < lo).any():
+                continue
+            ys, xs = np.mgrid[lo[1]:hi[1] + 1, lo[0]:hi[0] + 1]
+            px, py = xs + 0.5 - p0[0], ys + 0.5 - p0[1]
+            e1, e2 = p1 - p0, p2 - p0
+            den = e1[0] * e2[1] - e2[0] * e1[1]
+            if abs(den) < 1e-9:
+                continue
+            w1 = (px * e2[1] - e2[0] * py) / den
+            w2 = (e1[0] * py - px * e1[1]) / den
+            w0 = 1 - w1 - w2
+            inside = (w0 >= -1e-6) & (w1 >= -1e-6) & (w2 >= -1e-6)
+            z = w0 * depth[a] + w1 * depth[b] + w2 * depth[c]
+            win = inside & (z < zbuf[ys, xs])
+            yy, xx = ys[win], xs[win]
+            zbuf[yy, xx], tri_id[yy, xx] = z[win], f
+            bary[yy, xx] = np.stack([w0[win], w1[win], w2[win]], 1)
+        return tri_id, bary, zbuf
+
+    def _bind_nearest(self, points: np.ndarray, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Bind points to the nearest of the candidate vertices: (triangle, one-hot barycentric)."""
+        from scipy.spatial import cKDTree
+
+        candidates = candidates[self.vertex_triangle[candidates] >= 0]
+        _, idx = cKDTree(self.neutral[candidates]).query(points)
+        vertex = candidates[idx]
+        bary = np.zeros((len(points), 3))
+        bary[np.arange(len(points)), self.vertex_corner[vertex]] = 1.0
+        return self.vertex_triangle[vertex], bary
+
+    def _facing(self, points: np.ndarray) -> np.ndarray:
+        """Quaternions (N,4) turning each Gaussian's local z towards the source camera."""
+        d = self.eye - points
+        d /= np.linalg.norm(d, axis=1, keepdims=True)
+        t = np.cross(np.array([0.0, 1.0, 0.0]), d)
+        t /= np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)
+        frames = torch.from_numpy(np.stack([t, np.cross(d, t), d], -1))
+        return matrix_to_quat(frames).numpy()
+
+    # -- layers
+
+    def front(self) -> dict[str, np.ndarray]:
+        """Forward lift: one Gaussian per head pixel, on the mesh or the head ellipsoid."""
+        g = self.grid
+        colours = cv2.resize(self.crop, (g, g), interpolation=cv2.INTER_AREA) / 255.0
+        matte = cv2.resize(self.matte, (g, g), interpolation=cv2.INTER_AREA)
+        tri_id, bary, zbuf = self._raster()
+        keep = (matte > 0.3) | (tri_id >= 0)
+        ys, xs = np.nonzero(keep)
+        uv = np.stack([xs + 0.5, ys + 0.5], 1) * self.pixel
+        tri, b = tri_id[ys, xs], bary[ys, xs]
+        ell_depth, ell_hit = self._ellipsoid_depth(uv)
+        on_mesh = tri >= 0
+        depth = np.where(on_mesh, zbuf[ys, xs], ell_depth)
+        points = self._unproject(uv, depth)
+        triangle, barycentric = tri.copy(), b.copy()
+        # Lips stay lips: pixels in the mouth opening follow the nearest lip vertex, not the opening.
+        in_mouth = np.isin(tri, _MOUTH)
+        if in_mouth.any():
+            triangle[in_mouth], barycentric[in_mouth] = self._bind_nearest(points[in_mouth], _LIPS)
+        off = ~on_mesh
+        chin_v = self.camera.project(self.neutral[REGIONS["jaw"]].astype(np.float32))[:, 1].max()
+        body = off & ~ell_hit & (uv[:, 1] > chin_v)
+        head_off = off & ~body
+        if head_off.any():
+            triangle[head_off], barycentric[head_off] = self._bind_nearest(points[head_off], _STEADY)
+        triangle[body] = CAMERA_FIXED
+        barycentric[body] = 0.0
+        sigma = 0.6 * self.pixel * depth / self.focal
+        opacity = np.where(on_mesh, 1.0, np.clip((matte[ys, xs] - 0.3) / 0.4, 0, 1)) * 0.99
+        return {
+            "means": points, "quats": self._facing(points),
+            "scales": np.stack([sigma, sigma, 0.5 * sigma], 1), "opacities": opacity,
+            "colors": colours[ys, xs], "triangle": triangle, "barycentric": barycentric,
+            "offset": np.zeros(len(points)),
+        }
+
+    def back(self) -> dict[str, np.ndarray]:
+        """Backward lift: the ellipsoid's far half, coloured by mirroring the front through the
+        head's mid-plane, so a turned head shows no hole."""
+        spacing = 1.6 * self.pixel * self.camera.depth(self.centre[None].astype(np.float32))[0] / self.focal
+        area = 4 * np.pi * (np.prod(self.radii) ** (2 / 3))
+        n = int(area / spacing**2)
+        k = np.arange(n) + 0.5
+        z = 1 - 2 * k / n
+        phi = np.pi * (1 + 5**0.5) * k
+        r = np.sqrt(1 - z * z)
+        unit = np.stack([r * np.cos(phi), r * np.sin(phi), z], 1)
+        view = (self.eye - self.centre) / np.linalg.norm(self.eye - self.centre)
+        unit = unit[unit @ view < 0]  # the half the source camera did not see
+        points = self.centre + unit * self.radii
+        mirrored = points - 2 * ((points - self.centre) @ view)[:, None] * view
+        uv = self.camera.project(mirrored.astype(np.float32))
+        inside = ((uv >= 0) & (uv < CROP_SIZE - 1)).all(1)
+        points, uv = points[inside], uv[inside]
+        px = uv.astype(int)
+        keep = self.matte[px[:, 1], px[:, 0]] > 0.5
+        points, px = points[keep], px[keep]
+        blurred = cv2.GaussianBlur(self.crop, (0, 0), 6) / 255.0
+        triangle, barycentric = self._bind_nearest(points, _STEADY)
+        sigma = np.full(len(points), 0.75 * spacing)
+        return {
+            "means": points, "quats": self._facing(points), "scales": np.stack([sigma] * 3, 1),
+            "opacities": np.full(len(points), 0.99), "colors": blurred[px[:, 1], px[:, 0]] * BACK_SHADE,
+            "triangle": triangle, "barycentric": barycentric, "offset": np.zeros(len(points)),
+        }
+
+    def mouth(self) -> dict[str, np.ndarray]:
+        """A dark mouth interior with upper teeth, behind the lips, spanning the mouth opening."""
+        steps = 8
+        i, j = np.meshgrid(np.arange(steps + 1), np.arange(steps + 1), indexing="ij")
+        ok = i + j <= steps
+        grid = np.stack([steps - i[ok] - j[ok], i[ok], j[ok]], 1) / steps  # barycentric lattice
+        upper = np.isin(AVATAR_TRIANGLES[_MOUTH], REGIONS["mouth_inner"][:11])
+        rows = []
+        for f, up in zip(_MOUTH, upper, strict=True):
+            weight_up = grid @ up.astype(np.float64)
+            rows.append((np.full(len(grid), f), grid, weight_up))
+        triangle = np.concatenate([r[0] for r in rows])
+        barycentric = np.concatenate([r[1] for r in rows])
+        teeth = np.concatenate([r[2] for r in rows]) > 0.8
+        colours = np.where(teeth[:, None], TEETH_COLOUR, MOUTH_COLOUR)
+        scale = face_size(self.neutral) / face_size(CANONICAL_VERTICES)
+        offset = -np.where(teeth, TEETH_DEPTH, MOUTH_DEPTH) * scale
+        verts = torch.from_numpy(self.neutral)
+        binding = Binding(torch.from_numpy(triangle), torch.from_numpy(barycentric),
+                          torch.from_numpy(offset))
+        points = anchor_frames(verts, torch.from_numpy(AVATAR_TRIANGLES), binding)[0].numpy()
+        sigma = np.full(len(points), 0.012 * scale)
+        return {
+            "means": points, "quats": self._facing(points), "scales": np.stack([sigma] * 3, 1),
+            "opacities": np.full(len(points), 0.99), "colors": colours, "triangle": triangle,
+            "barycentric": barycentric, "offset": offset,
+        }

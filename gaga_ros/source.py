@@ -1,0 +1,76 @@
+"""Source photos: the built-in default face and safe loading of user-supplied images."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+#: Largest image accepted, in pixels (a 40-megapixel photo); larger headers are refused undecoded.
+MAX_PIXELS = 40_000_000
+#: Formats accepted by load_image (PIL format names).
+ACCEPTED_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF", "PPM")
+
+
+class ImageError(ValueError):
+    """An image that cannot be used as a source photo; the message says why and what is accepted."""
+
+
+def default_source() -> np.ndarray:
+    """The built-in source face: scikit-image's public-domain astronaut portrait, 512x512 RGB uint8."""
+    from skimage import data
+
+    return np.ascontiguousarray(data.astronaut())
+
+
+def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode an image file to RGB uint8 (H, W, 3), refusing bad files before they cost memory.
+
+    The header is read first (PIL opens lazily), so a decompression bomb is rejected from its
+    declared size without decoding a pixel. EXIF orientation is applied, as phone photos need.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: no such image file; accepted is a readable "
+                         f"{'/'.join(ACCEPTED_FORMATS)} file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError,
+            OSError) as err:
+        raise ImageError(f"{path}: not a readable image ({err}); accepted formats: "
+                         f"{', '.join(ACCEPTED_FORMATS)}") from None
+    with image:
+        if image.format not in ACCEPTED_FORMATS:
+            raise ImageError(f"{path}: format {image.format} is not supported; accepted formats: "
+                             f"{', '.join(ACCEPTED_FORMATS)}")
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageError(f"{path}: {width}x{height} pixels exceeds the limit of {max_pixels} "
+                             "pixels; downscale the photo first")
+        if width < 1 or height < 1:
+            raise ImageError(f"{path}: empty image ({width}x{height})")
+        try:
+            image.load()
+            rgb = ImageOps.exif_transpose(image).convert("RGB")
+        except (OSError, SyntaxError, ValueError) as err:
+            raise ImageError(f"{path}: truncated or corrupt {image.format} data ({err}); accepted is "
+                             "a complete image file") from None
+        return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+
+
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """Check that an in-memory image is RGB uint8 (H, W, 3) and return it contiguous."""
+    if not isinstance(image, np.ndarray):
+        raise ImageError(f"expected a numpy RGB image, got {type(image).__name__}")
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ImageError(f"image has dtype {image.dtype} and shape {image.shape}; accepted is RGB "
+                         "uint8 of shape (H, W, 3)")
+    if min(image.shape[:2]) < 16:
+        raise ImageError(f"image of {image.shape[1]}x{image.shape[0]} pixels is too small to hold "
+                         "a face; accepted are images of at least 16x16")
+    return np.ascontiguousarray(image)

@@ -1,0 +1,449 @@
+"""The WebRTC stream server: avatar frames out to browsers, operator webcam and expressions in.
+
+aiohttp serves the viewer page and the signalling (POST /offer, as in aiortc's examples); aiortc
+carries the media. The server runs its own asyncio loop in a thread, so plain threads (a ROS
+callback, a render loop) drive it through start(), push_frame() and stop().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from aiohttp import web
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtcrtpsender import RTCRtpSender
+
+from gaga_ros.expression import Expression, ExpressionError
+from gaga_ros.stream.auth import is_loopback, token_middleware
+from gaga_ros.stream.tracks import EncodedTrack, NewestFrame, SharedEncoder, check_rgb
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+CODECS = ("VP8", "H264")
+#: Files the static route may serve: top-level files of static_dir with these suffixes, read once.
+STATIC_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css",
+                ".svg": "image/svg+xml", ".png": "image/png", ".ico": "image/x-icon"}
+EXPRESSION_FIELDS = ("face_model", "expression", "jaw_pose", "neck_pose", "eye_pose", "vertices",
+                     "transform", "confidence", "stamp_ns", "frame_id")
+
+UpstreamCallback = Callable[[np.ndarray, int], None]
+ExpressionCallback = Callable[[Expression], None]
+
+
+class StreamConfigError(ValueError):
+    """A StreamServer setting that cannot work; the message says what is accepted."""
+
+
+def parse_expression(payload: str | bytes | dict) -> Expression:
+    """An Expression from a JSON object with the fields of msg/Expression.msg.
+
+    face_model is 0/1 or "FLAME"/"MESH"; transform is 12 numbers or 3x4; stamp_ns and frame_id
+    stand in for the message header. Raises ExpressionError naming what is wrong.
+    """
+    if isinstance(payload, (str, bytes)):
+        try:
+            payload = json.loads(payload)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ExpressionError(f"expression is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+    if not isinstance(payload, dict):
+        raise ExpressionError("expression must be a JSON object with the fields of Expression.msg")
+    unknown = sorted(set(payload) - set(EXPRESSION_FIELDS))
+    if unknown:
+        raise ExpressionError(f"unknown expression fields {unknown}: accepted are {list(EXPRESSION_FIELDS)}")
+    if "face_model" not in payload:
+        raise ExpressionError("expression needs face_model: 0 (FLAME) or 1 (MESH)")
+    fields = dict(payload)
+    model = fields["face_model"]
+    if isinstance(model, str) and model.upper() in ("FLAME", "MESH"):
+        fields["face_model"] = 0 if model.upper() == "FLAME" else 1
+    elif isinstance(model, bool) or not isinstance(model, int):
+        raise ExpressionError(f"face_model {model!r}: accepted are 0 / 'FLAME' and 1 / 'MESH'")
+    stamp = fields.get("stamp_ns", 0)
+    if isinstance(stamp, bool) or not isinstance(stamp, int) or stamp < 0:
+        raise ExpressionError(f"stamp_ns {stamp!r}: accepted is a non-negative integer (nanoseconds)")
+    if not isinstance(fields.get("frame_id", ""), str):
+        raise ExpressionError("frame_id must be a string")
+    conf = fields.get("confidence", 1.0)
+    if isinstance(conf, bool) or not isinstance(conf, (int, float)):
+        raise ExpressionError(f"confidence {conf!r}: accepted is a number in [0, 1]")
+    for name in ("expression", "jaw_pose", "neck_pose", "eye_pose", "vertices", "transform"):
+        if name in fields and fields[name] is not None and not isinstance(fields[name], list):
+            raise ExpressionError(f"{name} must be a JSON array of numbers")
+    try:
+        return Expression(**fields)
+    except ExpressionError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ExpressionError(f"malformed expression: {e}") from None
+
+
+@dataclass
+class Client:
+    """One connected viewer: its peer connection, outgoing track and where it came from."""
+
+    id: str
+    pc: RTCPeerConnection
+    remote: str
+    codec: str
+    track: EncodedTrack | None = None
+    upstream_frames: int = 0
+    connected_at: float = field(default_factory=time.time)
+
+
+class StreamServer:
+    """WebRTC avatar stream for browsers; thread-safe push_frame(), callbacks for what comes back.
+
+    Security: it listens on 127.0.0.1 by default. Clients that are not on loopback must present
+    `token` (query `?token=` or `Authorization: Bearer`). A non-loopback `host` without a token is
+    refused at construction (StreamConfigError) rather than minting a token into a log file.
+
+    Encoding: one shared encode per codec for all viewers (see gaga_ros.stream.tracks for why and
+    what it costs). Callbacks run on the server's threads and must return quickly:
+    on_upstream_frame(rgb, stamp_ns) gets each operator webcam frame (on one worker thread; frames
+    arriving while it is busy are dropped), on_expression(Expression) each valid expression.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 8080, token: str | None = None,
+                 codec: str = "VP8", bitrate_kbps: int = 1000, max_fps: float = 30.0,
+                 width: int | None = None, height: int | None = None,
+                 certfile: str | None = None, keyfile: str | None = None,
+                 ice_servers: list[str | dict] | None = None, static_dir: str | Path = STATIC_DIR,
+                 on_upstream_frame: UpstreamCallback | None = None,
+                 on_expression: ExpressionCallback | None = None,
+                 max_clients: int = 16, max_body_bytes: int = 256 * 1024,
+                 idle_after_s: float = 3.0, keyframe_interval_s: float = 2.0) -> None:
+        self.codec = codec.upper() if isinstance(codec, str) else codec
+        if self.codec not in CODECS:
+            raise StreamConfigError(f"codec {codec!r}: accepted are {CODECS}")
+        if not 50 <= bitrate_kbps <= 50_000:
+            raise StreamConfigError(f"bitrate_kbps {bitrate_kbps}: accepted is 50 to 50000")
+        if not 1 <= max_fps <= 120:
+            raise StreamConfigError(f"max_fps {max_fps}: accepted is 1 to 120")
+        if (width is None) != (height is None):
+            raise StreamConfigError("give both width and height, or neither (keep the pushed size)")
+        if width is not None and not (16 <= width <= 4096 and 16 <= height <= 4096):
+            raise StreamConfigError(f"output size {width}x{height}: accepted is 16 to 4096 per side")
+        if (certfile is None) != (keyfile is None):
+            raise StreamConfigError("HTTPS needs both certfile and keyfile")
+        if token is not None and len(token) < 8:
+            raise StreamConfigError("token is shorter than 8 characters: use a long random string")
+        if not is_loopback(host) and not token:
+            raise StreamConfigError(
+                f"host {host!r} is reachable from other machines but no token is set: pass token= "
+                "(clients then add ?token=...) or listen on 127.0.0.1")
+        self.static_dir = Path(static_dir)
+        if not (self.static_dir / "viewer.html").is_file():
+            raise StreamConfigError(f"static_dir {self.static_dir} has no viewer.html")
+        self.host, self._port, self.token = host, port, token
+        self.bitrate_kbps, self.max_fps = int(bitrate_kbps), float(max_fps)
+        self.size = (int(width), int(height)) if width is not None else None
+        self.certfile, self.keyfile = certfile, keyfile
+        self.ice_servers = [_ice_server(s) for s in (ice_servers or [])]
+        self.on_upstream_frame, self.on_expression = on_upstream_frame, on_expression
+        self.max_clients, self.max_body_bytes = max_clients, max_body_bytes
+        self.idle_after_s, self.keyframe_interval_s = idle_after_s, keyframe_interval_s
+        self.upstream_dropped = 0
+        self._frames = NewestFrame()
+        self._clients: dict[str, Client] = {}
+        self._encoders: dict[str, SharedEncoder] = {}
+        self._static: dict[str, tuple[bytes, str]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+        self._upstream_pool = ThreadPoolExecutor(1, thread_name_prefix="upstream")
+        self._upstream_busy = False
+
+    # -- lifecycle (any thread) -------------------------------------------------------------
+
+    def start(self, timeout: float = 10.0) -> StreamServer:
+        """Start serving on a background thread; returns once the socket listens (or raises)."""
+        if self._thread is not None:
+            raise RuntimeError("StreamServer already started")
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            self._loop = loop
+            try:
+                loop.run_until_complete(self._serve())
+            except BaseException as e:  # reported to start()'s caller
+                failure.append(e)
+                ready.set()
+                return
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self._shutdown())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="stream-server", daemon=True)
+        self._thread.start()
+        if not ready.wait(timeout):
+            raise TimeoutError(f"stream server did not start within {timeout} s")
+        if failure:
+            self._thread.join()
+            self._thread = None
+            raise failure[0]
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Close every connection and the listening socket; safe to call twice."""
+        if self._thread is None or self._loop is None:
+            return
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout)
+        self._thread = None
+        self._upstream_pool.shutdown(wait=False)
+
+    def __enter__(self) -> StreamServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def push_frame(self, rgb: np.ndarray, stamp_ns: int = 0) -> None:
+        """Offer a new avatar frame (uint8 HxWx3 RGB); thread-safe, keeps only the newest.
+
+        The array is copied, so the caller may reuse its buffer at once.
+        """
+        self._frames.put(check_rgb(rgb).copy(), stamp_ns)
+
+    # -- state ----------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (differs from the argument when that was 0)."""
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """The viewer's address as seen from this machine."""
+        scheme = "https" if self.certfile else "http"
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"{scheme}://{host}:{self._port}/"
+
+    @property
+    def clients(self) -> int:
+        """Viewers currently connected."""
+        return len(self._clients)
+
+    def stats(self) -> dict:
+        """Counts for logs and diagnostics: frames pushed/encoded and, per client, frames sent."""
+        enc = list(self._encoders.values())
+        encoded = sum(e.encoded for e in enc)
+        return {
+            "clients": len(self._clients),
+            "frames_pushed": self._frames.pushed,
+            "frames_encoded": encoded,
+            "encode_ms_mean": 1000 * sum(e.encode_seconds for e in enc) / encoded if encoded else None,
+            "upstream_dropped": self.upstream_dropped,
+            "per_client": {
+                c.id: {"remote": c.remote, "codec": c.codec, "state": c.pc.connectionState,
+                       "frames_sent": c.track.frames_sent if c.track else 0,
+                       "upstream_frames": c.upstream_frames}
+                for c in list(self._clients.values())
+            },
+        }
+
+    # -- server (loop thread) -------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        self._frames.bind(asyncio.get_running_loop())
+        for path in sorted(self.static_dir.iterdir()):
+            if path.is_file() and path.suffix in STATIC_TYPES:
+                self._static[path.name] = (path.read_bytes(), STATIC_TYPES[path.suffix])
+        app = web.Application(middlewares=[token_middleware(self.token)],
+                              client_max_size=self.max_body_bytes)
+        app.router.add_get("/", self._viewer)
+        app.router.add_get("/kiosk", self._viewer)
+        app.router.add_get("/static/{name}", self._static_file)
+        app.router.add_get("/config", self._config)
+        app.router.add_post("/offer", self._offer)
+        app.router.add_post("/expression", self._expression)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        ssl_ctx = None
+        if self.certfile:
+            ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_ctx.load_cert_chain(self.certfile, self.keyfile)
+        site = web.TCPSite(self._runner, self.host, self._port, ssl_context=ssl_ctx)
+        await site.start()
+        self._port = site._server.sockets[0].getsockname()[1]
+        log.info("avatar stream at %s", self.url)
+
+    async def _shutdown(self) -> None:
+        await asyncio.gather(*(c.pc.close() for c in list(self._clients.values())),
+                             return_exceptions=True)
+        self._clients.clear()
+        for enc in self._encoders.values():
+            await enc.close()
+        self._encoders.clear()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _viewer(self, request: web.Request) -> web.Response:
+        body, ctype = self._static["viewer.html"]
+        return web.Response(body=body, content_type=ctype, headers={"Cache-Control": "no-store"})
+
+    async def _static_file(self, request: web.Request) -> web.Response:
+        entry = self._static.get(request.match_info["name"])
+        if entry is None:
+            raise web.HTTPNotFound()
+        return web.Response(body=entry[0], content_type=entry[1],
+                            headers={"X-Content-Type-Options": "nosniff"})
+
+    async def _config(self, request: web.Request) -> web.Response:
+        return web.json_response({"codec": self.codec, "iceServers": [_ice_dict(s) for s in self.ice_servers],
+                                  "idleAfterS": self.idle_after_s, "maxFps": self.max_fps})
+
+    async def _json_body(self, request: web.Request) -> dict:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise web.HTTPBadRequest(text="body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise web.HTTPBadRequest(text="body must be a JSON object")
+        return body
+
+    async def _offer(self, request: web.Request) -> web.Response:
+        body = await self._json_body(request)
+        if body.get("type") != "offer" or not isinstance(body.get("sdp"), str):
+            raise web.HTTPBadRequest(text='expected {"type": "offer", "sdp": "..."}')
+        codec = str(body.get("codec") or self.codec).upper()
+        if codec not in CODECS:
+            raise web.HTTPBadRequest(text=f"codec {codec!r}: accepted are {CODECS}")
+        if len(self._clients) >= self.max_clients:
+            raise web.HTTPServiceUnavailable(text=f"{self.max_clients} viewers already connected")
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=self.ice_servers))
+        client = Client(uuid.uuid4().hex[:8], pc, request.remote or "?", codec)
+        self._clients[client.id] = client
+        try:
+            answer = await self._negotiate(client, body["sdp"])
+        except ValueError as e:  # aiortc's InvalidStateError / SDP parse errors are ValueErrors
+            await self._drop(client)
+            raise web.HTTPBadRequest(text=f"cannot use this offer: {e}") from None
+        return web.json_response({"sdp": answer.sdp, "type": answer.type, "id": client.id})
+
+    async def _negotiate(self, client: Client, sdp: str) -> RTCSessionDescription:
+        pc = client.pc
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            if pc.connectionState in ("failed", "closed"):
+                await self._drop(client)
+
+        @pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            if track.kind == "video":
+                asyncio.ensure_future(self._consume_upstream(client, track))
+
+        @pc.on("datachannel")
+        def on_datachannel(channel) -> None:
+            if channel.label == "expression":
+                channel.on("message", lambda msg: channel.send(self._expression_reply(msg)))
+
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        video = [t for t in pc.getTransceivers() if t.kind == "video"]
+        if video:  # the first video m-line is the avatar downstream
+            enc = self._encoders.get(client.codec)
+            if enc is None:
+                enc = self._encoders[client.codec] = SharedEncoder(
+                    self._frames, client.codec, self.bitrate_kbps, self.max_fps, self.size,
+                    self.keyframe_interval_s)
+            client.track = enc.subscribe()
+            sender = pc.addTrack(client.track)
+            transceiver = next(t for t in video if t.sender is sender)
+            caps = RTCRtpSender.getCapabilities("video").codecs
+            transceiver.setCodecPreferences([c for c in caps if c.mimeType == f"video/{client.codec}"])
+        await pc.setLocalDescription(await pc.createAnswer())
+        return pc.localDescription
+
+    async def _drop(self, client: Client) -> None:
+        if self._clients.pop(client.id, None) is None:
+            return
+        if client.track is not None:
+            client.track.stop()
+        await client.pc.close()
+
+    async def _consume_upstream(self, client: Client, track: MediaStreamTrack) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            client.upstream_frames += 1
+            if self.on_upstream_frame is None:
+                continue
+            if self._upstream_busy:
+                self.upstream_dropped += 1
+                continue
+            self._upstream_busy = True
+            stamp = time.time_ns()
+            loop.run_in_executor(self._upstream_pool, self._deliver_upstream, frame, stamp)
+
+    def _deliver_upstream(self, frame, stamp_ns: int) -> None:
+        try:
+            self.on_upstream_frame(frame.to_ndarray(format="rgb24"), stamp_ns)
+        except Exception:
+            log.exception("on_upstream_frame failed")
+        finally:
+            self._upstream_busy = False
+
+    def _handle_expression(self, payload) -> str | None:
+        """Validate and deliver one expression; the error message, or None when accepted."""
+        try:
+            expr = parse_expression(payload)
+        except ExpressionError as e:
+            return str(e)
+        if self.on_expression is not None:
+            try:
+                self.on_expression(expr)
+            except Exception:
+                log.exception("on_expression failed")
+                return "the server could not deliver this expression"
+        return None
+
+    def _expression_reply(self, message: str | bytes) -> str:
+        error = self._handle_expression(message)
+        return json.dumps({"ok": True} if error is None else {"ok": False, "error": error})
+
+    async def _expression(self, request: web.Request) -> web.Response:
+        error = self._handle_expression(await request.read())
+        if error is not None:
+            raise web.HTTPBadRequest(text=error)
+        return web.json_response({"ok": True})
+
+
+def _ice_server(spec: str | dict) -> RTCIceServer:
+    if isinstance(spec, str):
+        spec = {"urls": spec}
+    if not isinstance(spec, dict) or not spec.get("urls"):
+        raise StreamConfigError(f"ice server {spec!r}: accepted is 'stun:host:port' or "
+                                "{'urls': 'turn:host:port', 'username': ..., 'credential': ...}")
+    urls = spec["urls"]
+    for url in [urls] if isinstance(urls, str) else urls:
+        if not str(url).startswith(("stun:", "stuns:", "turn:", "turns:")):
+            raise StreamConfigError(f"ice server url {url!r}: accepted are stun:, stuns:, turn:, turns:")
+    return RTCIceServer(urls=urls, username=spec.get("username"), credential=spec.get("credential"))
+
+
+def _ice_dict(server: RTCIceServer) -> dict:
+    out = {"urls": server.urls}
+    if server.username:
+        out.update(username=server.username, credential=server.credential)
+    return out

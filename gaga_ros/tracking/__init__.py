@@ -1,0 +1,1 @@
+"""Trackers: camera frames to driving expressions (landmarks, smoothing, head fits)."""

@@ -1,0 +1,231 @@
+"""Mesh-mode tracking: FaceMesh landmarks -> GAGAvatar head pose + identity-free canonical landmarks.
+
+Per frame: landmarks on the full frame, a GAGAvatar head crop around them (crop.py), a rigid head fit in
+the crop's camera (focal 3072 px on 512, SPEC section 6), the landmarks brought into the canonical head
+frame, and motion relative to the driver's own reference (mean of its first confident frames), smoothed
+with One Euro filters. The output drives an avatar of another person: it carries motion, not shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from gaga_ros.config import CROP_SCALE, CROP_SIZE, FOCAL, MESH_LANDMARKS
+from gaga_ros.crop import HeadCrop, crop_head, head_box
+from gaga_ros.expression import Expression, FaceModel, frontal_transform
+from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES, FACE_LANDMARKS, REGIONS
+from gaga_ros.tracking.landmarks import FaceLandmarker
+from gaga_ros.tracking.smoothing import OneEuroFilter
+
+#: OpenCV camera axes (x right, y down) from GAGAvatar's (x left, y up); z is shared.
+_FLIP = np.diag([-1.0, -1.0, 1.0])
+#: Landmarks that move little with expression (forehead, nose, cheeks, eye corners): the rigid fit uses
+#: these only, so a smile or an open jaw does not tilt the head.
+_MOVING = ("lips_upper", "lips_lower", "lower_face", "left_eye_upper", "left_eye_lower",
+           "right_eye_upper", "right_eye_lower", "left_eyebrow", "right_eyebrow")
+#: The eye corners (33, 133, 362, 263) stay: blinks do not move them.
+RIGID = np.union1d(np.setdiff1d(np.arange(FACE_LANDMARKS), np.concatenate([REGIONS[r] for r in _MOVING])),
+                   [33, 133, 362, 263]).astype(np.int32)
+#: Reprojection error (pixels on the 512 crop) at which fit quality halves the confidence.
+RMSE_HALF = 6.0
+
+
+class FitError(ValueError):
+    """Landmarks that cannot be fitted; the message says what is accepted."""
+
+
+@dataclass(frozen=True)
+class HeadFit:
+    """A rigid head fit in the crop camera."""
+
+    transform: np.ndarray  # (3, 4) GAGAvatar [R | T]: x_cam = x_canonical R + T
+    canonical_points: np.ndarray  # (478, 3) this face's landmarks in the canonical head frame
+    rmse_px: float  # reprojection error of the canonical face's rigid landmarks, crop pixels
+
+
+def _camera_matrix(size: int) -> np.ndarray:
+    f = FOCAL * size / 2.0
+    return np.array([[f, 0, size / 2.0], [0, f, size / 2.0], [0, 0, 1]])
+
+
+def _umeyama_rotation(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
+    """Similarity dst ~ s R src + t (least squares, Umeyama 1991), returned as (R, s, t)."""
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    a, b = src - mu_s, dst - mu_d
+    u, sig, vt = np.linalg.svd(b.T @ a)
+    d = np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))])
+    rot = u @ d @ vt
+    scale = float(np.trace(np.diag(sig) @ d) / (a**2).sum())
+    return rot, scale, mu_d - scale * rot @ mu_s
+
+
+def fit_head(crop_points: np.ndarray, size: int = CROP_SIZE,
+             guess: np.ndarray | None = None) -> HeadFit:
+    """Fit the canonical head to FaceMesh landmarks given in crop pixels (x, y, z scaled like x).
+
+    A similarity fit of mediapipe's 3-D points gives the start, cv2.solvePnP refines the pose in the
+    GAGAvatar camera (focal 12 in NDC). `guess` (a previous transform) skips the start.
+    """
+    pts = np.asarray(crop_points, dtype=np.float64)
+    if pts.shape != (MESH_LANDMARKS, 3) or not np.isfinite(pts).all():
+        raise FitError(f"crop_points of shape {pts.shape}: accepted are ({MESH_LANDMARKS}, 3) finite "
+                       "FaceMesh landmarks in crop pixels")
+    K = _camera_matrix(size)
+    f, c = K[0, 0], K[0, 2]
+    model = CANONICAL_VERTICES.astype(np.float64)
+    centred = pts - np.array([c, c, 0.0])
+    if guess is None:
+        rot_cv, scale, shift = _umeyama_rotation(model[RIGID], centred[RIGID])
+        tvec = np.array([shift[0] / scale, shift[1] / scale, f / scale])
+    else:
+        guess = np.asarray(guess, dtype=np.float64).reshape(3, 4)
+        rot_cv, tvec = _FLIP @ guess[:, :3].T, _FLIP @ guess[:, 3]
+    rvec = cv2.Rodrigues(rot_cv)[0]
+    ok, rvec, tvec = cv2.solvePnP(model[RIGID], pts[RIGID, :2].copy(), K, None, rvec, tvec.reshape(3, 1),
+                                  useExtrinsicGuess=True, flags=cv2.SOLVEPNP_ITERATIVE)
+    if not ok or tvec[2, 0] <= 0:
+        raise FitError("no head pose in front of the camera fits these landmarks")
+    rot_cv, tvec = cv2.Rodrigues(rvec)[0], tvec[:, 0]
+    projected = cv2.projectPoints(model[RIGID], rvec, tvec, K, None)[0][:, 0]
+    rmse = float(np.sqrt(((projected - pts[RIGID, :2]) ** 2).sum(1).mean()))
+    # Back-project every landmark along its pixel ray, at mediapipe's depth (pixels -> units at the head
+    # distance), registered so the rigid landmarks' mean depth matches the fitted canonical face.
+    px_per_unit = f / tvec[2]
+    model_depth = (model[RIGID] @ rot_cv[2] + tvec[2]).mean()
+    depth = pts[:, 2] / px_per_unit
+    depth += model_depth - depth[RIGID].mean()
+    cam = np.column_stack([centred[:, 0] * depth / f, centred[:, 1] * depth / f, depth])
+    canonical = (cam - tvec) @ rot_cv
+    transform = np.column_stack([rot_cv.T @ _FLIP, _FLIP @ tvec]).astype(np.float32)
+    return HeadFit(transform, canonical.astype(np.float32), rmse)
+
+
+@dataclass(frozen=True)
+class TrackingState:
+    """Health of the tracker after its latest frame (mirrors msg/TrackingStatus.msg)."""
+
+    face_found: bool
+    confidence: float
+    face_lost_seconds: float
+    message: str
+
+
+def _project_rotation(m: np.ndarray) -> np.ndarray:
+    u, _, vt = np.linalg.svd(m)
+    return u @ np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))]) @ vt
+
+
+class MeshTracker:
+    """Camera frames -> smoothed mesh-mode Expressions, relative to the driver's own reference.
+
+    Defaults of the One Euro filters (applied to vertex motion in canonical units, to the head rotation
+    as an axis-angle in radians and to the translation in units): min_cutoff 1.5 Hz keeps a still face
+    steady; beta 3.0 opens the cutoff to ~4.5 Hz at 1 unit/s (lips opening, a brisk head turn) so speech
+    is not smeared; d_cutoff 1.0 Hz is the filter paper's recommendation.
+    """
+
+    #: One Euro settings of the crop box (in units of the box side, per second).
+    BOX_FILTER = (0.5, 2.0, 1.0)
+
+    def __init__(self, min_cutoff: float = 1.5, beta: float = 3.0, d_cutoff: float = 1.0,
+                 reference_frames: int = 15, min_confidence: float = 0.5, crop_size: int = CROP_SIZE,
+                 crop_scale: float = CROP_SCALE, distance: float | None = None):
+        if int(reference_frames) < 1:
+            raise ValueError(f"reference_frames {reference_frames!r}: accepted is a positive integer")
+        self.landmarker = FaceLandmarker(static_image_mode=False, max_faces=1, min_confidence=min_confidence)
+        self.reference_frames = int(reference_frames)
+        self.min_confidence = float(min_confidence)
+        self.crop_size, self.crop_scale = int(crop_size), float(crop_scale)
+        self._front = frontal_transform() if distance is None else frontal_transform(distance)
+        self._filters = {k: OneEuroFilter(min_cutoff, beta, d_cutoff) for k in ("motion", "rot", "trans")}
+        self._box_filter = OneEuroFilter(*self.BOX_FILTER)
+        self.last_crop: HeadCrop | None = None
+        self.last_fit: HeadFit | None = None
+        self._last_seen: float | None = None
+        self._state = TrackingState(False, 0.0, 0.0, "waiting for the first frame")
+        self.reset_reference()
+
+    def reset_reference(self) -> None:
+        """Start collecting the driver's reference (neutral face and pose) again from the next frames."""
+        self._ref_points: list[np.ndarray] = []
+        self._ref_rots: list[np.ndarray] = []
+        self._ref_trans: list[np.ndarray] = []
+        self._reset_filters()
+
+    def _reset_filters(self) -> None:
+        for flt in self._filters.values():
+            flt.reset()
+        self._box_filter.reset()
+        self._guess = None
+
+    @property
+    def status(self) -> TrackingState:
+        """Whether a face is tracked, its confidence and how long it has been lost."""
+        return self._state
+
+    @property
+    def reference_ready(self) -> bool:
+        """True once the reference averages `reference_frames` confident frames."""
+        return len(self._ref_points) >= self.reference_frames
+
+    def update(self, rgb: np.ndarray, stamp_ns: int) -> Expression | None:
+        """Track one RGB frame taken at stamp_ns; None when no face is found."""
+        t = stamp_ns * 1e-9
+        faces = self.landmarker.detect(rgb)
+        if not faces:
+            return self._lost(t, "no face in view")
+        face = faces[0]
+        box = head_box(face.points)
+        side = np.sqrt((box[2] - box[0]) * (box[3] - box[1]))
+        box = self._box_filter(box / side, t) * side
+        crop = crop_head(rgb, box, self.crop_size, self.crop_scale)
+        try:
+            fit = fit_head(crop.to_crop(face.points), self.crop_size, self._guess)
+        except ValueError:
+            return self._lost(t, "landmarks found but no head pose fits them")
+        self.last_crop, self.last_fit, self._guess = crop, fit, fit.transform
+        confidence = float(np.clip(face.score * RMSE_HALF / (RMSE_HALF + fit.rmse_px), 0.0, 1.0))
+        rot, trans = fit.transform[:, :3].astype(np.float64), fit.transform[:, 3].astype(np.float64)
+        if not self.reference_ready and confidence >= self.min_confidence:
+            self._ref_points.append(fit.canonical_points.astype(np.float64))
+            self._ref_rots.append(rot)
+            self._ref_trans.append(trans)
+        if not self._ref_points:
+            return self._lost(t, "face found, confidence too low to take a reference", found=True,
+                              confidence=confidence)
+        ref_points = np.mean(self._ref_points, axis=0)
+        ref_rot = _project_rotation(np.mean(self._ref_rots, axis=0))
+        ref_trans = np.mean(self._ref_trans, axis=0)
+        # Head-frame motion: x R_t = (x D) R_ref, so D = R_t R_ref^T; the avatar gets x D R_front.
+        delta = cv2.Rodrigues(rot @ ref_rot.T)[0][:, 0]
+        shift = (trans - ref_trans) @ ref_rot.T @ self._front[:, :3]
+        motion = self._filters["motion"](fit.canonical_points - ref_points, t)
+        delta = self._filters["rot"](delta, t)
+        shift = self._filters["trans"](shift, t)
+        transform = np.column_stack([cv2.Rodrigues(delta)[0] @ self._front[:, :3],
+                                     self._front[:, 3] + shift])
+        self._last_seen = t
+        message = "tracking" if self.reference_ready else "tracking (taking the driver's reference)"
+        self._state = TrackingState(True, confidence, 0.0, message)
+        return Expression(face_model=FaceModel.MESH, transform=transform, stamp_ns=int(stamp_ns),
+                          vertices=CANONICAL_VERTICES + motion, confidence=confidence)
+
+    def _lost(self, t: float, message: str, found: bool = False, confidence: float = 0.0) -> None:
+        lost = 0.0 if self._last_seen is None else max(t - self._last_seen, 0.0)
+        if not found:
+            self._reset_filters()
+        self._state = TrackingState(found, confidence, lost, message)
+        return None
+
+    def close(self) -> None:
+        """Release mediapipe."""
+        self.landmarker.close()
+
+    def __enter__(self) -> MeshTracker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

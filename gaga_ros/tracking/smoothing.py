@@ -1,0 +1,52 @@
+"""One Euro filter (Casiez, Roussel, Vogel, CHI 2012) on numpy arrays, element-wise.
+
+A low-pass filter whose cutoff rises with speed: still signals are smoothed hard (little jitter),
+fast motions pass with little lag. Written here because it is ~20 lines and the PyPI packages
+implementing it are scalar-only or unmaintained.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _alpha(cutoff: np.ndarray | float, dt: float) -> np.ndarray | float:
+    tau = 1.0 / (2 * np.pi * cutoff)
+    return 1.0 / (1.0 + tau / dt)
+
+
+class OneEuroFilter:
+    """Filter arrays of a fixed shape over time; timestamps in seconds.
+
+    min_cutoff (Hz): cutoff when still; lower means less jitter, more lag. beta: how fast the cutoff
+    rises with speed (per unit of the signal per second). d_cutoff (Hz): cutoff of the speed estimate.
+    """
+
+    def __init__(self, min_cutoff: float = 1.0, beta: float = 0.0, d_cutoff: float = 1.0):
+        if min_cutoff <= 0 or d_cutoff <= 0 or beta < 0:
+            raise ValueError(f"OneEuroFilter(min_cutoff={min_cutoff}, beta={beta}, d_cutoff={d_cutoff}): "
+                             "accepted are positive cutoffs (Hz) and beta >= 0")
+        self.min_cutoff, self.beta, self.d_cutoff = float(min_cutoff), float(beta), float(d_cutoff)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the history; the next sample passes unfiltered."""
+        self._x: np.ndarray | None = None
+        self._dx: np.ndarray | None = None
+        self._t: float | None = None
+
+    def __call__(self, x: np.ndarray, t: float) -> np.ndarray:
+        """The filtered value of sample x taken at time t (seconds)."""
+        x = np.asarray(x, dtype=np.float64)
+        if self._x is None or self._x.shape != x.shape:
+            self._x, self._dx, self._t = x.copy(), np.zeros_like(x), float(t)
+            return x.copy()
+        dt = float(t) - self._t
+        if dt <= 0:  # repeated or out-of-order stamp: keep the state, report the current estimate
+            return self._x.copy()
+        dx = (x - self._x) / dt
+        self._dx = self._dx + _alpha(self.d_cutoff, dt) * (dx - self._dx)
+        cutoff = self.min_cutoff + self.beta * np.abs(self._dx)
+        self._x = self._x + _alpha(cutoff, dt) * (x - self._x)
+        self._t = float(t)
+        return self._x.copy()

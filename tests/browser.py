@@ -1,0 +1,158 @@
+"""Headless Chromium driven over the DevTools protocol (aiohttp's websocket client, no extra package)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+FLAGS = [
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--autoplay-policy=no-user-gesture-required", "--disable-renderer-backgrounding",
+    "--disable-background-timer-throttling", "--disable-backgrounding-occluded-windows",
+    "--remote-debugging-port=0", "--window-size=640,640",
+]
+FAKE_CAMERA = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
+
+
+def chromium_path() -> str | None:
+    """The Chromium binary on PATH (Debian: apt-get install -y chromium), or None."""
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+class CdpError(RuntimeError):
+    """A DevTools command failed or a page script threw."""
+
+
+class Session:
+    """One DevTools websocket (the browser's or a page's) with request/response matching."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future] = {}
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        async for msg in self.ws:
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                continue
+            data = json.loads(msg.data)
+            fut = self._waiting.pop(data.get("id"), None)
+            if fut is not None and not fut.done():
+                fut.set_result(data)
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(CdpError("DevTools connection closed"))
+
+    async def send(self, method: str, timeout: float = 30.0, **params) -> dict:
+        """Run one DevTools command and return its result."""
+        msg_id = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting[msg_id] = fut
+        await self.ws.send_str(json.dumps({"id": msg_id, "method": method, "params": params}))
+        data = await asyncio.wait_for(fut, timeout)
+        if "error" in data:
+            raise CdpError(f"{method}: {data['error']}")
+        return data["result"]
+
+    async def close(self) -> None:
+        await self.ws.close()
+        self._reader.cancel()
+
+
+class Page:
+    """A browser tab."""
+
+    def __init__(self, browser: Browser, target_id: str, session: Session) -> None:
+        self.browser, self.target_id, self.session = browser, target_id, session
+
+    async def evaluate(self, expression: str, timeout: float = 30.0):
+        """The JSON value of a JS expression (promises are awaited)."""
+        result = await self.session.send("Runtime.evaluate", timeout=timeout, expression=expression,
+                                         returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise CdpError(f"{expression[:80]!r} threw: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    async def wait_for(self, expression: str, timeout: float = 20.0, poll: float = 0.2):
+        """Poll a JS expression until it is truthy (a throw counts as not yet); return its value."""
+        deadline = time.monotonic() + timeout
+        guarded = f"(() => {{ try {{ return ({expression}); }} catch (e) {{ return null; }} }})()"
+        while True:
+            value = await self.evaluate(guarded)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{expression!r} still {value!r} after {timeout} s")
+            await asyncio.sleep(poll)
+
+    async def close(self) -> None:
+        """Close the tab (its peer connections end with it)."""
+        await self.session.close()
+        await self.browser.session.send("Target.closeTarget", targetId=self.target_id)
+
+
+class Browser:
+    """A headless Chromium process with a fresh profile; use as `async with Browser() as b:`."""
+
+    def __init__(self, fake_camera: bool = False, extra_flags: list[str] | None = None) -> None:
+        self.flags = FLAGS + (FAKE_CAMERA if fake_camera else []) + (extra_flags or [])
+        self.proc: subprocess.Popen | None = None
+        self.http: aiohttp.ClientSession | None = None
+        self.session: Session | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> Browser:
+        binary = chromium_path()
+        if binary is None:
+            raise RuntimeError("chromium not found: apt-get install -y chromium")
+        self.profile = tempfile.TemporaryDirectory(prefix="gaga-chromium-")
+        self.proc = subprocess.Popen([binary, *self.flags, f"--user-data-dir={self.profile.name}",
+                                      "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        port_file = Path(self.profile.name) / "DevToolsActivePort"
+        deadline = time.monotonic() + 30
+        while not (port_file.exists() and port_file.read_text().count("\n") >= 1):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"chromium did not open DevTools (exit code {self.proc.poll()})")
+            await asyncio.sleep(0.05)
+        self.port, path = port_file.read_text().split("\n")[:2]
+        self.http = aiohttp.ClientSession()
+        self.session = Session(await self.http.ws_connect(f"ws://127.0.0.1:{self.port}{path}", max_msg_size=0))
+        return self
+
+    async def new_page(self, url: str) -> Page:
+        """Open url in a new tab."""
+        target = (await self.session.send("Target.createTarget", url=url))["targetId"]
+        ws = await self.http.ws_connect(f"ws://127.0.0.1:{self.port}/devtools/page/{target}", max_msg_size=0)
+        return Page(self, target, Session(ws))
+
+    def kill(self) -> None:
+        """End the browser process abruptly (as a crash would)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    async def __aexit__(self, *exc) -> None:
+        if self.session is not None:
+            try:
+                await asyncio.wait_for(self.session.send("Browser.close"), 5)
+            except (CdpError, asyncio.TimeoutError, ConnectionError):
+                pass
+            await self.session.close()
+        if self.http is not None:
+            await self.http.close()
+        if self.proc is not None:
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.profile.cleanup()
