@@ -54,16 +54,12 @@ def square_box(box: np.ndarray, scale: float = CROP_SCALE) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class HeadCrop:
-    """A square head crop and the map from source-image pixels to its pixels."""
+class CropWindow:
+    """Where a square crop sits in its source image, and the map between their pixels."""
 
-    image: np.ndarray  # (size, size, 3) uint8
     origin: tuple[int, int]  # source pixel (x0, y0) of the crop's top-left corner
     side: int  # crop side in source pixels
-
-    @property
-    def size(self) -> int:
-        return self.image.shape[0]
+    size: int  # crop side in crop pixels
 
     @property
     def zoom(self) -> float:
@@ -85,6 +81,21 @@ class HeadCrop:
         return pts
 
 
+@dataclass(frozen=True)
+class HeadCrop(CropWindow):
+    """A square head crop: its pixels (size, size, 3) uint8 and its window in the source image."""
+
+    image: np.ndarray
+
+
+def crop_window(box: np.ndarray, size: int = CROP_SIZE, scale: float = CROP_SCALE) -> CropWindow:
+    """The integer crop square of `scale` around a head box, without cutting any pixels."""
+    if int(size) <= 0:
+        raise CropError(f"size {size!r}: accepted is a positive number of pixels")
+    x0, y0, x1, _ = square_box(box, scale)
+    return CropWindow((int(x0), int(y0)), max(int(x1) - int(x0), 1), int(size))
+
+
 def crop_head(image: np.ndarray, box: np.ndarray, size: int = CROP_SIZE,
               scale: float = CROP_SCALE) -> HeadCrop:
     """Crop the square of `scale` around a head box (integer-truncated, zero-padded) and resize it."""
@@ -93,17 +104,14 @@ def crop_head(image: np.ndarray, box: np.ndarray, size: int = CROP_SIZE,
         shape = getattr(image, "shape", None)
         raise CropError(f"image {type(image).__name__} {shape}: accepted is a non-empty (H, W, 3) "
                         "uint8 array")
-    if int(size) <= 0:
-        raise CropError(f"size {size!r}: accepted is a positive number of pixels")
-    x0, y0, x1, _ = square_box(box, scale)
-    x0, y0 = int(x0), int(y0)
-    side = max(int(x1) - x0, 1)
+    win = crop_window(box, size, scale)
+    (x0, y0), side = win.origin, win.side
     h, w = image.shape[:2]
     canvas = np.zeros((side, side, 3), np.uint8)
     sx0, sy0 = max(x0, 0), max(y0, 0)
     sx1, sy1 = min(x0 + side, w), min(y0 + side, h)
     if sx1 > sx0 and sy1 > sy0:
         canvas[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = image[sy0:sy1, sx0:sx1]
-    interp = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
-    out = cv2.resize(canvas, (int(size), int(size)), interpolation=interp)
-    return HeadCrop(out, (x0, y0), side)
+    interp = cv2.INTER_AREA if side > win.size else cv2.INTER_LINEAR
+    out = cv2.resize(canvas, (win.size, win.size), interpolation=interp)
+    return HeadCrop(win.origin, win.side, win.size, out)

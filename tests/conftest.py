@@ -43,3 +43,65 @@ def reference_dir() -> Path:
     if not REFERENCE.is_dir():
         pytest.fail(f"reference vectors missing: expected {REFERENCE}")
     return REFERENCE
+
+
+@pytest.fixture
+def ros_node():
+    """A real rclpy node spinning in a background thread, for subscribing and publishing in tests."""
+    import threading
+
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+
+    rclpy.init()
+    node = rclpy.create_node(f"test_{random.randint(0, 1 << 30)}")
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    thread = threading.Thread(target=executor.spin, daemon=True)
+    thread.start()
+    yield node
+    executor.shutdown()
+    node.destroy_node()
+    rclpy.shutdown()
+    thread.join(timeout=2)
+
+
+def start_node(name: str, *ros_args: str, params: dict | None = None, tmp_path: Path | None = None):
+    """Start `gaga-ros node <name>` in its own process (real DDS between processes)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    cmd = [sys.executable, "-m", "gaga_ros.cli", "node", name, "--ros-args", *ros_args]
+    if params:
+        path = (tmp_path or Path(os.environ.get("TMPDIR", "/tmp"))) / f"{name}_params.yaml"
+        path.write_text(yaml.safe_dump({"/**": {"ros__parameters": params}}))
+        cmd += ["--params-file", str(path)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def stop_process(proc) -> str:
+    """Stop a node process with SIGINT and return what it printed."""
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.stdout.read() if proc.stdout else ""
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:
+    """Poll `predicate` until it is true or `timeout` seconds pass."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

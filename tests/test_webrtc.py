@@ -209,7 +209,7 @@ def test_viewer_decodes_pushed_frames(codec):
         async def main():
             async with Browser() as browser:
                 page = await browser.new_page(server.url + "?codes=1")
-                await page.wait_for("gaga.stats.framesDecoded >= 30", timeout=30)
+                await page.wait_for("gaga.stats.framesDecoded >= 30 && gaga.codes.length >= 30", timeout=30)
                 assert (await page.evaluate("gaga.stats.codec")).lower() == f"video/{codec}".lower()
                 await check_codes(page, pusher, 30)
                 mean = await page.evaluate("gaga.meanColor()")

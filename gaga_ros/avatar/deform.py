@@ -26,23 +26,39 @@ def vertex_normals(vertices: torch.Tensor, triangles: torch.Tensor) -> torch.Ten
     return normals / normals.norm(dim=1, keepdim=True).clamp_min(_EPS)
 
 
-def anchor_frames(vertices: torch.Tensor, triangles: torch.Tensor,
-                  binding: Binding) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Anchor points (N,3), orthonormal frames (N,3,3, columns tangent/bitangent/normal) and
-    triangle areas (N,) of each bound Gaussian; CAMERA_FIXED entries read triangle 0."""
-    tri_index = torch.where(binding.triangle == CAMERA_FIXED, 0, binding.triangle)
-    tri = triangles[tri_index]
-    corners = vertices[tri]  # (N, 3, 3)
+def anchors(vertices: torch.Tensor, triangles: torch.Tensor, binding: Binding) -> torch.Tensor:
+    """Anchor points (N,3) of bound Gaussians on a mesh; CAMERA_FIXED entries read triangle 0."""
+    tri = triangles[torch.where(binding.triangle == CAMERA_FIXED, 0, binding.triangle)]
     bary = binding.barycentric[..., None]
     normal = (vertex_normals(vertices, triangles)[tri] * bary).sum(1)
     normal = normal / normal.norm(dim=1, keepdim=True).clamp_min(_EPS)
-    anchor = (corners * bary).sum(1) + binding.offset[:, None] * normal
+    return (vertices[tri] * bary).sum(1) + binding.offset[:, None] * normal
+
+
+def triangle_frames(vertices: torch.Tensor, triangles: torch.Tensor,
+                    normals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal frames (F,3,3; columns tangent, bitangent, normal) and areas (F,) of triangles.
+
+    The normal is the mean of the vertex normals, so slivers (a closed mouth) keep a stable frame;
+    the tangent follows the first edge, which runs along a contour for the opening triangles.
+    """
+    corners = vertices[triangles]
+    normal = normals[triangles].sum(1)
+    normal = normal / normal.norm(dim=1, keepdim=True).clamp_min(_EPS)
     edge = corners[:, 1] - corners[:, 0]
     tangent = edge - (edge * normal).sum(1, keepdim=True) * normal
     tangent = tangent / tangent.norm(dim=1, keepdim=True).clamp_min(_EPS)
     frame = torch.stack([tangent, torch.linalg.cross(normal, tangent), normal], dim=-1)
     area = torch.linalg.cross(edge, corners[:, 2] - corners[:, 0]).norm(dim=1) / 2
-    return anchor, frame, area
+    return frame, area
+
+
+def quat_multiply(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Hamilton products a*b of (w,x,y,z) quaternions (rotation b, then a)."""
+    aw, ax, ay, az = a.unbind(-1)
+    bw, bx, by, bz = b.unbind(-1)
+    return torch.stack([aw * bw - ax * bx - ay * by - az * bz, aw * bx + ax * bw + ay * bz - az * by,
+                        aw * by - ax * bz + ay * bw + az * bx, aw * bz + ax * by - ay * bx + az * bw], -1)
 
 
 def quat_to_matrix(q: torch.Tensor) -> torch.Tensor:
@@ -75,11 +91,36 @@ def matrix_to_quat(m: torch.Tensor) -> torch.Tensor:
     return q * torch.where(q[:, :1] < 0, -1.0, 1.0)
 
 
+class _Rest:
+    """Per-avatar constants of the deformation, built once: barycentric weights as a sparse
+    (N, V) matrix (so anchors are two sparse products) and the neutral frames and areas."""
+
+    def __init__(self, avatar: Avatar):
+        b = avatar.binding
+        bound = b.triangle != CAMERA_FIXED
+        rows = torch.arange(len(b.triangle), device=avatar.device)[bound].repeat_interleave(3)
+        cols = avatar.triangles[b.triangle[bound]].reshape(-1)
+        weights = torch.sparse_coo_tensor(torch.stack([rows, cols]), b.barycentric[bound].reshape(-1),
+                                          (len(b.triangle), len(avatar.neutral_vertices)))
+        self.weights = weights.coalesce().to_sparse_csr()
+        self.triangle = torch.where(bound, b.triangle, 0)
+        self.fixed = ~bound
+        self.offset = b.offset[:, None]
+        self.anchor, self.frame, self.area = self.pose(avatar.neutral_vertices, avatar.triangles)
+
+    def pose(self, vertices: torch.Tensor, triangles: torch.Tensor):
+        normals = vertex_normals(vertices, triangles)
+        blend = self.weights @ normals
+        blend = blend / blend.norm(dim=1, keepdim=True).clamp_min(_EPS)
+        anchor = self.weights @ vertices + self.offset * blend
+        return (anchor, *triangle_frames(vertices, triangles, normals))
+
+
 def deform(avatar: Avatar, vertices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Means (N,3), quats (N,4) and growth factors (N,) of the avatar's Gaussians on mesh `vertices`.
 
     `vertices` (V,3) is the deformed mesh in the canonical frame (same topology as the neutral one).
-    Quaternions turn with the rotation from the rest frame to the deformed frame of each anchor;
+    Quaternions turn with the rotation from each triangle's rest frame to its deformed frame;
     growth is sqrt of the triangle's area ratio, so Gaussians on stretched skin keep covering it.
     CAMERA_FIXED Gaussians are returned unchanged (growth 1).
     """
@@ -89,17 +130,15 @@ def deform(avatar: Avatar, vertices: torch.Tensor) -> tuple[torch.Tensor, torch.
                          f"got {tuple(vertices.shape)}")
     rest = avatar.cache.get("rest")
     if rest is None:
-        rest = anchor_frames(avatar.neutral_vertices, avatar.triangles, avatar.binding)
-        avatar.cache["rest"] = rest
-    anchor0, frame0, area0 = rest
-    anchor, frame, area = anchor_frames(vertices, avatar.triangles, avatar.binding)
+        rest = avatar.cache["rest"] = _Rest(avatar)
+    anchor, frame, area = rest.pose(vertices, avatar.triangles)
     g = avatar.gaussians
-    fixed = (avatar.binding.triangle == CAMERA_FIXED)[:, None]
-    means = torch.where(fixed, g.means, g.means + anchor - anchor0)
-    turn = frame @ frame0.transpose(1, 2)
-    quats = matrix_to_quat(turn @ quat_to_matrix(g.quats)) * g.quats.norm(dim=1, keepdim=True)
-    quats = torch.where(fixed, g.quats, quats)
-    ratio = torch.where(area0 > 1e-8, area / area0.clamp_min(1e-8), torch.ones_like(area))
-    growth = ratio.sqrt().clamp(*STRETCH_RANGE)
-    growth = torch.where(fixed[:, 0], torch.ones_like(growth), growth)
+    means = g.means + anchor - rest.anchor  # CAMERA_FIXED rows have no weights: zero motion
+    turn = matrix_to_quat(frame @ rest.frame.transpose(1, 2))
+    quats = quat_multiply(turn[rest.triangle], g.quats)
+    ratio = torch.where(rest.area > 1e-8, area / rest.area.clamp_min(1e-8), torch.ones_like(area))
+    growth = ratio.sqrt().clamp(*STRETCH_RANGE)[rest.triangle]
+    fixed = rest.fixed
+    quats = torch.where(fixed[:, None], g.quats, quats)
+    growth = torch.where(fixed, torch.ones_like(growth), growth)
     return means, quats, growth

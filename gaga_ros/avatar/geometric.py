@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from gaga_ros.avatar.base import CAMERA_FIXED, Avatar, Binding, NoFaceError, content_id
-from gaga_ros.avatar.deform import anchor_frames, deform, matrix_to_quat, quat_to_matrix
+from gaga_ros.avatar.deform import anchors, deform, matrix_to_quat, quat_to_matrix
 from gaga_ros.camera import Camera
 from gaga_ros.config import CROP_SCALE, CROP_SIZE
 from gaga_ros.expression import Expression, ExpressionError, FaceModel, frontal_transform
@@ -405,7 +405,7 @@ class _Lifter:
         verts = torch.from_numpy(self.neutral)
         binding = Binding(torch.from_numpy(triangle), torch.from_numpy(barycentric),
                           torch.from_numpy(offset))
-        points = anchor_frames(verts, torch.from_numpy(AVATAR_TRIANGLES), binding)[0].numpy()
+        points = anchors(verts, torch.from_numpy(AVATAR_TRIANGLES), binding).numpy()
         sigma = np.full(len(points), 0.012 * scale)
         return {
             "means": points, "quats": self._facing(points), "scales": np.stack([sigma] * 3, 1),

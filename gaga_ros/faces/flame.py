@@ -201,7 +201,7 @@ class Flame(nn.Module):
         corners = self.faces[faces_idx]                                 # (L,3) or (B,L,3)
         if corners.ndim == 2:
             tri = vertices[:, corners]                                  # (B, L, 3, 3)
-            return torch.einsum("blkc,lk->blc", tri, bary)
+            return torch.einsum("blkc,lk->blc", tri, bary.to(vertices.dtype))
         batch_idx = torch.arange(vertices.shape[0], device=vertices.device)[:, None, None]
         tri = vertices[batch_idx, corners]
-        return torch.einsum("blkc,blk->blc", tri, bary)
+        return torch.einsum("blkc,blk->blc", tri, bary.to(vertices.dtype))

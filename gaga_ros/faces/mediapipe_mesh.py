@@ -81,7 +81,7 @@ def _regions() -> dict[str, np.ndarray]:
     below = np.flatnonzero(CANONICAL_VERTICES[:FACE_LANDMARKS, 1] < corner_y)
     left_up, left_low = _split(fmc.FACEMESH_LEFT_EYE, (362, 263), 386)
     right_up, right_low = _split(fmc.FACEMESH_RIGHT_EYE, (133, 33), 159)
-    return {
+    regions = {
         "lips_upper": lips_upper,
         "lips_lower": lips_lower,
         "mouth_inner": np.r_[inner_up, inner_low[1:-1][::-1]].astype(np.int32),
@@ -98,6 +98,7 @@ def _regions() -> dict[str, np.ndarray]:
         "nose": _indices(fmc.FACEMESH_NOSE),
         "face_oval": oval,
     }
+    return {name: idx.astype(np.int32) for name, idx in regions.items()}
 
 
 def _inner_lip_edges() -> frozenset:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.exceptions import InvalidAccessError, InvalidStateError, OperationError
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcrtpsender import RTCRtpSender
 
@@ -333,7 +334,7 @@ class StreamServer:
         self._clients[client.id] = client
         try:
             answer = await self._negotiate(client, body["sdp"])
-        except ValueError as e:  # aiortc's InvalidStateError / SDP parse errors are ValueErrors
+        except (ValueError, OperationError, InvalidAccessError, InvalidStateError) as e:  # bad SDP, no common codec
             await self._drop(client)
             raise web.HTTPBadRequest(text=f"cannot use this offer: {e}") from None
         return web.json_response({"sdp": answer.sdp, "type": answer.type, "id": client.id})
@@ -356,19 +357,18 @@ class StreamServer:
             if channel.label == "expression":
                 channel.on("message", lambda msg: channel.send(self._expression_reply(msg)))
 
+        # The avatar transceiver exists before the offer is applied, so the offer's first video
+        # m-line binds to it and aiortc negotiates only this client's codec (it fixes codecs then).
+        enc = self._encoders.get(client.codec)
+        if enc is None:
+            enc = self._encoders[client.codec] = SharedEncoder(
+                self._frames, client.codec, self.bitrate_kbps, self.max_fps, self.size,
+                self.keyframe_interval_s)
+        client.track = enc.subscribe()
+        transceiver = pc.addTransceiver(client.track, direction="sendonly")
+        caps = RTCRtpSender.getCapabilities("video").codecs
+        transceiver.setCodecPreferences([c for c in caps if c.mimeType == f"video/{client.codec}"])
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
-        video = [t for t in pc.getTransceivers() if t.kind == "video"]
-        if video:  # the first video m-line is the avatar downstream
-            enc = self._encoders.get(client.codec)
-            if enc is None:
-                enc = self._encoders[client.codec] = SharedEncoder(
-                    self._frames, client.codec, self.bitrate_kbps, self.max_fps, self.size,
-                    self.keyframe_interval_s)
-            client.track = enc.subscribe()
-            sender = pc.addTrack(client.track)
-            transceiver = next(t for t in video if t.sender is sender)
-            caps = RTCRtpSender.getCapabilities("video").codecs
-            transceiver.setCodecPreferences([c for c in caps if c.mimeType == f"video/{client.codec}"])
         await pc.setLocalDescription(await pc.createAnswer())
         return pc.localDescription
 

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from gaga_ros.config import CROP_SCALE, CROP_SIZE, FOCAL, MESH_LANDMARKS
-from gaga_ros.crop import HeadCrop, crop_head, head_box
+from gaga_ros.crop import CropWindow, HeadCrop, crop_head, crop_window, head_box
 from gaga_ros.expression import Expression, FaceModel, frontal_transform
 from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES, FACE_LANDMARKS, REGIONS
 from gaga_ros.tracking.landmarks import FaceLandmarker
@@ -29,8 +29,9 @@ _MOVING = ("lips_upper", "lips_lower", "lower_face", "left_eye_upper", "left_eye
 #: The eye corners (33, 133, 362, 263) stay: blinks do not move them.
 RIGID = np.union1d(np.setdiff1d(np.arange(FACE_LANDMARKS), np.concatenate([REGIONS[r] for r in _MOVING])),
                    [33, 133, 362, 263]).astype(np.int32)
-#: Reprojection error (pixels on the 512 crop) at which fit quality halves the confidence.
-RMSE_HALF = 6.0
+#: Reprojection error (pixels on the 512 crop) at which fit quality halves the confidence. A different
+#: person's face fits the canonical one to ~5-7 px, a broken fit is off by tens of pixels.
+RMSE_HALF = 16.0
 
 
 class FitError(ValueError):
@@ -142,7 +143,8 @@ class MeshTracker:
         self._front = frontal_transform() if distance is None else frontal_transform(distance)
         self._filters = {k: OneEuroFilter(min_cutoff, beta, d_cutoff) for k in ("motion", "rot", "trans")}
         self._box_filter = OneEuroFilter(*self.BOX_FILTER)
-        self.last_crop: HeadCrop | None = None
+        self._last: tuple[np.ndarray, np.ndarray, CropWindow] | None = None
+        self._last_crop: HeadCrop | None = None
         self.last_fit: HeadFit | None = None
         self._last_seen: float | None = None
         self._state = TrackingState(False, 0.0, 0.0, "waiting for the first frame")
@@ -153,6 +155,7 @@ class MeshTracker:
         self._ref_points: list[np.ndarray] = []
         self._ref_rots: list[np.ndarray] = []
         self._ref_trans: list[np.ndarray] = []
+        self._reference: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._reset_filters()
 
     def _reset_filters(self) -> None:
@@ -165,6 +168,19 @@ class MeshTracker:
     def status(self) -> TrackingState:
         """Whether a face is tracked, its confidence and how long it has been lost."""
         return self._state
+
+    @property
+    def last_window(self) -> CropWindow | None:
+        """Where the latest tracked frame's head crop lies (cheap; no pixels are cut)."""
+        return None if self._last is None else self._last[2]
+
+    @property
+    def last_crop(self) -> HeadCrop | None:
+        """The latest tracked frame's head crop, cut on first access (resizing costs ~10 ms on 2 cores)."""
+        if self._last_crop is None and self._last is not None:
+            rgb, box, _ = self._last
+            self._last_crop = crop_head(rgb, box, self.crop_size, self.crop_scale)
+        return self._last_crop
 
     @property
     def reference_ready(self) -> bool:
@@ -181,24 +197,28 @@ class MeshTracker:
         box = head_box(face.points)
         side = np.sqrt((box[2] - box[0]) * (box[3] - box[1]))
         box = self._box_filter(box / side, t) * side
-        crop = crop_head(rgb, box, self.crop_size, self.crop_scale)
+        window = crop_window(box, self.crop_size, self.crop_scale)
         try:
-            fit = fit_head(crop.to_crop(face.points), self.crop_size, self._guess)
+            fit = fit_head(window.to_crop(face.points), self.crop_size, self._guess)
         except ValueError:
             return self._lost(t, "landmarks found but no head pose fits them")
-        self.last_crop, self.last_fit, self._guess = crop, fit, fit.transform
-        confidence = float(np.clip(face.score * RMSE_HALF / (RMSE_HALF + fit.rmse_px), 0.0, 1.0))
+        self._last = (rgb, box, window)
+        self._last_crop = None
+        self.last_fit, self._guess = fit, fit.transform
+        quality = 1.0 / (1.0 + (fit.rmse_px / RMSE_HALF) ** 2)
+        confidence = float(np.clip(face.score * quality, 0.0, 1.0))
         rot, trans = fit.transform[:, :3].astype(np.float64), fit.transform[:, 3].astype(np.float64)
         if not self.reference_ready and confidence >= self.min_confidence:
             self._ref_points.append(fit.canonical_points.astype(np.float64))
             self._ref_rots.append(rot)
             self._ref_trans.append(trans)
-        if not self._ref_points:
+            self._reference = (np.mean(self._ref_points, axis=0),
+                               _project_rotation(np.mean(self._ref_rots, axis=0)),
+                               np.mean(self._ref_trans, axis=0))
+        if self._reference is None:
             return self._lost(t, "face found, confidence too low to take a reference", found=True,
                               confidence=confidence)
-        ref_points = np.mean(self._ref_points, axis=0)
-        ref_rot = _project_rotation(np.mean(self._ref_rots, axis=0))
-        ref_trans = np.mean(self._ref_trans, axis=0)
+        ref_points, ref_rot, ref_trans = self._reference
         # Head-frame motion: x R_t = (x D) R_ref, so D = R_t R_ref^T; the avatar gets x D R_front.
         delta = cv2.Rodrigues(rot @ ref_rot.T)[0][:, 0]
         shift = (trans - ref_trans) @ ref_rot.T @ self._front[:, :3]

@@ -1,0 +1,147 @@
+"""The gaga-ros command: start the graph without `ros2 launch`, run one node, fetch assets.
+
+    gaga-ros demo [--seconds N]                 the built-in demo (CPU, no downloads)
+    gaga-ros launch telepresence [arg:=value]   the same graph as telepresence.launch.py
+    gaga-ros node <name> [--ros-args ...]       one node (what launch files execute)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+NODES = ("capture", "tracking", "reconstruction", "render", "bridge", "driver", "recorder")
+
+
+def run_node(name: str, ros_args: list[str]) -> None:
+    """Run one node in this process."""
+    if name not in NODES:
+        sys.exit(f"gaga-ros node: unknown node {name!r}; known are {', '.join(NODES)}")
+    module = importlib.import_module(f"gaga_ros.nodes.{name}")
+    module.main(["gaga-ros", *ros_args])
+
+
+class Supervisor:
+    """Starts each node as its own process (real DDS between them) and restarts any that dies."""
+
+    def __init__(self, specs, params_file: Path, restart: bool = True) -> None:
+        self.specs = specs
+        self.params_file = params_file
+        self.restart = restart
+        self.tmp = tempfile.TemporaryDirectory(prefix="gaga_ros_launch_")
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.restarts: dict[str, int] = {}
+
+    def _command(self, spec) -> list[str]:
+        overrides = Path(self.tmp.name) / f"{spec.name}.yaml"
+        overrides.write_text(yaml.safe_dump({spec.name: {"ros__parameters": spec.parameters}}))
+        cmd = [sys.executable, "-m", "gaga_ros.cli", "node", spec.module, "--ros-args",
+               "-r", f"__node:={spec.name}", "--params-file", str(self.params_file)]
+        if spec.parameters:
+            cmd += ["--params-file", str(overrides)]
+        return cmd
+
+    def start(self) -> None:
+        for spec in self.specs:
+            self.procs[spec.name] = subprocess.Popen(self._command(spec))
+            print(f"[gaga-ros] started {spec.name} (pid {self.procs[spec.name].pid})", flush=True)
+
+    def poll(self) -> None:
+        for spec in self.specs:
+            code = self.procs[spec.name].poll()
+            if code is None:
+                continue
+            if code == 2 or not self.restart:  # could not start: restarting would fail the same way
+                raise SystemExit(f"[gaga-ros] {spec.name} exited with code {code}")
+            n = self.restarts[spec.name] = self.restarts.get(spec.name, 0) + 1
+            print(f"[gaga-ros] {spec.name} exited with code {code}; restarting ({n})", flush=True)
+            self.procs[spec.name] = subprocess.Popen(self._command(spec))
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 5
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.tmp.cleanup()
+
+
+def launch(graph_name: str, launch_args: dict[str, str], seconds: float = 0.0) -> None:
+    """Start a graph from gaga_ros.graph and supervise it until Ctrl-C or `seconds` have passed."""
+    from gaga_ros import graph
+
+    if graph_name not in graph.GRAPHS:
+        sys.exit(f"gaga-ros launch: unknown graph {graph_name!r}; known are {', '.join(graph.GRAPHS)}")
+    profile = launch_args.pop("profile", "demo")
+    try:
+        params_file = graph.profile_file(profile)
+        specs = graph.GRAPHS[graph_name](launch_args)
+    except ValueError as exc:
+        sys.exit(f"gaga-ros launch: {exc}")
+    sup = Supervisor(specs, params_file)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    sup.start()
+    t_end = time.monotonic() + seconds if seconds > 0 else float("inf")
+    try:
+        while time.monotonic() < t_end:
+            sup.poll()
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sup.stop()
+
+
+def _launch_args(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition(":=")
+        if not sep:
+            sys.exit(f"gaga-ros launch: expected name:=value, got {item!r}")
+        out[key] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["node"] and len(argv) >= 2:
+        run_node(argv[1], argv[2:])
+        return
+    parser = argparse.ArgumentParser(prog="gaga-ros", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="the built-in demo: astronaut driven by a scripted driver")
+    demo.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0: Ctrl-C)")
+    demo.add_argument("--record", default="out/demo.mp4", help="mp4 of /avatar/image ('' to skip)")
+    demo.add_argument("args", nargs="*", help="more launch arguments, name:=value")
+    lau = sub.add_parser("launch", help="start a graph: telepresence or capture")
+    lau.add_argument("graph")
+    lau.add_argument("args", nargs="*", help="launch arguments, name:=value")
+    lau.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0: Ctrl-C)")
+    sub.add_parser("node", help="run one node: gaga-ros node <name> [--ros-args ...]")
+    ns = parser.parse_args(argv)
+    if ns.command == "demo":
+        args = {"record": str(Path(ns.record).resolve()) if ns.record else "", **_launch_args(ns.args)}
+        if args["record"]:
+            print(f"[gaga-ros] recording /avatar/image to {args['record']}", flush=True)
+        launch("telepresence", args, ns.seconds)
+    elif ns.command == "launch":
+        launch(ns.graph, _launch_args(ns.args), ns.seconds)
+    else:
+        parser.error("gaga-ros node <name> [--ros-args ...]")
+
+
+if __name__ == "__main__":
+    main()

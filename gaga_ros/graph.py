@@ -1,0 +1,94 @@
+"""The node graph as data: read by launch/telepresence.launch.py and by `gaga-ros launch` alike.
+
+Data flow: capture -> tracking -> /avatar/expression -> render (avatar cached on the device)
+-> /avatar/image -> bridge; source photo -> reconstruction -> /avatar/model (latched) -> render.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One node of a graph: its ROS name, the module under gaga_ros.nodes, extra parameters."""
+
+    name: str
+    module: str
+    parameters: dict = field(default_factory=dict)
+    lifecycle: bool = False
+
+
+#: Launch arguments of the telepresence graph, with defaults and meaning.
+ARGUMENTS = {
+    "profile": ("demo", "Parameter profile: a YAML in config/ (demo = CPU, gpu, kiosk)."),
+    "driver": ("scripted", "What drives the avatar: scripted (built-in), video, or webcam."),
+    "video": ("", "Video file for driver:=video."),
+    "camera": ("0", "Webcam device index for driver:=webcam."),
+    "source": ("", "Source photo (inside the reconstruction node's source_dir); empty: built-in."),
+    "record": ("", "Write /avatar/image to this mp4 file as well (empty: do not record)."),
+    "bridge": ("true", "Start the WebRTC bridge."),
+}
+
+DRIVERS = ("scripted", "video", "webcam")
+
+
+def config_dir() -> Path:
+    """Where the profile YAMLs live: the source tree, or share/gaga_ros/config when installed."""
+    if CONFIG_DIR.is_dir():
+        return CONFIG_DIR
+    from ament_index_python.packages import get_package_share_directory
+
+    return Path(get_package_share_directory("gaga_ros")) / "config"
+
+
+def profile_file(profile: str) -> Path:
+    """The YAML parameter file of a profile; raises ValueError naming the profiles that exist."""
+    path = config_dir() / f"{profile}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in config_dir().glob("*.yaml"))
+        raise ValueError(f"unknown profile {profile!r}: known are {', '.join(known)}")
+    yaml.safe_load(path.read_text())  # a broken profile fails here, not in six nodes at once
+    return path
+
+
+def telepresence(args: dict[str, str] | None = None) -> list[NodeSpec]:
+    """The telepresence graph for the given launch arguments (unset ones take their defaults)."""
+    a = {k: v[0] for k, v in ARGUMENTS.items()}
+    unknown = set(args or {}) - set(a)
+    if unknown:
+        raise ValueError(f"unknown launch arguments {sorted(unknown)}: known are {sorted(a)}")
+    a.update(args or {})
+    if a["driver"] not in DRIVERS:
+        raise ValueError(f"driver {a['driver']!r} is not one of {', '.join(DRIVERS)}")
+    nodes: list[NodeSpec] = []
+    if a["driver"] == "scripted":
+        nodes.append(NodeSpec("driver", "driver"))
+    else:
+        src = a["video"] if a["driver"] == "video" else a["camera"]
+        if not src:
+            raise ValueError("driver:=video needs video:=<file>")
+        nodes.append(NodeSpec("capture", "capture", {"source": src}))
+        nodes.append(NodeSpec("tracking", "tracking"))
+    recon = {"source_path": a["source"]} if a["source"] else {}
+    nodes.append(NodeSpec("reconstruction", "reconstruction", recon, lifecycle=True))
+    nodes.append(NodeSpec("render", "render", lifecycle=True))
+    if a["record"]:
+        nodes.append(NodeSpec("recorder", "recorder", {"path": a["record"]}))
+    if a["bridge"].lower() in ("1", "true", "yes"):
+        nodes.append(NodeSpec("bridge", "bridge"))
+    return nodes
+
+
+def capture_only(args: dict[str, str] | None = None) -> list[NodeSpec]:
+    """Just the capture node (for checking a camera or video)."""
+    a = {"source": "0", **(args or {})}
+    return [NodeSpec("capture", "capture", {"source": a["source"]})]
+
+
+GRAPHS = {"telepresence": telepresence, "capture": capture_only}

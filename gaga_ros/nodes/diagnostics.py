@@ -1,0 +1,61 @@
+"""Per-node health on /diagnostics at about 1 Hz, plus the rate meter the nodes feed it with."""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable
+
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.node import Node
+
+OK, WARN, ERROR = DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.ERROR
+
+
+class RateMeter:
+    """Events per second over a sliding window, cheap enough to call per frame."""
+
+    def __init__(self, window_s: float = 2.0) -> None:
+        self.window_s = window_s
+        self._times: collections.deque[float] = collections.deque()
+        self.count = 0
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        self._times.append(now)
+        self.count += 1
+        while self._times and now - self._times[0] > self.window_s:
+            self._times.popleft()
+
+    @property
+    def rate(self) -> float:
+        if len(self._times) < 2:
+            return 0.0
+        span = time.monotonic() - self._times[0]
+        return (len(self._times) - 1) / span if span > 0 else 0.0
+
+
+Report = tuple[int, str, dict[str, object]]
+
+
+class Diagnostics:
+    """Publishes the node's status from `report()` -> (level, message, values) once per period."""
+
+    def __init__(self, node: Node, report: Callable[[], Report], period_s: float = 1.0) -> None:
+        self._node = node
+        self._report = report
+        self._pub = node.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._timer = node.create_timer(period_s, self._publish)
+
+    def _publish(self) -> None:
+        level, message, values = self._report()
+        status = DiagnosticStatus(level=level, name=f"gaga_ros: {self._node.get_name()}",
+                                  hardware_id=self._node.get_fully_qualified_name(), message=message)
+        status.values = [KeyValue(key=k, value=_fmt(v)) for k, v in values.items()]
+        array = DiagnosticArray(status=[status])
+        array.header.stamp = self._node.get_clock().now().to_msg()
+        self._pub.publish(array)
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)

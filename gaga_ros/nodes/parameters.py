@@ -1,0 +1,35 @@
+"""Parameters declared up front with descriptors, from one table per node."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.node import Node
+
+
+@dataclass(frozen=True)
+class Param:
+    """One node parameter: name, default, what it does, and whether it may change live."""
+
+    name: str
+    default: Any
+    description: str
+    read_only: bool = True
+    low: float | None = None
+    high: float | None = None
+
+
+def declare(node: Node, params: tuple[Param, ...]) -> dict[str, Any]:
+    """Declare every parameter with its descriptor and return the current values by name."""
+    for p in params:
+        desc = ParameterDescriptor(description=p.description, read_only=p.read_only)
+        if p.low is not None:
+            if isinstance(p.default, int) and not isinstance(p.default, bool):
+                desc.integer_range = [IntegerRange(from_value=int(p.low), to_value=int(p.high), step=0)]
+            else:
+                desc.floating_point_range = [FloatingPointRange(from_value=float(p.low),
+                                                                to_value=float(p.high), step=0.0)]
+        node.declare_parameter(p.name, p.default, desc)
+    return {p.name: node.get_parameter(p.name).value for p in params}

@@ -1,0 +1,21 @@
+"""The QoS profiles of the graph, chosen on purpose and named for their use."""
+
+from rclpy.qos import (
+    DurabilityPolicy,
+    HistoryPolicy,
+    QoSProfile,
+    ReliabilityPolicy,
+    qos_profile_sensor_data,
+)
+
+#: Camera and avatar frames: best effort, newest only. A late frame is worth nothing.
+FRAMES = qos_profile_sensor_data
+
+#: Expressions: reliable but shallow, so a burst never builds latency.
+EXPRESSIONS = QoSProfile(depth=2, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.VOLATILE)
+
+#: State that late joiners need (the avatar, tracking status): reliable and transient-local, so a
+#: restarted render node gets the current avatar back without anyone republishing it.
+LATCHED = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
+                     durability=DurabilityPolicy.TRANSIENT_LOCAL)

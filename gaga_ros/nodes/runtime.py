@@ -1,0 +1,36 @@
+"""Process entry for one node: init, spin on a multi-threaded executor, shut down cleanly."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import rclpy
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.node import Node
+
+
+def spin(make_node: Callable[[], Node], args: list[str] | None = None) -> None:
+    """Run one node until Ctrl-C or shutdown; exits non-zero when the node cannot start."""
+    rclpy.init(args=args if args is not None else sys.argv)
+    node = None
+    try:
+        node = make_node()
+        executor = MultiThreadedExecutor(num_threads=4)
+        executor.add_node(node)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except Exception as exc:  # a node that cannot start says why in one line, not a traceback
+        if node is None:
+            print(f"[gaga_ros] cannot start: {exc}", file=sys.stderr)
+            sys.exit(2)
+        raise
+    finally:
+        if node is not None:
+            close = getattr(node, "close", None)
+            if close is not None:
+                close()
+            node.destroy_node()
+        if rclpy.ok():
+            rclpy.shutdown()

@@ -1,0 +1,31 @@
+"""ros2 launch gaga_ros telepresence.launch.py [profile:=demo] [driver:=scripted|video|webcam] ...
+
+Reads the same graph description (gaga_ros.graph) as `gaga-ros launch telepresence`.
+"""
+
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import LifecycleNode, Node
+
+from gaga_ros import graph
+
+
+def _nodes(context):
+    args = {k: LaunchConfiguration(k).perform(context) for k in graph.ARGUMENTS}
+    params_file = str(graph.profile_file(args["profile"]))
+    actions = []
+    for spec in graph.telepresence(args):
+        kind = LifecycleNode if spec.lifecycle else Node
+        extra = {"namespace": ""} if spec.lifecycle else {}
+        actions.append(kind(package="gaga_ros", executable="gaga-ros", name=spec.name,
+                            arguments=["node", spec.module], output="screen",
+                            parameters=[params_file, spec.parameters], **extra))
+    return actions
+
+
+def generate_launch_description():
+    return LaunchDescription(
+        [DeclareLaunchArgument(k, default_value=v[0], description=v[1])
+         for k, v in graph.ARGUMENTS.items()]
+        + [OpaqueFunction(function=_nodes)])
