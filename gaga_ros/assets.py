@@ -116,8 +116,8 @@ class AssetStatus:
         if self.gagavatar is None:
             lines.append("Needs GAGAvatar.pt: the photoreal GAGAvatar backend.")
         if self.flame is None:
-            lines.append("Needs a FLAME model: the GAGAvatar backend (it drives Gaussians with FLAME) and the "
-                         "FLAME tracker.")
+            lines.append("Needs a FLAME model: the GAGAvatar backend (it drives Gaussians with FLAME) "
+                         "and the FLAME tracker.")
         lines.append(f"Get them with `{FETCH_COMMAND}` (asks you to accept the FLAME licence at "
                      f"{FLAME_LICENSE_URL}); FLAME .pkl files come only from that website after registering.")
         return "\n".join(lines)
@@ -154,7 +154,8 @@ def ask_licence(ask: Callable[[str], str] = input, out: Callable[[str], None] = 
 
 
 def fetch_assets(path: str | Path | None = None, ask: Callable[[str], str] = input,
-                 out: Callable[[str], None] = print, downloads: tuple[Download, ...] = DOWNLOADS) -> AssetStatus:
+                 out: Callable[[str], None] = print,
+                 downloads: tuple[Download, ...] = DOWNLOADS) -> AssetStatus:
     """Ask for the FLAME licence, then download the published files into models/ (resumable)."""
     ask_licence(ask, out)
     root = models_dir(path)
@@ -226,7 +227,8 @@ def _download(item: Download, dest: Path, recorded: dict, out: Callable[[str], N
         raise DownloadError(f"{item.url}: cannot connect ({exc.reason}); rerun to resume") from None
     if response is not None:
         resumed = offset and response.status == 206
-        out(f"{item.name}: {'resuming at ' + str(offset) + ' bytes' if resumed else 'downloading'} from {item.url}")
+        action = f"resuming at {offset} bytes" if resumed else "downloading"
+        out(f"{item.name}: {action} from {item.url}")
         with response, part.open("ab" if resumed else "wb") as stream:
             done = offset if resumed else 0
             last = 0.0

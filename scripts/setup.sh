@@ -46,14 +46,15 @@ rm -rf build/gaga_ros install/gaga_ros
 (
   export AMENT_PREFIX_PATH=$VENV CMAKE_PREFIX_PATH=$VENV
   export PATH=$VENV/bin:$PATH
-  # RPATH lets the generated Python extensions find their own libraries without LD_LIBRARY_PATH.
   "$VENV/bin/colcon" --log-base log build --base-paths "$ROOT" --build-base build --install-base install \
     --event-handlers console_cohesion- status- --cmake-args \
     -DPython3_EXECUTABLE="$VENV/bin/python" -DBUILD_TESTING=OFF -DGAGA_ROS_INSTALL_PYTHON=OFF \
-    '-DCMAKE_INSTALL_RPATH=$ORIGIN:$ORIGIN/../../..;$ORIGIN/../../../../..' \
     > log/colcon-build.txt 2>&1
 ) || { mkdir -p log; echo "setup: colcon build failed; see log/colcon-build.txt" >&2; tail -30 log/colcon-build.txt >&2; exit 1; }
 
+# rosidl finds type support libraries by name on LD_LIBRARY_PATH, which the ROS wheels set to the
+# venv's lib/ when Python starts: link ours there.
+ln -sf "$ROOT"/install/gaga_ros/lib/libgaga_ros__*.so "$VENV/lib/"
 SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 echo "$ROOT/install/gaga_ros/lib/python3.11/site-packages" > "$SITE/gaga_ros_interfaces.pth"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .

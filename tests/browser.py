@@ -130,8 +130,9 @@ class Browser:
         return self
 
     async def new_page(self, url: str) -> Page:
-        """Open url in a new tab."""
-        target = (await self.session.send("Target.createTarget", url=url))["targetId"]
+        """Open url in a new window: each is visible, so it renders (background tabs decode but
+        skip requestVideoFrameCallback)."""
+        target = (await self.session.send("Target.createTarget", url=url, newWindow=True))["targetId"]
         ws = await self.http.ws_connect(f"ws://127.0.0.1:{self.port}/devtools/page/{target}", max_msg_size=0)
         return Page(self, target, Session(ws))
 

@@ -36,9 +36,11 @@ def flame(assets):
 
 def _random_params(batch, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return dict(shape=torch.randn(batch, 300, generator=g), expression=torch.randn(batch, 100, generator=g),
-                global_pose=0.3 * torch.randn(batch, 3, generator=g), neck_pose=0.2 * torch.randn(batch, 3, generator=g),
-                jaw_pose=0.2 * torch.randn(batch, 3, generator=g), eye_pose=0.3 * torch.randn(batch, 6, generator=g))
+    def rand(width, scale=1.0):
+        return scale * torch.randn(batch, width, generator=g)
+
+    return dict(shape=rand(300), expression=rand(100), global_pose=rand(3, 0.3), neck_pose=rand(3, 0.2),
+                jaw_pose=rand(3, 0.2), eye_pose=rand(6, 0.3))
 
 
 def test_synthetic_model_has_flame_structure_and_is_deterministic():
@@ -98,6 +100,18 @@ def test_jaw_rotation_moves_only_jaw_weighted_vertices(flame, assets):
     np.testing.assert_allclose(verts[full], expected, atol=2e-6)
 
 
+def test_jaw_follows_the_neck_through_the_kinematic_chain(flame, assets):
+    neck, jaw_rot = np.array([0.1, 0.3, -0.2]), np.array([0.3, 0.0, 0.0])
+    verts = flame(neck_pose=torch.tensor(neck[None], dtype=torch.float32),
+                  jaw_pose=torch.tensor(jaw_rot[None], dtype=torch.float32))[0].double().numpy() / FLAME_SCALE
+    full = assets.lbs_weights[:, 2] == 1
+    j_neck, j_jaw = (assets.j_regressor[k].astype(np.float64) @ assets.v_template for k in (1, 2))
+    rest = assets.v_template + _corrective(assets, 1, neck) + _corrective(assets, 2, jaw_rot)
+    in_neck = Rotation.from_rotvec(jaw_rot).apply(rest[full] - j_jaw) + j_jaw
+    expected = Rotation.from_rotvec(neck).apply(in_neck - j_neck) + j_neck
+    np.testing.assert_allclose(verts[full], expected, atol=2e-6)
+
+
 def test_eye_poses_move_only_their_eyeball(flame, assets):
     rotvec = np.array([0.0, 0.4, 0.0])
     eye_pose = torch.tensor(np.r_[rotvec, 0, 0, 0][None], dtype=torch.float32)
@@ -108,7 +122,8 @@ def test_eye_poses_move_only_their_eyeball(flame, assets):
     assert (moved == left).all()
     centre = assets.j_regressor[3].astype(np.float64) @ assets.v_template
     rest = assets.v_template[left] + _corrective(assets, 3, rotvec)[left]
-    np.testing.assert_allclose(verts[left], Rotation.from_rotvec(rotvec).apply(rest - centre) + centre, atol=2e-6)
+    expected = Rotation.from_rotvec(rotvec).apply(rest - centre) + centre
+    np.testing.assert_allclose(verts[left], expected, atol=2e-6)
     both = flame(eye_pose=torch.tensor([[0.1, 0.2, 0, -0.1, 0.2, 0]]))[0].numpy() / FLAME_SCALE
     moved = np.linalg.norm(both - assets.v_template, axis=1) > 1e-6
     assert moved[list(LEFT_EYE)].all() and moved[list(RIGHT_EYE)].all() and moved.sum() == 2 * len(LEFT_EYE)
@@ -189,8 +204,9 @@ def test_pkl_loads_the_same_model_as_pt(files, flame):
     v_pt, v_pkl = flame(**params), from_pkl(**params)
     torch.testing.assert_close(v_pkl, v_pt, atol=1e-6, rtol=0)
     torch.testing.assert_close(from_pkl.landmarks(v_pkl, "full"), flame.landmarks(v_pt, "full")[:, :68])
-    torch.testing.assert_close(from_pkl.landmarks(v_pkl, "ibug68", params["global_pose"], params["neck_pose"]),
-                               flame.landmarks(v_pt, "ibug68", params["global_pose"], params["neck_pose"]))
+    poses = params["global_pose"], params["neck_pose"]
+    torch.testing.assert_close(from_pkl.landmarks(v_pkl, "ibug68", *poses),
+                               flame.landmarks(v_pt, "ibug68", *poses))
     without = Flame.from_file(files.pkl)
     with pytest.raises(FlameInputError, match="landmark"):
         without.landmarks(v_pkl)
@@ -204,11 +220,13 @@ def test_published_pt_layout_loads(tmp_path, assets):
     lmk = assets.landmarks
     data = {
         "flame_model": {"f": t(assets.faces.astype(np.int32)), "v_template": t(assets.v_template),
-                        "shapedirs": t(extra), "posedirs": t(assets.posedirs), "J_regressor": t(assets.j_regressor),
+                        "shapedirs": t(extra), "posedirs": t(assets.posedirs),
+                        "J_regressor": t(assets.j_regressor),
                         "kintree_table": kintree, "weights": t(assets.lbs_weights)},
         "lmk_embeddings": {"static_lmk_faces_idx": t(lmk.static_faces.astype(np.int32)),
                            "static_lmk_bary_coords": t(lmk.static_bary),
-                           "dynamic_lmk_faces_idx": t(lmk.dynamic_faces), "dynamic_lmk_bary_coords": t(lmk.dynamic_bary),
+                           "dynamic_lmk_faces_idx": t(lmk.dynamic_faces),
+                           "dynamic_lmk_bary_coords": t(lmk.dynamic_bary),
                            "full_lmk_faces_idx_with_eye": t(lmk.full_faces),
                            "full_lmk_bary_coords_with_eye": t(lmk.full_bary)},
     }
@@ -246,9 +264,11 @@ def test_bad_files_give_clear_errors(tmp_path, assets):
     torch.save({"flame_model": {"f": torch.zeros(3, 3)}}, tmp_path / "missing.pt")
     _expect_clear(tmp_path / "missing.pt", "missing keys", "shapedirs")
     t = torch.from_numpy
-    bad = {"f": t(assets.faces), "v_template": t(assets.v_template), "shapedirs": t(assets.shapedirs[:, :, :10]),
+    bad = {"f": t(assets.faces), "v_template": t(assets.v_template),
+           "shapedirs": t(assets.shapedirs[:, :, :10]),
            "posedirs": t(assets.posedirs), "J_regressor": t(assets.j_regressor),
-           "kintree_table": torch.tensor([[-1, 0, 1, 1, 1], [0, 1, 2, 3, 4]]), "weights": t(assets.lbs_weights)}
+           "kintree_table": torch.tensor([[-1, 0, 1, 1, 1], [0, 1, 2, 3, 4]]),
+           "weights": t(assets.lbs_weights)}
     torch.save({"flame_model": bad}, tmp_path / "shapes.pt")
     _expect_clear(tmp_path / "shapes.pt", "'shapedirs' has shape (5023, 3, 10)", "(5023,3,>=300)")
     (tmp_path / "model.obj").write_text("v 0 0 0\n")

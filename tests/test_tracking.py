@@ -103,7 +103,8 @@ def test_regions_are_sane():
         for part in ("eye_upper", "eye_lower", "iris", "eyebrow"):
             assert (sign * V[REGIONS[f"{side}_{part}"], 0] > 0).all(), f"{side}_{part}"
         assert V[REGIONS[f"{side}_eyebrow"], 1].mean() > V[REGIONS[f"{side}_eye_upper"], 1].mean()
-        assert V[REGIONS[f"{side}_eye_upper"][1:-1], 1].mean() > V[REGIONS[f"{side}_eye_lower"][1:-1], 1].mean()
+        upper, lower = REGIONS[f"{side}_eye_upper"][1:-1], REGIONS[f"{side}_eye_lower"][1:-1]
+        assert V[upper, 1].mean() > V[lower, 1].mean()
     assert V[REGIONS["lips_upper"], 1].mean() > V[REGIONS["lips_lower"], 1].mean()
     assert V[REGIONS["jaw"], 1].max() < V[[61, 291], 1].mean() and 152 in REGIONS["jaw"]
     inner = set(REGIONS["mouth_inner"].tolist())
@@ -259,7 +260,9 @@ def test_tracker_turns_avatar_like_the_driver(monroe):
         stamps = iter(range(0, 10**12, 33_000_000))
         for _ in range(8):
             still = tracker.update(small, next(stamps))
-        np.testing.assert_allclose(still.transform, frontal_transform(), atol=0.05)
+        # A still driver gives the frontal camera (the same photo's landmarks wobble by a pixel or so).
+        assert _angle_deg(still.transform[:, :3], frontal_transform()[:, :3]) < 1.0
+        np.testing.assert_allclose(still.transform[:, 3], frontal_transform()[:, 3], atol=0.15)
         for _ in range(40):
             turned = tracker.update(rolled, next(stamps))
     assert abs(_angle_deg(turned.transform[:, :3], still.transform[:, :3]) - 20) < 2

@@ -76,11 +76,12 @@ AVATAR_TRIANGLES = np.concatenate([TRIANGLES.astype(np.int64), _OPENINGS["mouth"
 _MOUTH = np.arange(len(TRIANGLES), len(TRIANGLES) + len(_OPENINGS["mouth"]))
 _EYES = np.arange(_MOUTH[-1] + 1, len(AVATAR_TRIANGLES))
 _LIPS = np.union1d(REGIONS["lips_upper"], REGIONS["lips_lower"])
-#: Vertices that expressions barely move: hair, ears and the back of the head follow these.
-_STEADY = np.setdiff1d(np.arange(FACE_LANDMARKS), np.concatenate(
-    [REGIONS[k] for k in ("lips_upper", "lips_lower", "lower_face", "jaw", "left_eye_upper",
-                          "left_eye_lower", "right_eye_upper", "right_eye_lower", "left_eyebrow",
-                          "right_eyebrow")]))
+#: Vertices that expressions never move (forehead, temples, upper nose: above the eyes, brows
+#: excluded): hair, ears, neck and the back of the head follow these.
+_MOBILE = np.concatenate([REGIONS[k] for k in ("left_eye_upper", "left_eye_lower", "right_eye_upper",
+                                                 "right_eye_lower", "left_eyebrow", "right_eyebrow")])
+_STEADY = np.flatnonzero((CANONICAL_VERTICES[:FACE_LANDMARKS, 1] > 0.0) & (np.linalg.norm(
+    CANONICAL_VERTICES[:FACE_LANDMARKS, None] - CANONICAL_VERTICES[None, _MOBILE], axis=2).min(1) > 0.1))
 
 
 def face_size(vertices: np.ndarray) -> float:

@@ -53,7 +53,8 @@ class Flame(nn.Module):
         self.scale = float(scale)
         self.source = assets.source
         sd = assets.shapedirs
-        basis = np.concatenate([sd[:, :, :n_shape], sd[:, :, FLAME_SHAPE_BASIS:FLAME_SHAPE_BASIS + self.n_exp]], 2)
+        exp_start = FLAME_SHAPE_BASIS
+        basis = np.concatenate([sd[:, :, :n_shape], sd[:, :, exp_start:exp_start + self.n_exp]], 2)
         n_vert = assets.v_template.shape[0]
         buffers = {
             "faces": torch.from_numpy(assets.faces),
@@ -190,13 +191,15 @@ class Flame(nn.Module):
 
     def contour_bins(self, global_pose: torch.Tensor, neck_pose: torch.Tensor) -> torch.Tensor:
         """Row of the dynamic embedding per item: yaw in whole degrees, 0..39 for yaw >= 0, 40..78 below."""
-        rot = rodrigues(global_pose) @ rodrigues(neck_pose)  # the neck's world rotation
+        like = {"dtype": self.v_template.dtype, "device": self.v_template.device}
+        rot = rodrigues(torch.as_tensor(global_pose, **like)) @ rodrigues(torch.as_tensor(neck_pose, **like))
         cos_pitch = torch.sqrt(rot[:, 0, 0] ** 2 + rot[:, 1, 0] ** 2)
         yaw = torch.round(torch.rad2deg(torch.atan2(-rot[:, 2, 0], cos_pitch))).long()
         yaw = yaw.clamp(max=39)
         return torch.where(yaw >= 0, yaw, (39 - yaw).clamp(max=78))
 
-    def _interpolate(self, vertices: torch.Tensor, faces_idx: torch.Tensor, bary: torch.Tensor) -> torch.Tensor:
+    def _interpolate(self, vertices: torch.Tensor, faces_idx: torch.Tensor,
+                     bary: torch.Tensor) -> torch.Tensor:
         """Barycentric points; faces_idx (L,) or (B,L), bary (L,3) or (B,L,3)."""
         corners = self.faces[faces_idx]                                 # (L,3) or (B,L,3)
         if corners.ndim == 2:

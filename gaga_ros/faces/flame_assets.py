@@ -66,10 +66,12 @@ class FlameAssets:
 # --- errors -------------------------------------------------------------------------------------------
 
 _EXPECTED_PT = (
-    "expected a torch file holding {'flame_model': {f (9976,3), v_template (5023,3), shapedirs (5023,3,>=400), "
+    "expected a torch file holding {'flame_model': {f (9976,3), v_template (5023,3), "
+    "shapedirs (5023,3,>=400), "
     "posedirs (5023,3,36), J_regressor (5,5023), kintree_table (2,5), weights (5023,5)}, 'lmk_embeddings': "
     "{static_lmk_faces_idx (51), static_lmk_bary_coords (51,3), dynamic_lmk_faces_idx (79,17), "
-    "dynamic_lmk_bary_coords (79,17,3), full_lmk_faces_idx_with_eye (70), full_lmk_bary_coords_with_eye (70,3)}}"
+    "dynamic_lmk_bary_coords (79,17,3), full_lmk_faces_idx_with_eye (70), "
+    "full_lmk_bary_coords_with_eye (70,3)}}"
 )
 _EXPECTED_PKL = (
     "expected a FLAME 2020/2023 pickle holding f, v_template, shapedirs, posedirs, J_regressor, "
@@ -154,7 +156,7 @@ def _allowed_globals() -> dict[tuple[str, str], object]:
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Only numpy arrays, plain containers, chumpy and scipy-sparse stand-ins may come out of a FLAME pickle."""
+    """Only numpy arrays, plain containers and chumpy/scipy-sparse stand-ins come out of a FLAME pickle."""
 
     _allowed = _allowed_globals()
 
@@ -211,7 +213,8 @@ def _from_pt(path: Path) -> FlameAssets:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt or foreign files
-        raise _error(path, f"cannot be read by torch.load ({type(exc).__name__}: {exc})", _EXPECTED_PT) from None
+        problem = f"cannot be read by torch.load ({type(exc).__name__}: {exc})"
+        raise _error(path, problem, _EXPECTED_PT) from None
     if not isinstance(data, dict) or not isinstance(data.get("flame_model"), dict):
         found = sorted(data) if isinstance(data, dict) else type(data).__name__
         raise _error(path, f"no 'flame_model' dict (found {found})", _EXPECTED_PT)
@@ -219,7 +222,8 @@ def _from_pt(path: Path) -> FlameAssets:
     assets = _assemble(path, model, _EXPECTED_PT)
     lmk = data.get("lmk_embeddings")
     if isinstance(lmk, dict):
-        assets.landmarks = _landmarks_from(path, {k: _numpy(v) for k, v in lmk.items()}, assets.faces.shape[0])
+        lmk = {k: _numpy(v) for k, v in lmk.items()}
+        assets.landmarks = _landmarks_from(path, lmk, assets.faces.shape[0])
     return assets
 
 
@@ -371,7 +375,8 @@ def _landmarks_from(path: Path, data: dict, n_faces: int) -> LandmarkEmbedding:
     if lmk.static_faces.shape[0] != lmk.static_bary.shape[0]:
         raise _error(path, "static faces and barycentric coordinates differ in count", _EXPECTED_LMK)
     if lmk.dynamic_faces.ndim != 2 or lmk.dynamic_bary.shape != (*n_dyn, 3):
-        raise _error(path, f"dynamic embedding shapes {n_dyn} and {lmk.dynamic_bary.shape} disagree", _EXPECTED_LMK)
+        problem = f"dynamic embedding shapes {n_dyn} and {lmk.dynamic_bary.shape} disagree"
+        raise _error(path, problem, _EXPECTED_LMK)
     if lmk.full_faces.shape[0] != lmk.full_bary.shape[0]:
         raise _error(path, "full faces and barycentric coordinates differ in count", _EXPECTED_LMK)
     for f in fields(lmk):

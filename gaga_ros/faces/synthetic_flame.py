@@ -252,7 +252,8 @@ def write_flame_pkl(assets: FlameAssets, path: str | Path) -> Path:
             "f": assets.faces.astype(np.uint32), "v_template": chumpy(assets.v_template),
             "shapedirs": chumpy(assets.shapedirs), "posedirs": assets.posedirs.astype(np.float64),
             "J_regressor": csc_matrix(assets.j_regressor.astype(np.float64)), "kintree_table": kintree,
-            "weights": chumpy(assets.lbs_weights), "J": chumpy(joints), "bs_style": "lbs", "bs_type": "lrotmin",
+            "weights": chumpy(assets.lbs_weights), "J": chumpy(joints),
+            "bs_style": "lbs", "bs_type": "lrotmin",
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("wb") as stream:
@@ -267,7 +268,8 @@ def write_landmark_embedding(landmarks: LandmarkEmbedding, path: str | Path) -> 
     np.save(path, {
         "static_lmk_faces_idx": landmarks.static_faces, "static_lmk_bary_coords": landmarks.static_bary,
         "dynamic_lmk_faces_idx": landmarks.dynamic_faces, "dynamic_lmk_bary_coords": landmarks.dynamic_bary,
-        "full_lmk_faces_idx": landmarks.full_faces[None, :68], "full_lmk_bary_coords": landmarks.full_bary[None, :68],
+        "full_lmk_faces_idx": landmarks.full_faces[None, :68],
+        "full_lmk_bary_coords": landmarks.full_bary[None, :68],
     }, allow_pickle=True)
     return path
 

@@ -159,6 +159,7 @@ def composite(xy, conics, radii, opacities, colors, offsets, ids, tiles_x, tiles
             # Rows of the Gaussian's extent inside the tile; in each, only the pixel centres where
             # sigma <= log(o / ALPHA_MIN) (the alpha test) can pass: an interval of dx.
             sigma_max = math.log(opacity / ALPHA_MIN) + 1e-9
+            step_ratio = math.exp(-ca)
             y0 = max(oy, int(math.ceil(my - radii[g, 1] - 0.5)))
             y1 = min(oy + th, int(math.floor(my + radii[g, 1] - 0.5)) + 1)
             for py in range(y0, y1):
@@ -170,17 +171,20 @@ def composite(xy, conics, radii, opacities, colors, offsets, ids, tiles_x, tiles
                 centre = mx + cb * dy / ca
                 x0 = max(ox, int(math.ceil(centre - half - 0.5 - 1e-6)))
                 x1 = min(ox + tw, int(math.floor(centre + half - 0.5 + 1e-6)) + 1)
+                if x0 >= x1:
+                    continue
+                # sigma is quadratic along the row, so exp(-sigma) follows a product recurrence:
+                # two exps per row instead of one per pixel (relative drift ~1e-15 over a tile).
+                dx = mx - (x0 + 0.5)
+                gauss = math.exp(-(0.5 * (ca * dx * dx + cc * dy * dy) + cb * dx * dy))
+                step = math.exp(-(0.5 * ca - ca * dx - cb * dy))
                 row = (py - oy) * TILE - ox
                 for px in range(x0, x1):
                     p = row + px
-                    if done[p]:
-                        continue
-                    dx = mx - (px + 0.5)
-                    sigma = 0.5 * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
-                    if sigma < 0:
-                        continue
-                    a = min(ALPHA_MAX, opacity * math.exp(-sigma))
-                    if a < ALPHA_MIN:
+                    a = min(ALPHA_MAX, opacity * gauss)
+                    gauss *= step
+                    step *= step_ratio
+                    if done[p] or a < ALPHA_MIN:
                         continue
                     next_t = trans[p] * (1.0 - a)
                     if next_t <= T_MIN:

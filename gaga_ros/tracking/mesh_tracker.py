@@ -162,7 +162,8 @@ class MeshTracker:
         for flt in self._filters.values():
             flt.reset()
         self._box_filter.reset()
-        self._guess = None
+        self._box_unit: float | None = None
+        self._guess: np.ndarray | None = None
 
     @property
     def status(self) -> TrackingState:
@@ -176,7 +177,10 @@ class MeshTracker:
 
     @property
     def last_crop(self) -> HeadCrop | None:
-        """The latest tracked frame's head crop, cut on first access (resizing costs ~10 ms on 2 cores)."""
+        """The latest tracked frame's head crop, cut on first access (resizing costs ~10 ms on 2 cores).
+
+        The tracker keeps a reference to the frame, not a copy: read it before refilling that buffer.
+        """
         if self._last_crop is None and self._last is not None:
             rgb, box, _ = self._last
             self._last_crop = crop_head(rgb, box, self.crop_size, self.crop_scale)
@@ -195,8 +199,9 @@ class MeshTracker:
             return self._lost(t, "no face in view")
         face = faces[0]
         box = head_box(face.points)
-        side = np.sqrt((box[2] - box[0]) * (box[3] - box[1]))
-        box = self._box_filter(box / side, t) * side
+        if self._box_unit is None:  # filter the box in units of its side when tracking began
+            self._box_unit = float(np.sqrt((box[2] - box[0]) * (box[3] - box[1])))
+        box = self._box_filter(box / self._box_unit, t) * self._box_unit
         window = crop_window(box, self.crop_size, self.crop_scale)
         try:
             fit = fit_head(window.to_crop(face.points), self.crop_size, self._guess)

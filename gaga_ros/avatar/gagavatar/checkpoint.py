@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-DEFAULT_PATH = Path("models/GAGAvatar.pt")
+#: models/GAGAvatar.pt in the repository (source checkout).
+DEFAULT_PATH = Path(__file__).resolve().parents[3] / "models" / "GAGAvatar.pt"
 DOWNLOAD_URL = "https://huggingface.co/xg-chu/GAGAvatar/resolve/main/assets/GAGAvatar.pt"
 TRAINING_ONLY_PREFIXES = ("percep_loss.",)
 _HOW_TO_GET = (f"download the published weights (about 750 MB) from {DOWNLOAD_URL} and put them at "
-               f"{DEFAULT_PATH} (relative to the gaga_ros repository), or pass its path explicitly")
+               f"{DEFAULT_PATH} (models/GAGAvatar.pt in the repository), or pass its path")
 
 
 class CheckpointError(ValueError):

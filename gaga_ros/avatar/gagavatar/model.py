@@ -75,8 +75,9 @@ class GAGAvatar(nn.Module):
         self.base_model = FeatureEncoder(cfg)
         self.harmo_encoder = HarmonicEncoding(cfg.harmonics)
         self.head_base = nn.Parameter(torch.randn(FLAME_VERTICES, cfg.vertex_feature_dim) * 0.02)
-        self.gs_generator_g = VertexGaussianGenerator(cfg.vertex_feature_dim + cfg.embed_dim, cfg.vertex_hidden,
-                                                      direction, cfg.head_hidden, channels)
+        self.gs_generator_g = VertexGaussianGenerator(cfg.vertex_feature_dim + cfg.embed_dim,
+                                                      cfg.vertex_hidden, direction, cfg.head_hidden,
+                                                      channels)
         self.gs_generator_l0 = PlaneGaussianGenerator(cfg.fusion_channels + direction, cfg.conv_hidden,
                                                       channels, +1.0)
         self.gs_generator_l1 = PlaneGaussianGenerator(cfg.fusion_channels + direction, cfg.conv_hidden,

@@ -157,7 +157,8 @@ class StyleGANDecoder(nn.Module):
 
 
 def _condition(ch: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(ch, ch, 3, padding=1), nn.LeakyReLU(SLOPE), nn.Conv2d(ch, 2 * ch, 3, padding=1))
+    return nn.Sequential(nn.Conv2d(ch, ch, 3, padding=1), nn.LeakyReLU(SLOPE),
+                         nn.Conv2d(ch, 2 * ch, 3, padding=1))
 
 
 class StyleUNet(nn.Module):
