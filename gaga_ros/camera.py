@@ -25,7 +25,7 @@ class Camera:
 
     @classmethod
     def from_transform(cls, transform: np.ndarray, size: int = CROP_SIZE,
-                       focal: float = FOCAL) -> "Camera":
+                       focal: float = FOCAL) -> Camera:
         """The camera of a GAGAvatar [R | T] (3x4) for a square image of `size` pixels."""
         transform = np.asarray(transform, dtype=np.float64).reshape(3, 4)
         rot, trans = transform[:, :3], transform[:, 3]

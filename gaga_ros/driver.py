@@ -28,13 +28,13 @@ NOD_PITCH = np.radians(12.0)
 TURN_YAW = np.radians(30.0)
 
 
-def _falloff_field(handles: np.ndarray, displacement: np.ndarray,
+def _falloff_field(handles: np.ndarray, displacement: np.ndarray, radius: float = FALLOFF,
                    exclude: np.ndarray | None = None) -> np.ndarray:
     """(478,3) displacement that moves `handles` by `displacement` (K,3) and their surroundings
-    with a Gaussian falloff of FALLOFF; `exclude` vertices stay put."""
+    with a Gaussian falloff of `radius`; `exclude` vertices stay put."""
     v = CANONICAL_VERTICES
     d2 = ((v[:, None] - v[handles][None]) ** 2).sum(-1)
-    w = np.exp(-d2 / (2 * FALLOFF**2))
+    w = np.exp(-d2 / (2 * radius**2))
     field = (w @ displacement) / np.maximum(w.sum(1, keepdims=True), 1e-12)
     field *= w.max(1, keepdims=True)
     if exclude is not None:
@@ -85,7 +85,7 @@ def _blink_field() -> np.ndarray:
             handles.append(idx)
             disp.append(v[lower[k]] - v[idx])
     exclude = np.concatenate([REGIONS[f"{s}_eye_lower"] for s in ("left", "right")])
-    return _falloff_field(np.array(handles), np.array(disp), exclude)
+    return _falloff_field(np.array(handles), np.array(disp), 0.03, exclude)
 
 
 class ScriptedDriver:
@@ -111,11 +111,10 @@ class ScriptedDriver:
     def weights(self, t: float) -> dict[str, float]:
         """Action strengths at time t: jaw (radians), smile, blink in [0,1], pitch, yaw (radians)."""
         t = float(t) % PERIOD
-        start = 0.0
-        for name, duration in SEGMENTS:
-            if t < start + duration:
-                break
-            start += duration
+        ends = np.cumsum([d for _, d in SEGMENTS])
+        k = min(int(np.searchsorted(ends, t, side="right")), len(SEGMENTS) - 1)
+        name, duration = SEGMENTS[k]
+        start = ends[k] - duration
         phase = (t - start) / duration  # 0..1 within the segment
         envelope = np.sin(np.pi * phase) ** 2  # eases in and out, so the loop is seamless
         out = {"jaw": 0.0, "smile": 0.0, "blink": 0.0, "pitch": 0.0, "yaw": 0.0}

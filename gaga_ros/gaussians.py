@@ -39,11 +39,6 @@ class Gaussians:
     def device(self) -> torch.device:
         return self.means.device
 
-    def to(self, device: torch.device | str) -> "Gaussians":
+    def to(self, device: torch.device | str) -> Gaussians:
         return Gaussians(*(t.to(device) for t in (self.means, self.quats, self.scales,
                                                   self.opacities, self.colors)))
-
-    def cat(self, other: "Gaussians") -> "Gaussians":
-        return Gaussians(*(torch.cat([a, b]) for a, b in zip(
-            (self.means, self.quats, self.scales, self.opacities, self.colors),
-            (other.means, other.quats, other.scales, other.opacities, other.colors))))

@@ -245,6 +245,11 @@ class MeshTracker:
         self._state = TrackingState(found, confidence, lost, message)
         return None
 
+    def set_smoothing(self, min_cutoff: float, beta: float, d_cutoff: float) -> None:
+        """Retune the One Euro filters live; the filter state is kept, so motion stays continuous."""
+        for flt in self._filters.values():
+            flt.min_cutoff, flt.beta, flt.d_cutoff = float(min_cutoff), float(beta), float(d_cutoff)
+
     def close(self) -> None:
         """Release mediapipe."""
         self.landmarker.close()

@@ -1,0 +1,62 @@
+"""Base of the lifecycle (managed) nodes: models load on configure, the device is taken on
+activate and released on cleanup; `autostart` brings a node up active without an orchestrator."""
+
+from __future__ import annotations
+
+from rclpy.lifecycle import Node as LifecycleNode
+from rclpy.lifecycle import State, TransitionCallbackReturn
+
+from gaga_ros.nodes.parameters import Param, declare
+
+AUTOSTART = Param("autostart", True, "Configure and activate at start (false: wait for an "
+                  "orchestrator to drive the lifecycle transitions).")
+
+
+class ManagedNode(LifecycleNode):
+    """Subclasses implement configure()/activate()/deactivate()/cleanup(); errors fail the transition."""
+
+    def __init__(self, name: str, params: tuple[Param, ...]) -> None:
+        super().__init__(name)
+        self.p = declare(self, (AUTOSTART, *params))
+        self.active = False
+
+    def start(self) -> None:
+        """Honour `autostart`; call at the end of the subclass constructor."""
+        if self.p["autostart"]:
+            self.trigger_configure()
+            self.trigger_activate()
+
+    def configure(self) -> None: ...
+
+    def activate(self) -> None: ...
+
+    def deactivate(self) -> None: ...
+
+    def cleanup(self) -> None: ...
+
+    def _run(self, step, what: str) -> TransitionCallbackReturn:
+        try:
+            step()
+        except Exception as exc:  # the transition fails with the reason; the node stays up
+            self.get_logger().error(f"{what} failed: {exc}")
+            return TransitionCallbackReturn.FAILURE
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_configure(self, state: State) -> TransitionCallbackReturn:
+        return self._run(self.configure, "configure")
+
+    def on_activate(self, state: State) -> TransitionCallbackReturn:
+        result = self._run(self.activate, "activate")
+        self.active = result == TransitionCallbackReturn.SUCCESS
+        return result
+
+    def on_deactivate(self, state: State) -> TransitionCallbackReturn:
+        self.active = False
+        return self._run(self.deactivate, "deactivate")
+
+    def on_cleanup(self, state: State) -> TransitionCallbackReturn:
+        return self._run(self.cleanup, "cleanup")
+
+    def on_shutdown(self, state: State) -> TransitionCallbackReturn:
+        self.active = False
+        return self._run(self.cleanup, "shutdown")

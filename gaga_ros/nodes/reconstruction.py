@@ -1,0 +1,150 @@
+"""Reconstruction node: a source photo -> a Gaussian avatar on /avatar/model (latched).
+
+The photo comes from the `source_path` parameter at start (built-in astronaut when empty), from
+/avatar/source_image (sensor_msgs/Image) or from the /avatar/set_source service. A photo without a
+usable face is refused with the reason, and the previous avatar keeps serving.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from sensor_msgs.msg import Image
+
+from gaga_ros.avatar.base import Avatar
+from gaga_ros.msg import GaussianAvatar
+from gaga_ros.nodes import qos
+from gaga_ros.nodes.avatar_msg import to_msg
+from gaga_ros.nodes.diagnostics import ERROR, OK, WARN, Diagnostics
+from gaga_ros.nodes.image_msg import from_msg as image_from_msg
+from gaga_ros.nodes.managed import ManagedNode
+from gaga_ros.nodes.parameters import Param
+from gaga_ros.source import default_source, load_image
+from gaga_ros.srv import SetSource
+
+PARAMS = (
+    Param("backend", "geometric", "Avatar backend: geometric (asset-free) or gagavatar."),
+    Param("source_path", "", "Source photo read at start; empty: the built-in astronaut."),
+    Param("source_dir", "", "Folder that photo paths must lie in (empty: the folder of source_path, "
+          "else the working directory). Paths outside it are refused."),
+    Param("device", "cpu", "Device to reconstruct on: cpu, cuda or auto."),
+    Param("grid", 192, "Geometric backend: lifted pixels per side of the head crop.", low=32, high=512),
+)
+
+
+class ReconstructionNode(ManagedNode):
+    """Builds avatars from photos and publishes the current one, reliable and transient-local."""
+
+    def __init__(self) -> None:
+        super().__init__("reconstruction", PARAMS)
+        self.backend = None
+        self.avatar: Avatar | None = None
+        self.error = ""
+        self._lock = threading.Lock()
+        self.pub = self.create_publisher(GaussianAvatar, "/avatar/model", qos.LATCHED)
+        group = MutuallyExclusiveCallbackGroup()
+        self.create_subscription(Image, "/avatar/source_image", self._on_image, 1, callback_group=group)
+        self.create_service(SetSource, "/avatar/set_source", self._on_service, callback_group=group)
+        self.diagnostics = Diagnostics(self, self._report)
+        self.start()
+
+    def source_dir(self) -> Path:
+        if self.p["source_dir"]:
+            return Path(self.p["source_dir"]).expanduser().resolve()
+        if self.p["source_path"]:
+            return Path(self.p["source_path"]).expanduser().resolve().parent
+        return Path.cwd().resolve()
+
+    def confined(self, path: str) -> Path:
+        """`path` resolved inside source_dir; ValueError for anything outside it."""
+        root = self.source_dir()
+        full = (root / Path(path).expanduser()).resolve()
+        if not full.is_relative_to(root):
+            raise ValueError(f"{path!r} lies outside source_dir {root}; photos are only read there")
+        return full
+
+    def configure(self) -> None:
+        device = self.p["device"]
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.p["backend"] == "geometric":
+            from gaga_ros.avatar.geometric import GeometricAvatar
+
+            self.backend = GeometricAvatar(grid=self.p["grid"], device="cpu")
+        else:
+            raise ValueError(f"backend {self.p['backend']!r}: accepted are geometric (gagavatar "
+                             "needs models/GAGAvatar.pt; see README)")
+
+    def activate(self) -> None:
+        if self.avatar is None:
+            photo = (load_image(self.confined(self.p["source_path"])) if self.p["source_path"]
+                     else default_source())
+            self.build(photo, self.p["source_path"] or "built-in astronaut")
+        else:
+            self.publish()
+
+    def cleanup(self) -> None:
+        self.backend = None
+
+    def build(self, rgb: np.ndarray, label: str) -> Avatar:
+        """Reconstruct and publish; on failure raise, keeping the previous avatar."""
+        if self.backend is None:
+            raise RuntimeError("node is not configured")
+        with self._lock:
+            avatar = self.backend.reconstruct(rgb)
+            self.avatar = avatar
+            self.error = ""
+        for note in avatar.warnings:
+            self.get_logger().warning(f"{label}: {note}")
+        self.get_logger().info(f"avatar {avatar.avatar_id} from {label}: {len(avatar)} Gaussians")
+        self.publish()
+        return avatar
+
+    def publish(self) -> None:
+        if self.active and self.avatar is not None:
+            self.pub.publish(to_msg(self.avatar, self.get_clock().now().to_msg()))
+
+    def _try_build(self, load, label: str) -> tuple[bool, str]:
+        try:
+            avatar = self.build(load(), label)
+        except (ValueError, OSError, RuntimeError) as exc:
+            self.error = f"{label}: {exc}"
+            self.get_logger().error(f"{self.error}; keeping the previous avatar")
+            return False, str(exc)
+        return True, f"avatar {avatar.avatar_id} built from {label}"
+
+    def _on_image(self, msg: Image) -> None:
+        self._try_build(lambda: image_from_msg(msg), "/avatar/source_image")
+
+    def _on_service(self, req: SetSource.Request, resp: SetSource.Response) -> SetSource.Response:
+        if req.path:
+            ok, message = self._try_build(lambda: load_image(self.confined(req.path)), req.path)
+        else:
+            ok, message = self._try_build(lambda: image_from_msg(req.image), "service image")
+        resp.success, resp.message = ok, message
+        resp.avatar_id = self.avatar.avatar_id if self.avatar is not None else ""
+        return resp
+
+    def _report(self):
+        values = {"avatar_id": self.avatar.avatar_id if self.avatar else "",
+                  "gaussians": len(self.avatar) if self.avatar else 0}
+        if self.avatar is None:
+            return ERROR, self.error or "no avatar yet", values
+        if self.error:
+            return WARN, f"last source refused: {self.error}", values
+        return OK, "serving avatar", values
+
+
+def main(args: list[str] | None = None) -> None:
+    from gaga_ros.nodes.runtime import spin
+
+    spin(ReconstructionNode, args)
+
+
+if __name__ == "__main__":
+    main()

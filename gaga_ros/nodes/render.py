@@ -1,0 +1,191 @@
+"""Render node: newest /avatar/expression + cached avatar -> /avatar/image (stamp = expression's).
+
+The avatar arrives once on /avatar/model (latched) and stays on the device; per frame only the
+expression moves it. Rendering runs on its own thread over a one-slot mailbox: a slow frame makes
+the next one skip stale expressions instead of queueing them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import cv2
+import numpy as np
+from sensor_msgs.msg import CompressedImage, Image
+
+from gaga_ros.avatar.base import Avatar, AvatarError
+from gaga_ros.expression import Expression, ExpressionError
+from gaga_ros.mailbox import Mailbox
+from gaga_ros.msg import Expression as ExpressionMsg
+from gaga_ros.msg import GaussianAvatar, TrackingStatus
+from gaga_ros.nodes import qos
+from gaga_ros.nodes.avatar_msg import from_msg as avatar_from_msg
+from gaga_ros.nodes.diagnostics import ERROR, OK, WARN, Diagnostics, RateMeter
+from gaga_ros.nodes.expression_msg import from_msg as expression_from_msg
+from gaga_ros.nodes.image_msg import to_msg as image_to_msg
+from gaga_ros.nodes.managed import ManagedNode
+from gaga_ros.nodes.parameters import Param
+
+PARAMS = (
+    Param("device", "auto", "Where the avatar lives and renders: auto (cuda when present), cuda, cpu."),
+    Param("size", 512, "Output image side in pixels.", read_only=False, low=64, high=2048),
+    Param("jpeg_quality", 85, "Quality of /avatar/image/compressed (JPEG).", read_only=False, low=10,
+          high=100),
+    Param("frame_id", "avatar_camera", "frame_id of the published images."),
+)
+
+
+def make_backend(name: str, device: str):
+    """The renderer for avatars made by backend `name`."""
+    if name == "geometric":
+        from gaga_ros.avatar.geometric import GeometricAvatar
+
+        return GeometricAvatar(device=device)
+    raise AvatarError(f"avatar backend {name!r} is not available here: accepted is geometric")
+
+
+class RenderNode(ManagedNode):
+    """Keeps the avatar on the device and renders each newest expression."""
+
+    def __init__(self) -> None:
+        super().__init__("render", PARAMS)
+        self.device = "cpu"
+        self.avatar: Avatar | None = None
+        self.backend = None
+        self.lock = threading.Lock()
+        self.mailbox: Mailbox[Expression] = Mailbox()
+        self.worker: threading.Thread | None = None
+        self.meter = RateMeter()
+        self.rejected = 0
+        self.latency_ms = 0.0
+        self.render_ms = 0.0
+        self.error = ""
+        self.tracking: TrackingStatus | None = None
+        self.pub = self.create_publisher(Image, "/avatar/image", qos.FRAMES)
+        self.pub_jpeg = self.create_publisher(CompressedImage, "/avatar/image/compressed", qos.FRAMES)
+        self.create_subscription(GaussianAvatar, "/avatar/model", self._on_avatar, qos.LATCHED)
+        self.create_subscription(ExpressionMsg, "/avatar/expression", self._on_expression,
+                                 qos.EXPRESSIONS)
+        self.create_subscription(TrackingStatus, "/tracking/status",
+                                 lambda m: setattr(self, "tracking", m), qos.LATCHED)
+        self.diagnostics = Diagnostics(self, self._report)
+        self.start()
+
+    def configure(self) -> None:
+        import torch
+
+        device = self.p["device"]
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device cuda requested but no CUDA device is visible")
+        self.device = device
+
+    def activate(self) -> None:
+        self.mailbox.reopen()
+        self.worker = threading.Thread(target=self._loop, daemon=True)
+        self.worker.start()
+
+    def deactivate(self) -> None:
+        self.mailbox.close()
+        if self.worker is not None:
+            self.worker.join(timeout=5)
+            self.worker = None
+
+    def cleanup(self) -> None:
+        self.deactivate()
+        self.avatar, self.backend = None, None
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def _on_avatar(self, msg: GaussianAvatar) -> None:
+        if self.avatar is not None and self.avatar.avatar_id == msg.avatar_id:
+            return
+        try:
+            avatar = avatar_from_msg(msg, self.device)
+            backend = make_backend(avatar.backend, self.device)
+        except (AvatarError, ValueError) as exc:
+            self.error = f"avatar refused: {exc}"
+            self.get_logger().error(self.error)
+            return
+        with self.lock:
+            self.avatar, self.backend, self.error = avatar, backend, ""
+        self.get_logger().info(f"avatar {avatar.avatar_id} ({avatar.backend}, {len(avatar)} Gaussians) "
+                               f"cached on {self.device}")
+
+    def _on_expression(self, msg: ExpressionMsg) -> None:
+        try:
+            expr = expression_from_msg(msg)
+        except ExpressionError as exc:
+            self.rejected += 1
+            self.get_logger().warning(f"expression rejected: {exc}", throttle_duration_sec=5.0)
+            return
+        self.mailbox.put(expr)
+
+    def _loop(self) -> None:
+        while not self.mailbox.closed:
+            expr = self.mailbox.get()
+            with self.lock:
+                avatar, backend = self.avatar, self.backend
+            if expr is None or avatar is None:
+                continue
+            try:
+                self._render(avatar, backend, expr)
+            except (ExpressionError, ValueError) as exc:
+                self.rejected += 1
+                self.get_logger().warning(f"expression not renderable: {exc}",
+                                          throttle_duration_sec=5.0)
+
+    def _render(self, avatar: Avatar, backend, expr: Expression) -> None:
+        t0 = time.perf_counter()
+        image = backend.render(avatar, expr, size=int(self.get_parameter("size").value))
+        self.render_ms = (time.perf_counter() - t0) * 1e3
+        stamp = self.get_clock().now().to_msg()
+        stamp.sec, stamp.nanosec = divmod(expr.stamp_ns, 1_000_000_000)
+        self.pub.publish(image_to_msg(image, stamp, self.p["frame_id"]))
+        if self.pub_jpeg.get_subscription_count() > 0:
+            self._publish_jpeg(image, stamp)
+        now_ns = self.get_clock().now().nanoseconds
+        self.latency_ms = (now_ns - expr.stamp_ns) / 1e6
+        self.meter.tick()
+
+    def _publish_jpeg(self, image: np.ndarray, stamp) -> None:
+        quality = int(self.get_parameter("jpeg_quality").value)
+        ok, data = cv2.imencode(".jpg", image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
+        if ok:
+            msg = CompressedImage(format="jpeg", data=data.tobytes())
+            msg.header.stamp, msg.header.frame_id = stamp, self.p["frame_id"]
+            self.pub_jpeg.publish(msg)
+
+    def _report(self):
+        values = {"frame_rate": self.meter.rate, "frames": self.meter.count,
+                  "latency_ms": self.latency_ms, "render_ms": self.render_ms,
+                  "dropped_expressions": self.mailbox.dropped, "rejected_expressions": self.rejected,
+                  "device": self.device}
+        if self.device == "cuda":
+            import torch
+
+            values["gpu_memory_mb"] = torch.cuda.memory_allocated() / 2**20
+        if self.tracking is not None:
+            values["face_found"] = self.tracking.face_found
+            values["face_lost_seconds"] = self.tracking.face_lost_seconds
+        if self.error:
+            return ERROR, self.error, values
+        if self.avatar is None:
+            return WARN, "waiting for an avatar on /avatar/model", values
+        if self.tracking is not None and not self.tracking.face_found:
+            return WARN, f"driver: {self.tracking.message}", values
+        return OK, "rendering", values
+
+
+def main(args: list[str] | None = None) -> None:
+    from gaga_ros.nodes.runtime import spin
+
+    spin(RenderNode, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Tracking node: /camera/image_raw -> /avatar/expression (mesh mode) and /tracking/status.
+
+Each expression carries the capture stamp of its camera frame. Tracking runs on a worker over a
+one-slot mailbox, so a slow frame skips stale camera frames instead of queueing them.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from rcl_interfaces.msg import SetParametersResult
+from rclpy.node import Node
+from sensor_msgs.msg import Image
+from std_srvs.srv import Trigger
+
+from gaga_ros.mailbox import Mailbox
+from gaga_ros.msg import Expression as ExpressionMsg
+from gaga_ros.msg import TrackingStatus
+from gaga_ros.nodes import qos
+from gaga_ros.nodes.diagnostics import OK, WARN, Diagnostics, RateMeter
+from gaga_ros.nodes.expression_msg import to_msg as expression_to_msg
+from gaga_ros.nodes.image_msg import ImageMessageError, from_msg
+from gaga_ros.nodes.parameters import Param, declare
+from gaga_ros.tracking.mesh_tracker import MeshTracker
+
+PARAMS = (
+    Param("mode", "mesh", "Face model: mesh (mediapipe, no assets) or flame (needs models/flame)."),
+    Param("min_confidence", 0.5, "Detections below this confidence count as no face.", low=0.0,
+          high=1.0),
+    Param("reference_frames", 15, "Frames averaged into the driver's neutral reference.", low=1,
+          high=300),
+    Param("min_cutoff", 1.5, "One Euro filter: cutoff (Hz) for a still face; lower = steadier.",
+          read_only=False, low=0.01, high=30.0),
+    Param("beta", 3.0, "One Euro filter: how fast the cutoff opens with speed; higher = less lag.",
+          read_only=False, low=0.0, high=100.0),
+    Param("d_cutoff", 1.0, "One Euro filter: cutoff (Hz) of the speed estimate.", read_only=False,
+          low=0.01, high=30.0),
+)
+
+SMOOTHING = ("min_cutoff", "beta", "d_cutoff")
+
+
+class TrackingNode(Node):
+    """Runs the mesh tracker on the newest camera frame."""
+
+    def __init__(self) -> None:
+        super().__init__("tracking")
+        self.p = declare(self, PARAMS)
+        if self.p["mode"] != "mesh":
+            raise ValueError(f"mode {self.p['mode']!r}: accepted is mesh here (flame mode needs the "
+                             "FLAME asset in models/flame; see README, Assets)")
+        self.tracker = self._make_tracker()
+        self.mailbox: Mailbox[Image] = Mailbox()
+        self.meter = RateMeter()
+        self.bad_images = 0
+        self.pub = self.create_publisher(ExpressionMsg, "/avatar/expression", qos.EXPRESSIONS)
+        self.pub_status = self.create_publisher(TrackingStatus, "/tracking/status", qos.LATCHED)
+        self.create_subscription(Image, "/camera/image_raw", self.mailbox.put, qos.FRAMES)
+        self.create_service(Trigger, "/tracking/reset_reference", self._on_reset)
+        self.add_on_set_parameters_callback(self._on_params)
+        self.diagnostics = Diagnostics(self, self._report)
+        self.create_timer(1.0, self._publish_status)
+        self._last_found: bool | None = None
+        self.worker = threading.Thread(target=self._loop, daemon=True)
+        self.worker.start()
+
+    def _make_tracker(self) -> MeshTracker:
+        return MeshTracker(min_cutoff=self.p["min_cutoff"], beta=self.p["beta"],
+                           d_cutoff=self.p["d_cutoff"], reference_frames=self.p["reference_frames"],
+                           min_confidence=self.p["min_confidence"])
+
+    def _on_params(self, params) -> SetParametersResult:
+        changed = {p.name: p.value for p in params if p.name in SMOOTHING}
+        if changed:
+            self.p.update(changed)
+            self.tracker.set_smoothing(**{k: self.p[k] for k in SMOOTHING})
+        return SetParametersResult(successful=True)
+
+    def _on_reset(self, request, response):
+        self.tracker.reset_reference()
+        response.success, response.message = True, "collecting a new neutral reference"
+        return response
+
+    def _loop(self) -> None:
+        while not self.mailbox.closed:
+            msg = self.mailbox.get()
+            if msg is None:
+                continue
+            try:
+                rgb = from_msg(msg)
+            except ImageMessageError as exc:
+                self.bad_images += 1
+                self.get_logger().warning(f"camera image refused: {exc}", throttle_duration_sec=5.0)
+                continue
+            stamp_ns = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+            expr = self.tracker.update(rgb, stamp_ns)
+            if expr is None:
+                self.get_logger().info(f"no face: {self.tracker.status.message}",
+                                       throttle_duration_sec=5.0)
+            else:
+                expr.frame_id = msg.header.frame_id
+                self.pub.publish(expression_to_msg(expr, msg.header.stamp))
+                self.meter.tick()
+            if self.tracker.status.face_found != self._last_found:
+                self._publish_status()
+
+    def _publish_status(self) -> None:
+        s = self.tracker.status
+        self._last_found = s.face_found
+        msg = TrackingStatus(face_found=s.face_found, confidence=float(s.confidence),
+                             face_lost_seconds=float(s.face_lost_seconds), message=s.message)
+        msg.header.stamp = self.get_clock().now().to_msg()
+        self.pub_status.publish(msg)
+
+    def _report(self):
+        s = self.tracker.status
+        values = {"frame_rate": self.meter.rate, "expressions": self.meter.count,
+                  "confidence": s.confidence, "face_lost_seconds": s.face_lost_seconds,
+                  "dropped_frames": self.mailbox.dropped, "refused_images": self.bad_images}
+        if not s.face_found:
+            return WARN, s.message, values
+        return OK, "tracking", values
+
+    def close(self) -> None:
+        self.mailbox.close()
+        self.worker.join(timeout=2)
+        self.tracker.close()
+
+
+def main(args: list[str] | None = None) -> None:
+    from gaga_ros.nodes.runtime import spin
+
+    spin(TrackingNode, args)
+
+
+if __name__ == "__main__":
+    main()
