@@ -34,6 +34,13 @@ class ManagedNode(LifecycleNode):
 
     def cleanup(self) -> None: ...
 
+    def close(self) -> None:
+        """Process exit: stop workers and release the device whatever the lifecycle state."""
+        if self.active:
+            self.active = False
+            self.deactivate()
+        self.cleanup()
+
     def _run(self, step, what: str) -> TransitionCallbackReturn:
         try:
             step()
@@ -46,6 +53,7 @@ class ManagedNode(LifecycleNode):
         return self._run(self.configure, "configure")
 
     def on_activate(self, state: State) -> TransitionCallbackReturn:
+        self.active = True  # activate() may already publish
         result = self._run(self.activate, "activate")
         self.active = result == TransitionCallbackReturn.SUCCESS
         return result
