@@ -126,13 +126,14 @@ class Browser:
             await asyncio.sleep(0.05)
         self.port, path = port_file.read_text().split("\n")[:2]
         self.http = aiohttp.ClientSession()
-        self.session = Session(await self.http.ws_connect(f"ws://127.0.0.1:{self.port}{path}", max_msg_size=0))
+        ws = await self.http.ws_connect(f"ws://127.0.0.1:{self.port}{path}", max_msg_size=0)
+        self.session = Session(ws)
         return self
 
-    async def new_page(self, url: str) -> Page:
-        """Open url in a new window: each is visible, so it renders (background tabs decode but
-        skip requestVideoFrameCallback)."""
-        target = (await self.session.send("Target.createTarget", url=url, newWindow=True))["targetId"]
+    async def new_page(self, url: str, window: bool = True) -> Page:
+        """Open url in a new window (visible, so it renders) or, window=False, a background tab
+        (decodes video but skips painting and requestVideoFrameCallback)."""
+        target = (await self.session.send("Target.createTarget", url=url, newWindow=window))["targetId"]
         ws = await self.http.ws_connect(f"ws://127.0.0.1:{self.port}/devtools/page/{target}", max_msg_size=0)
         return Page(self, target, Session(ws))
 
@@ -146,7 +147,7 @@ class Browser:
         if self.session is not None:
             try:
                 await asyncio.wait_for(self.session.send("Browser.close"), 5)
-            except (CdpError, asyncio.TimeoutError, ConnectionError):
+            except (TimeoutError, CdpError, ConnectionError):
                 pass
             await self.session.close()
         if self.http is not None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import fractions
-import json
 import socket
 import subprocess
 import threading
@@ -20,7 +19,8 @@ from browser import Browser, chromium_path
 from gaga_ros.expression import Expression
 from gaga_ros.stream import FrameError, StreamConfigError, StreamServer, read_code, stamp_code
 
-needs_chromium = pytest.mark.skipif(chromium_path() is None, reason="chromium missing: apt-get install -y chromium")
+needs_chromium = pytest.mark.skipif(chromium_path() is None,
+                                    reason="chromium missing: apt-get install -y chromium")
 
 
 def free_port() -> int:
@@ -75,8 +75,15 @@ async def check_codes(page, pusher: Pusher, at_least: int) -> list[int]:
     codes = [c for c, _ in await page.evaluate("gaga.codes")]
     assert len(codes) >= at_least, f"only {len(codes)} frame codes read back"
     assert set(codes) <= set(pusher.pushed), "decoded picture carries a code that was never pushed"
-    assert all(b > a for a, b in zip(codes, codes[1:])), "frames arrived out of order or repeated"
+    assert all(b > a for a, b in zip(codes, codes[1:], strict=False)), "frames out of order or repeated"
     return codes
+
+
+async def wait_clients(server: StreamServer, n: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while server.clients != n:
+        assert time.monotonic() < deadline, f"{server.clients} viewers connected, expected {n}"
+        await asyncio.sleep(0.2)
 
 
 # -- no browser -------------------------------------------------------------------------------
@@ -226,7 +233,7 @@ def test_viewer_decodes_pushed_frames(codec):
 @needs_chromium
 @pytest.mark.slow
 def test_four_viewers_and_one_killed_does_not_disturb_the_rest():
-    with StreamServer(port=0) as server, Pusher(server) as pusher:
+    with StreamServer(port=0, peer_timeout_s=5) as server, Pusher(server) as pusher:
         async def main():
             async with Browser() as browser, Browser() as lone:
                 pages = [await browser.new_page(server.url + "?codes=1") for _ in range(3)]
@@ -236,21 +243,20 @@ def test_four_viewers_and_one_killed_does_not_disturb_the_rest():
                 assert server.clients == 4
                 # All four share one encode: the server encoded far fewer frames than it sent.
                 stats = server.stats()
-                assert sum(c["frames_sent"] for c in stats["per_client"].values()) > 2 * stats["frames_encoded"]
+                sent = sum(c["frames_sent"] for c in stats["per_client"].values())
+                assert sent > 2 * stats["frames_encoded"], stats
                 lone.kill()  # a crashed viewer: no goodbye on the wire
                 await pages[0].evaluate("0")
                 before = [await decoded(p) for p in pages[:3]]
                 await asyncio.sleep(4)
                 after = [await decoded(p) for p in pages[:3]]
                 # 30 fps pushed; 2 cores run the server and four renderers, so ask for >= 15 fps.
-                assert all(a - b >= 60 for a, b in zip(after, before)), (before, after)
+                assert all(a - b >= 60 for a, b in zip(after, before, strict=True)), (before, after)
                 for page in pages[:3]:
                     await check_codes(page, pusher, 10)
-                await pages[2].close()  # a closed tab leaves cleanly
-                deadline = time.monotonic() + 20
-                while server.clients > 3 and time.monotonic() < deadline:
-                    await asyncio.sleep(0.2)
-                assert server.clients <= 3
+                await wait_clients(server, 3, timeout=20)  # the crashed one stopped reporting
+                await pages[2].close()  # a closed tab says goodbye at once
+                await wait_clients(server, 2, timeout=5)
         asyncio.run(main())
 
 

@@ -326,6 +326,7 @@ class EncodedTrack(MediaStreamTrack):
         super().__init__()
         self.encoder = encoder
         self.frames_sent = 0
+        self.last_sent = 0.0  # wall time of the last packet handed to the sender
         self._last = encoder.encoded  # start at the live edge, never replay the ring
         self._need_keyframe = True
 
@@ -356,6 +357,7 @@ class EncodedTrack(MediaStreamTrack):
     def _sent(self, item: EncodedPacket) -> av.Packet:
         self._last = item.seq
         self.frames_sent += 1
+        self.last_sent = time.time()
         return item.packet
 
     def stop(self) -> None:

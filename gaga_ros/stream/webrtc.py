@@ -58,7 +58,7 @@ def parse_expression(payload: str | bytes | dict) -> Expression:
         try:
             payload = json.loads(payload)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ExpressionError(f"expression is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+            raise ExpressionError(f"expression is not valid JSON: {e}") from None
     if not isinstance(payload, dict):
         raise ExpressionError("expression must be a JSON object with the fields of Expression.msg")
     unknown = sorted(set(payload) - set(EXPRESSION_FIELDS))
@@ -100,6 +100,7 @@ class Client:
     remote: str
     codec: str
     track: EncodedTrack | None = None
+    sender: RTCRtpSender | None = None
     upstream_frames: int = 0
     connected_at: float = field(default_factory=time.time)
 
@@ -125,7 +126,8 @@ class StreamServer:
                  on_upstream_frame: UpstreamCallback | None = None,
                  on_expression: ExpressionCallback | None = None,
                  max_clients: int = 16, max_body_bytes: int = 256 * 1024,
-                 idle_after_s: float = 3.0, keyframe_interval_s: float = 2.0) -> None:
+                 idle_after_s: float = 3.0, keyframe_interval_s: float = 2.0,
+                 peer_timeout_s: float = 10.0) -> None:
         self.codec = codec.upper() if isinstance(codec, str) else codec
         if self.codec not in CODECS:
             raise StreamConfigError(f"codec {codec!r}: accepted are {CODECS}")
@@ -156,6 +158,7 @@ class StreamServer:
         self.on_upstream_frame, self.on_expression = on_upstream_frame, on_expression
         self.max_clients, self.max_body_bytes = max_clients, max_body_bytes
         self.idle_after_s, self.keyframe_interval_s = idle_after_s, keyframe_interval_s
+        self.peer_timeout_s = peer_timeout_s
         self.upstream_dropped = 0
         self._frames = NewestFrame()
         self._clients: dict[str, Client] = {}
@@ -284,9 +287,34 @@ class StreamServer:
         site = web.TCPSite(self._runner, self.host, self._port, ssl_context=ssl_ctx)
         await site.start()
         self._port = site._server.sockets[0].getsockname()[1]
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch_peers())
         log.info("avatar stream at %s", self.url)
 
+    async def _watch_peers(self) -> None:
+        """Drop viewers that vanished without a goodbye (crash, cable, killed tab).
+
+        While it receives video the browser sends RTCP receiver reports about once a second from
+        its network thread (not throttled like page timers); if we kept sending for
+        peer_timeout_s after the last report, the viewer is gone. This is much sooner than ICE
+        consent expiry (30 s), which still covers viewers while the stream is paused (browsers stop
+        reporting a silent stream). Offers that never connect are dropped after 30 s.
+        """
+        while True:
+            await asyncio.sleep(1.0)
+            for client in list(self._clients.values()):
+                if client.pc.connectionState != "connected" or client.track is None:
+                    if time.time() - client.connected_at > 30:
+                        await self._drop(client)
+                    continue
+                reports = [r for r in (await client.sender.getStats()).values()
+                           if r.type == "remote-inbound-rtp"]
+                heard = max([r.timestamp.timestamp() for r in reports], default=client.connected_at)
+                if client.track.last_sent - heard > self.peer_timeout_s:
+                    log.info("viewer %s (%s) stopped reporting: dropped", client.id, client.remote)
+                    await self._drop(client)
+
     async def _shutdown(self) -> None:
+        self._watchdog.cancel()
         await asyncio.gather(*(c.pc.close() for c in list(self._clients.values())),
                              return_exceptions=True)
         self._clients.clear()
@@ -334,7 +362,7 @@ class StreamServer:
         self._clients[client.id] = client
         try:
             answer = await self._negotiate(client, body["sdp"])
-        except (ValueError, OperationError, InvalidAccessError, InvalidStateError) as e:  # bad SDP, no common codec
+        except (ValueError, OperationError, InvalidAccessError, InvalidStateError) as e:  # bad SDP, codec
             await self._drop(client)
             raise web.HTTPBadRequest(text=f"cannot use this offer: {e}") from None
         return web.json_response({"sdp": answer.sdp, "type": answer.type, "id": client.id})
@@ -366,6 +394,7 @@ class StreamServer:
                 self.keyframe_interval_s)
         client.track = enc.subscribe()
         transceiver = pc.addTransceiver(client.track, direction="sendonly")
+        client.sender = transceiver.sender
         caps = RTCRtpSender.getCapabilities("video").codecs
         transceiver.setCodecPreferences([c for c in caps if c.mimeType == f"video/{client.codec}"])
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))

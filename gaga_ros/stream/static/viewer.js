@@ -229,5 +229,7 @@ $('connect').onclick = () => {
   if (gaga.wanted) connect(); else { teardown(); setStatus('disconnected'); }
 };
 $('upstream').onchange = () => { gaga.upstream = $('upstream').checked; connect(); };
+// Leaving the page closes the connection at once (DTLS close), so the server frees the slot now.
+window.addEventListener('pagehide', () => { gaga.wanted = false; teardown(); });
 if (kiosk) document.addEventListener('click', () => document.documentElement.requestFullscreen().catch(() => {}));
 connect();
