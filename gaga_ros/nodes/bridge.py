@@ -1,0 +1,104 @@
+"""WebRTC bridge node: /avatar/image -> browsers and face displays; operator webcam and JSON
+expressions from the page -> ROS topics. The streaming itself lives in gaga_ros.stream."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from rclpy.node import Node
+from sensor_msgs.msg import Image
+
+from gaga_ros.expression import Expression
+from gaga_ros.msg import Expression as ExpressionMsg
+from gaga_ros.nodes import qos
+from gaga_ros.nodes.diagnostics import OK, WARN, Diagnostics, RateMeter
+from gaga_ros.nodes.expression_msg import to_msg as expression_to_msg
+from gaga_ros.nodes.image_msg import ImageMessageError, from_msg, to_msg
+from gaga_ros.nodes.parameters import Param, declare
+from gaga_ros.stream import StreamServer
+
+PARAMS = (
+    Param("host", "127.0.0.1", "Address to listen on. Anything but loopback needs a token."),
+    Param("port", 8080, "TCP port of the viewer and signalling.", low=0, high=65535),
+    Param("token_env", "GAGA_ROS_BRIDGE_TOKEN", "Environment variable holding the token remote "
+          "viewers must present (kept out of parameters so it never shows in `ros2 param`)."),
+    Param("codec", "VP8", "Video codec: VP8 or H264."),
+    Param("bitrate_kbps", 1000, "Target video bitrate.", low=50, high=50000),
+    Param("max_fps", 30.0, "Highest frame rate sent to viewers.", low=1.0, high=120.0),
+    Param("width", 0, "Output width (0: as rendered).", low=0, high=4096),
+    Param("height", 0, "Output height (0: as rendered).", low=0, high=4096),
+    Param("certfile", "", "TLS certificate (PEM); with keyfile the bridge serves HTTPS."),
+    Param("keyfile", "", "TLS private key (PEM)."),
+    Param("ice_servers", [""], "STUN/TURN URLs, e.g. stun:stun.example.org:3478 (empty: none)."),
+    Param("image_topic", "/avatar/image", "Frames to stream."),
+    Param("upstream_topic", "/operator/image_raw", "Where the operator's webcam is republished."),
+)
+
+
+class BridgeNode(Node):
+    """Feeds the newest avatar frame to the stream server and publishes what the page sends back."""
+
+    def __init__(self) -> None:
+        super().__init__("bridge")
+        self.p = declare(self, PARAMS)
+        self.frames_in = RateMeter()
+        self.upstream_in = RateMeter()
+        self.expressions_in = 0
+        self.bad_frames = 0
+        self.pub_upstream = self.create_publisher(Image, self.p["upstream_topic"], qos.FRAMES)
+        self.pub_expr = self.create_publisher(ExpressionMsg, "/avatar/expression", qos.EXPRESSIONS)
+        size = (self.p["width"], self.p["height"]) if self.p["width"] and self.p["height"] else (None,
+                                                                                              None)
+        self.server = StreamServer(
+            host=self.p["host"], port=self.p["port"], token=os.environ.get(self.p["token_env"]) or None,
+            codec=self.p["codec"], bitrate_kbps=self.p["bitrate_kbps"], max_fps=self.p["max_fps"],
+            width=size[0], height=size[1], certfile=self.p["certfile"] or None,
+            keyfile=self.p["keyfile"] or None, ice_servers=[s for s in self.p["ice_servers"] if s],
+            on_upstream_frame=self._on_upstream, on_expression=self._on_expression).start()
+        self.get_logger().info(f"viewer at {self.server.url} (kiosk: {self.server.url}kiosk)")
+        self.create_subscription(Image, self.p["image_topic"], self._on_image, qos.FRAMES)
+        self.diagnostics = Diagnostics(self, self._report)
+
+    def _on_image(self, msg: Image) -> None:
+        try:
+            rgb = from_msg(msg)
+        except ImageMessageError as exc:
+            self.bad_frames += 1
+            self.get_logger().warning(f"frame refused: {exc}", throttle_duration_sec=5.0)
+            return
+        self.server.push_frame(rgb, msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec)
+        self.frames_in.tick()
+
+    def _on_upstream(self, rgb: np.ndarray, stamp_ns: int) -> None:
+        stamp = self.get_clock().now().to_msg()
+        stamp.sec, stamp.nanosec = divmod(stamp_ns, 1_000_000_000)
+        self.pub_upstream.publish(to_msg(rgb, stamp, "operator_camera"))
+        self.upstream_in.tick()
+
+    def _on_expression(self, expr: Expression) -> None:
+        self.pub_expr.publish(expression_to_msg(expr, self.get_clock().now().to_msg()))
+        self.expressions_in += 1
+
+    def _report(self):
+        stats = self.server.stats()
+        values = {"clients": stats["clients"], "frame_rate_in": self.frames_in.rate,
+                  "frames_encoded": stats["frames_encoded"], "encode_ms": stats["encode_ms_mean"],
+                  "upstream_fps": self.upstream_in.rate, "expressions_in": self.expressions_in,
+                  "refused_frames": self.bad_frames}
+        if self.frames_in.rate == 0.0:
+            return WARN, f"no frames on {self.p['image_topic']}", values
+        return OK, f"streaming to {stats['clients']} clients", values
+
+    def close(self) -> None:
+        self.server.stop()
+
+
+def main(args: list[str] | None = None) -> None:
+    from gaga_ros.nodes.runtime import spin
+
+    spin(BridgeNode, args)
+
+
+if __name__ == "__main__":
+    main()
