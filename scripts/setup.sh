@@ -11,7 +11,7 @@ command -v "$PY" >/dev/null || PY=python3
 "$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11), "ROS 2 Jazzy wheels need CPython 3.11"' \
   || { echo "setup: CPython 3.11 is required (the ROS 2 wheels on PyPI are cp311); set PYTHON=" >&2; exit 1; }
 
-stamp_of() { cat requirements.txt CMakeLists.txt package.xml setup.py msg/*.msg srv/*.srv | sha256sum | cut -c1-16; }
+stamp_of() { cat requirements.txt requirements-core.txt CMakeLists.txt package.xml setup.py msg/*.msg srv/*.srv | sha256sum | cut -c1-16; }
 STAMP=$VENV/.gaga_ros_setup
 if [[ -f $STAMP && "$(cat "$STAMP")" == "$(stamp_of)" && -d install ]]; then
   exit 0
