@@ -3,6 +3,8 @@
     gaga-ros demo [--seconds N]                 the built-in demo (CPU, no downloads)
     gaga-ros launch telepresence [arg:=value]   the same graph as telepresence.launch.py
     gaga-ros node <name> [--ros-args ...]       one node (what launch files execute)
+    gaga-ros assets                             which licensed model files are present
+    gaga-ros fetch-assets                       download GAGAvatar weights + FLAME (asks first)
 """
 
 from __future__ import annotations
@@ -131,6 +133,11 @@ def main(argv: list[str] | None = None) -> None:
     lau.add_argument("args", nargs="*", help="launch arguments, name:=value")
     lau.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0: Ctrl-C)")
     sub.add_parser("node", help="run one node: gaga-ros node <name> [--ros-args ...]")
+    for name, text in (("assets", "which licensed model files are present, and what works without"),
+                       ("fetch-assets", "show the FLAME licence, then download the published files")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("--models", default=None, help="models folder (default: ./models or "
+                         "$GAGA_ROS_MODELS)")
     ns = parser.parse_args(argv)
     if ns.command == "demo":
         args = {"record": str(Path(ns.record).resolve()) if ns.record else "", **_launch_args(ns.args)}
@@ -139,6 +146,16 @@ def main(argv: list[str] | None = None) -> None:
         launch("telepresence", args, ns.seconds)
     elif ns.command == "launch":
         launch(ns.graph, _launch_args(ns.args), ns.seconds)
+    elif ns.command in ("assets", "fetch-assets"):
+        from gaga_ros import assets
+
+        try:
+            if ns.command == "assets":
+                print(assets.find_assets(ns.models).explain())
+            else:
+                assets.fetch_assets(ns.models)
+        except (assets.LicenceNotAccepted, assets.DownloadError) as exc:
+            sys.exit(f"gaga-ros {ns.command}: {exc}")
     else:
         parser.error("gaga-ros node <name> [--ros-args ...]")
 
