@@ -9,7 +9,7 @@ and a handful of steps suffices from a warm start.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ import torch
 
 from gaga_ros.config import CAMERA_DISTANCE, CROP_SIZE, FOCAL, MESH_LANDMARKS
 from gaga_ros.faces.flame import Flame, rodrigues
+from gaga_ros.faces.flame_assets import FlameAssets
 
 #: mediapipe FaceMesh indices nearest the 68 iBUG points (contour, brows, nose, eyes, mouth), a widely
 #: used approximate correspondence; then the right and left iris centres for FLAME's two eye landmarks.
@@ -68,6 +69,35 @@ class FlameFit:
     landmark_error_px: float
 
 
+def landmark_submodel(assets: FlameAssets, extra_faces: np.ndarray | None = None, n_shape: int = 300,
+                      n_exp: int = 100) -> Flame:
+    """FLAME reduced to the landmark triangles' vertices, exact for landmarks and ~50x cheaper.
+
+    Joints depend on all vertices, but linearly: J = J_reg v_template + (J_reg shapedirs) beta, so they
+    are carried as 5 extra "vertices" whose template and blend shapes are those products.
+    """
+    lmk = assets.landmarks
+    groups = [] if lmk is None else [lmk.static_faces, lmk.dynamic_faces.ravel(), lmk.full_faces]
+    if extra_faces is not None:
+        groups.append(extra_faces)
+    used = np.unique(assets.faces[np.concatenate(groups)])
+    remap = np.full(assets.v_template.shape[0], -1, np.int64)
+    remap[used] = np.arange(used.size)
+    n, j = used.size, assets.j_regressor.shape[0]
+    joint_template = assets.j_regressor @ assets.v_template
+    joint_dirs = np.einsum("jv,vcl->jcl", assets.j_regressor, assets.shapedirs)
+    weights = np.concatenate([assets.lbs_weights[used], np.eye(j, dtype=np.float32)])
+    reduced = replace(
+        assets, faces=np.where(remap[assets.faces] < 0, 0, remap[assets.faces]),
+        v_template=np.concatenate([assets.v_template[used], joint_template]),
+        shapedirs=np.concatenate([assets.shapedirs[used], joint_dirs]),
+        posedirs=np.concatenate([assets.posedirs[used],
+                                 np.zeros((j, *assets.posedirs.shape[1:]), np.float32)]),
+        j_regressor=np.concatenate([np.zeros((j, n), np.float32), np.eye(j, dtype=np.float32)], 1),
+        lbs_weights=weights, source=f"{assets.source} (landmark vertices)")
+    return Flame(reduced, n_shape=n_shape, n_exp=n_exp)
+
+
 def project(points: torch.Tensor, rotation: torch.Tensor, translation: torch.Tensor) -> torch.Tensor:
     """GAGAvatar camera projection to crop pixels: (B,L,3) world -> (B,L,2), u right, v down."""
     cam = points @ rotation + translation[:, None]
@@ -80,16 +110,17 @@ def project(points: torch.Tensor, rotation: torch.Tensor, translation: torch.Ten
 class FlameFitter:
     """Landmarks of a 512 head crop (B, 478, 2+) -> FlameFit per frame; keeps identity and warm start."""
 
-    def __init__(self, flame: Flame, embedding: MediapipeEmbedding | None = None, n_exp: int = 50,
-                 steps: int = 30, identity_steps: int = 300, lr: float = 0.02) -> None:
+    def __init__(self, assets: FlameAssets, embedding: MediapipeEmbedding | None = None, n_exp: int = 50,
+                 steps: int = 30, identity_steps: int = 300, lr: float = 0.02, device: str = "cpu") -> None:
+        if assets.landmarks is None and embedding is None:
+            raise FitInputError("the FLAME model has no landmark embeddings and no mediapipe embedding "
+                                "was given: use FLAME_with_eye.pt or pass mediapipe_landmark_embedding.npz")
+        flame = landmark_submodel(assets, None if embedding is None else embedding.faces).to(device)
         self.flame = flame
         self.embedding = embedding
         self.n_exp = min(n_exp, flame.n_exp)
         self.steps, self.identity_steps, self.lr = steps, identity_steps, lr
         if embedding is None:
-            if not flame.has_landmarks:
-                raise FitInputError("the FLAME model has no landmark embeddings and no mediapipe embedding "
-                                    "was given: use FLAME_with_eye.pt or pass mediapipe_landmark_embedding.npz")
             with_eyes = flame.lmk_full_faces.shape[0] == 70
             index = MEDIAPIPE_TO_IBUG68 + (MEDIAPIPE_IRIS_CENTRES if with_eyes else ())
             self.mediapipe_index = torch.tensor(index)
@@ -105,7 +136,8 @@ class FlameFitter:
     def _model_landmarks(self, verts: torch.Tensor, head_rot: torch.Tensor) -> torch.Tensor:
         if self.embedding is not None:
             faces = torch.from_numpy(self.embedding.faces).to(verts.device)
-            return self.flame._interpolate(verts, faces, torch.from_numpy(self.embedding.bary).to(verts.device))
+            bary = torch.from_numpy(self.embedding.bary).to(verts.device)
+            return self.flame._interpolate(verts, faces, bary)
         ibug = self.flame.landmarks(verts, "ibug68", global_pose=head_rot.detach())
         if self.mediapipe_index.shape[0] == 70:
             ibug = torch.cat([ibug, self.flame.landmarks(verts, "full")[:, 68:]], dim=1)
@@ -121,7 +153,7 @@ class FlameFitter:
         for _ in range(steps):
             optim.zero_grad()
             pred = self._predict(params)
-            err = ((pred - target) / CROP_SIZE).pow(2).sum(-1).mean()
+            err = (pred - target).pow(2).sum(-1).mean()  # squared crop pixels
             reg = (1e-4 * params["expression"].pow(2).sum() + 1e-4 * params["shape"].pow(2).sum()
                    + 1e-3 * params["eyes"].pow(2).sum() + 1e-3 * params["jaw"].pow(2).sum())
             if not fit_shape:   # stay near the warm start: steadier on a still face
@@ -150,8 +182,9 @@ class FlameFitter:
         if points.ndim == 2:
             points = points[None]
         if points.ndim != 3 or points.shape[1] != MESH_LANDMARKS or points.shape[2] < 2:
-            raise FitInputError(f"landmarks have shape {points.shape}: accepted is (B, {MESH_LANDMARKS}, 2 or 3) "
-                                f"mediapipe pixels on the {CROP_SIZE}x{CROP_SIZE} head crop")
+            raise FitInputError(f"landmarks have shape {points.shape}: accepted is "
+                                f"(B, {MESH_LANDMARKS}, 2 or 3) mediapipe pixels on the "
+                                f"{CROP_SIZE}x{CROP_SIZE} head crop")
         device = self.flame.v_template.device
         target = torch.from_numpy(points[:, :, :2]).to(device)[:, self.mediapipe_index.to(device)]
         batch = target.shape[0]
@@ -165,7 +198,8 @@ class FlameFitter:
         params = {k: v.expand(batch, -1).clone() for k, v in start.items()}
         params["shape"] = self.shape.clone()
         if first:
-            self._solve(target, params, self.identity_steps // 3, fit_shape=False)  # per-frame part first
+            # the per-frame parameters first, then identity with them
+            self._solve(target, params, self.identity_steps // 3, fit_shape=False)
             error = self._solve(target, params, self.identity_steps, fit_shape=True)
             self.shape = params["shape"].detach()
         else:
