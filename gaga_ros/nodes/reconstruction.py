@@ -26,13 +26,32 @@ from gaga_ros.source import default_source, load_image
 from gaga_ros.srv import SetSource
 
 PARAMS = (
-    Param("backend", "geometric", "Avatar backend: geometric (asset-free) or gagavatar."),
+    Param("backend", "auto", "Avatar backend: auto (gagavatar when its weights and FLAME are in "
+          "models_dir, else geometric), geometric (asset-free) or gagavatar."),
+    Param("models_dir", "", "Folder of the licensed model files (empty: $GAGA_ROS_MODELS or ./models)."),
+    Param("gagavatar_config", "full", "GAGAvatar size: full (published) or tiny (tests)."),
     Param("source_path", "", "Source photo read at start; empty: the built-in astronaut."),
     Param("source_dir", "", "Folder that photo paths must lie in (empty: the folder of source_path, "
           "else the working directory). Paths outside it are refused."),
     Param("device", "cpu", "Device to reconstruct on: cpu, cuda or auto."),
     Param("grid", 192, "Geometric backend: lifted pixels per side of the head crop.", low=32, high=512),
 )
+
+
+def choose_backend(requested: str, models_dir: str, logger) -> str:
+    """The backend to use: `auto` takes gagavatar only when its licensed files are present."""
+    from gaga_ros.assets import find_assets
+
+    if requested not in ("auto", "geometric", "gagavatar"):
+        raise ValueError(f"backend {requested!r}: accepted are auto, geometric and gagavatar")
+    if requested != "auto":
+        return requested
+    status = find_assets(models_dir or None)
+    if status.complete:
+        return "gagavatar"
+    logger.info("GAGAvatar weights or FLAME not found, using the geometric backend "
+                "(`gaga-ros assets` explains; `gaga-ros fetch-assets` downloads them)")
+    return "geometric"
 
 
 class ReconstructionNode(ManagedNode):
@@ -72,13 +91,16 @@ class ReconstructionNode(ManagedNode):
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        if self.p["backend"] == "geometric":
+        name = choose_backend(self.p["backend"], self.p["models_dir"], self.get_logger())
+        if name == "geometric":
             from gaga_ros.avatar.geometric import GeometricAvatar
 
             self.backend = GeometricAvatar(grid=self.p["grid"], device="cpu")
         else:
-            raise ValueError(f"backend {self.p['backend']!r}: accepted are geometric (gagavatar "
-                             "needs models/GAGAvatar.pt; see README)")
+            from gaga_ros.avatar.gagavatar.backend import GagaAvatarBackend
+
+            self.backend = GagaAvatarBackend.load(self.p["models_dir"] or None,
+                                                  self.p["gagavatar_config"], device=device)
 
     def activate(self) -> None:
         if self.avatar is None:

@@ -33,16 +33,25 @@ PARAMS = (
     Param("jpeg_quality", 85, "Quality of /avatar/image/compressed (JPEG).", read_only=False, low=10,
           high=100),
     Param("frame_id", "avatar_camera", "frame_id of the published images."),
+    Param("models_dir", "", "Folder of the licensed model files (gagavatar avatars need them)."),
+    Param("gagavatar_config", "full", "GAGAvatar size: full (published) or tiny (tests)."),
 )
 
 
-def make_backend(name: str, device: str):
+def make_backend(name: str, device: str, models_dir: str, config: str):
     """The renderer for avatars made by backend `name`."""
     if name == "geometric":
         from gaga_ros.avatar.geometric import GeometricAvatar
 
         return GeometricAvatar(device=device)
-    raise AvatarError(f"avatar backend {name!r} is not available here: accepted is geometric")
+    if name == "gagavatar":
+        from gaga_ros.avatar.gagavatar.backend import GagaAvatarBackend
+
+        try:
+            return GagaAvatarBackend.load(models_dir or None, config, device=device)
+        except FileNotFoundError as exc:
+            raise AvatarError(f"a gagavatar avatar arrived but {exc}") from None
+    raise AvatarError(f"avatar backend {name!r}: accepted are geometric and gagavatar")
 
 
 class RenderNode(ManagedNode):
@@ -106,7 +115,9 @@ class RenderNode(ManagedNode):
             return
         try:
             avatar = avatar_from_msg(msg, self.device)
-            backend = make_backend(avatar.backend, self.device)
+            backend = (self.backend if self.backend is not None and self.backend.name == avatar.backend
+                       else make_backend(avatar.backend, self.device, self.p["models_dir"],
+                                         self.p["gagavatar_config"]))
         except (AvatarError, ValueError) as exc:
             self.error = f"avatar refused: {exc}"
             self.get_logger().error(self.error)

@@ -1,0 +1,125 @@
+"""The GAGAvatar model behind the AvatarBackend interface that the nodes share.
+
+An avatar of this backend carries the reconstructed source as Gaussian arrays in the model's own
+order: the first 5023 are the expression group (placed on the driven FLAME vertices each frame,
+their neutral means are the source's FLAME mesh), the rest are the lifted local groups, which stay
+fixed in the head frame. `extra` holds the source's FLAME identity (shapecode, float32). Per frame
+only FLAME and the camera change; the encoder never runs again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gaga_ros.assets import find_assets
+from gaga_ros.avatar.base import Avatar, Binding, NoFaceError, content_id
+from gaga_ros.avatar.gagavatar.checkpoint import load_state_dict_strict, read_state_dict
+from gaga_ros.avatar.gagavatar.config import FULL, TINY
+from gaga_ros.avatar.gagavatar.model import GagaFrame, GagaSource, GAGAvatar, source_image
+from gaga_ros.config import CROP_SCALE, CROP_SIZE, FLAME_VERTICES
+from gaga_ros.expression import Expression, ExpressionError, FaceModel
+from gaga_ros.faces.flame import Flame
+from gaga_ros.faces.flame_assets import FlameAssets, load_flame_assets
+from gaga_ros.gaussians import Gaussians
+
+CONFIGS = {"full": FULL, "tiny": TINY}
+
+
+class GagaAvatarBackend:
+    """Photo -> GAGAvatar source (cached on the device); FLAME-mode expression -> refined image."""
+
+    name = "gagavatar"
+
+    def __init__(self, model: GAGAvatar, flame_assets: FlameAssets, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.flame_assets = flame_assets
+        self.flame = Flame(flame_assets).to(self.device)
+        self._landmarker = None
+
+    @classmethod
+    def load(cls, models_dir: str | Path | None = None, config: str = "full", weights: str | Path = "",
+             device: str | torch.device = "cpu") -> GagaAvatarBackend:
+        """Weights and FLAME from the models folder (see `gaga-ros assets`); clear errors if missing."""
+        if config not in CONFIGS:
+            raise ValueError(f"config {config!r}: accepted are {', '.join(CONFIGS)}")
+        status = find_assets(models_dir)
+        weights = Path(weights) if weights else status.gagavatar
+        if weights is None or status.flame is None:
+            raise FileNotFoundError(status.explain())
+        model = GAGAvatar(CONFIGS[config])
+        load_state_dict_strict(model, read_state_dict(weights))
+        return cls(model, load_flame_assets(status.flame, status.flame_landmarks), device)
+
+    # ---- reconstruction -------------------------------------------------------------------------
+
+    def reconstruct(self, rgb: np.ndarray) -> Avatar:
+        """Crop the head, fit FLAME (identity + camera), encode once; NoFaceError without a face."""
+        from gaga_ros.crop import crop_head, head_box
+        from gaga_ros.tracking.flame_fitter import FlameFitter
+        from gaga_ros.tracking.landmarks import FaceLandmarker
+
+        if self._landmarker is None:
+            self._landmarker = FaceLandmarker(static_image_mode=True, max_faces=4)
+        faces = self._landmarker.detect(rgb)
+        if not faces:
+            raise NoFaceError("no face found in the photo; accepted is a photo with one clearly "
+                              "visible face")
+        face = max(faces, key=lambda f: np.ptp(f.points[:, 0]))
+        notes = (f"{len(faces)} faces found; used the largest",) if len(faces) > 1 else ()
+        crop = crop_head(rgb, head_box(face.points[:, :2]), size=CROP_SIZE, scale=CROP_SCALE)
+        fit = FlameFitter(self.flame_assets, device=str(self.device)).fit(crop.to_crop(face.points))[0]
+        transform = np.asarray(fit.transform_matrix, np.float32)
+        image = source_image(crop.image, self.model.cfg.image_size).to(self.device)
+        source = self.model.reconstruct(image, transform)
+        shape = torch.as_tensor(np.asarray(fit.shapecode, np.float32), device=self.device)[None]
+        neutral = self.flame(shape=shape)[0]
+        gaussians = Gaussians(torch.cat([neutral, source.local_means]), source.quats, source.scales,
+                              source.opacities, source.colors)
+        static = Binding(torch.empty(0, dtype=torch.long), torch.empty(0, 3), torch.empty(0))
+        avatar = Avatar(self.name, content_id(crop.image.tobytes() + b"gagavatar"),
+                        gaussians, static, neutral, self.flame.faces.long(), transform,
+                        extra=shape.cpu().numpy().astype(np.float32).tobytes(), warnings=notes)
+        avatar.cache["source"] = source
+        return avatar
+
+    # ---- rendering ------------------------------------------------------------------------------
+
+    def _source(self, avatar: Avatar) -> tuple[GagaSource, torch.Tensor]:
+        cached = avatar.cache.get("gaga")
+        if cached is None:
+            if len(avatar) <= FLAME_VERTICES or avatar.gaussians.colors.shape[1] != 32:
+                raise ValueError(f"avatar {avatar.avatar_id} is not a GAGAvatar source: expected more "
+                                 f"than {FLAME_VERTICES} Gaussians with 32 features")
+            g = avatar.gaussians.to(self.device)
+            source = avatar.cache.get("source") or GagaSource(
+                g.means[FLAME_VERTICES:], g.quats, g.scales, g.opacities, g.colors,
+                torch.as_tensor(avatar.source_transform, device=self.device))
+            shape = torch.from_numpy(np.frombuffer(avatar.extra, np.float32).copy()).to(self.device)
+            cached = avatar.cache["gaga"] = (source, shape[None])
+        return cached
+
+    @torch.no_grad()
+    def frame(self, avatar: Avatar, expression: Expression) -> GagaFrame:
+        """The model's outputs (splat, coarse, refined) for the source's identity with the driver's
+        FLAME expression, jaw, eyes and camera (the driver's shape never enters)."""
+        if expression.face_model is not FaceModel.FLAME:
+            raise ExpressionError("the gagavatar backend renders FLAME-mode expressions; got a mesh-"
+                                  "mode one: use the geometric backend or track in FLAME mode")
+        source, shape = self._source(avatar)
+        t = lambda a: torch.as_tensor(a, device=self.device)[None]  # noqa: E731
+        vertices = self.flame(shape=shape, expression=t(expression.expression_padded(self.flame.n_exp)),
+                              jaw_pose=t(expression.jaw_pose), eye_pose=t(expression.eye_pose))
+        return self.model.render(source, vertices[0], expression.transform)
+
+    def render(self, avatar: Avatar, expression: Expression, size: int = CROP_SIZE) -> np.ndarray:
+        """RGB uint8 (size, size, 3) of the refined frame."""
+        refined = self.frame(avatar, expression).refined
+        if refined.shape[-1] != size:
+            refined = torch.nn.functional.interpolate(refined, size=(size, size), mode="bilinear",
+                                                      antialias=True, align_corners=False)
+        image = (refined[0].clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0)
+        return image.cpu().numpy()
