@@ -24,7 +24,11 @@ from gaga_ros.nodes.parameters import Param, declare
 from gaga_ros.tracking.mesh_tracker import MeshTracker
 
 PARAMS = (
-    Param("mode", "mesh", "Face model: mesh (mediapipe, no assets) or flame (needs models/flame)."),
+    Param("mode", "mesh", "Face model: mesh (mediapipe, no assets) or flame (needs a FLAME model in "
+          "models_dir; see `gaga-ros assets`)."),
+    Param("models_dir", "", "Folder of the licensed model files (empty: $GAGA_ROS_MODELS or ./models)."),
+    Param("flame_steps", 30, "FLAME mode: optimiser steps per frame (more: closer fit, slower).", low=1,
+          high=500),
     Param("min_confidence", 0.5, "Detections below this confidence count as no face.", low=0.0,
           high=1.0),
     Param("reference_frames", 15, "Frames averaged into the driver's neutral reference.", low=1,
@@ -46,9 +50,6 @@ class TrackingNode(Node):
     def __init__(self) -> None:
         super().__init__("tracking")
         self.p = declare(self, PARAMS)
-        if self.p["mode"] != "mesh":
-            raise ValueError(f"mode {self.p['mode']!r}: accepted is mesh here (flame mode needs the "
-                             "FLAME asset in models/flame; see README, Assets)")
         self.tracker = self._make_tracker()
         self.mailbox: Mailbox[Image] = Mailbox()
         self.meter = RateMeter()
@@ -64,7 +65,25 @@ class TrackingNode(Node):
         self.worker = threading.Thread(target=self._loop, daemon=True)
         self.worker.start()
 
-    def _make_tracker(self) -> MeshTracker:
+    def _make_tracker(self):
+        if self.p["mode"] == "flame":
+            import torch
+
+            from gaga_ros.assets import find_assets
+            from gaga_ros.faces.flame_assets import load_flame_assets
+            from gaga_ros.tracking.flame_fitter import MediapipeEmbedding
+            from gaga_ros.tracking.flame_tracker import FlameTracker
+
+            torch.set_num_threads(1)  # a few small solves per frame: threads cost more than they give
+            status = find_assets(self.p["models_dir"] or None)
+            if status.flame is None:
+                raise FileNotFoundError(f"tracking mode flame needs a FLAME model.\n{status.explain()}")
+            embedding = (MediapipeEmbedding.load(status.mediapipe_embedding)
+                         if status.mediapipe_embedding else None)
+            return FlameTracker(load_flame_assets(status.flame, status.flame_landmarks), embedding,
+                                min_confidence=self.p["min_confidence"], steps=self.p["flame_steps"])
+        if self.p["mode"] != "mesh":
+            raise ValueError(f"mode {self.p['mode']!r}: accepted are mesh and flame")
         return MeshTracker(min_cutoff=self.p["min_cutoff"], beta=self.p["beta"],
                            d_cutoff=self.p["d_cutoff"], reference_frames=self.p["reference_frames"],
                            min_confidence=self.p["min_confidence"])

@@ -1,0 +1,80 @@
+"""Camera frames -> FLAME-mode Expressions: mediapipe landmarks on the 1.65x head crop, a FLAME fit
+warm-started from the previous frame, and GAGAvatar_track's smoothing (SPEC section 8)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from gaga_ros.config import CROP_SCALE, CROP_SIZE
+from gaga_ros.crop import crop_window, head_box
+from gaga_ros.expression import Expression, FaceModel
+from gaga_ros.faces.flame_assets import FlameAssets
+from gaga_ros.tracking.flame_fitter import FlameFitter, MediapipeEmbedding
+from gaga_ros.tracking.landmarks import FaceLandmarker
+from gaga_ros.tracking.mesh_tracker import TrackingState
+
+#: EMA weights of the published video tracker: new = a * current + (1 - a) * previous.
+POSE_ALPHA, EYE_ALPHA, BOX_ALPHA = 0.6, 0.7, 0.03
+
+
+def _ema(prev: np.ndarray | None, cur: np.ndarray, alpha: float) -> np.ndarray:
+    return cur if prev is None else alpha * cur + (1 - alpha) * prev
+
+
+def _orthonormal(rot: np.ndarray) -> np.ndarray:
+    """The rotation nearest a smoothed 3x3 (the 6-D smoothing of the published tracker, via SVD)."""
+    u, _, vt = np.linalg.svd(rot)
+    return (u @ np.diag([1, 1, np.linalg.det(u @ vt)]) @ vt).astype(np.float32)
+
+
+class FlameTracker:
+    """Identity held after the first frame (the fitter's); expression, jaw, eyes, pose per frame."""
+
+    def __init__(self, assets: FlameAssets, embedding: MediapipeEmbedding | None = None,
+                 min_confidence: float = 0.5, steps: int = 30, device: str = "cpu") -> None:
+        self.landmarker = FaceLandmarker(static_image_mode=False, max_faces=1, min_confidence=min_confidence)
+        self.fitter = FlameFitter(assets, embedding, steps=steps, device=device)
+        self._box: np.ndarray | None = None
+        self._smooth: dict[str, np.ndarray] = {}
+        self._last_seen: float | None = None
+        self.status = TrackingState(False, 0.0, 0.0, "waiting for the first frame")
+
+    def reset(self) -> None:
+        """A new person: forget the identity and the smoothing state."""
+        self.fitter.reset()
+        self._box, self._smooth = None, {}
+
+    def update(self, rgb: np.ndarray, stamp_ns: int) -> Expression | None:
+        """The FLAME-mode expression of this frame, or None when no face is seen."""
+        now = time.monotonic()
+        faces = self.landmarker.detect(rgb)
+        if not faces:
+            lost = 0.0 if self._last_seen is None else now - self._last_seen
+            self.status = TrackingState(False, 0.0, lost, "no face in view")
+            self._smooth = {}
+            return None
+        face = faces[0]
+        self._last_seen = now
+        self._box = _ema(self._box, head_box(face.points[:, :2]), BOX_ALPHA if self._box is not None else 1)
+        window = crop_window(self._box, CROP_SIZE, CROP_SCALE)
+        fit = self.fitter.fit(window.to_crop(face.points))[0]
+        s = self._smooth
+        s["rot"] = _orthonormal(_ema(s.get("rot"), fit.transform_matrix[:, :3], POSE_ALPHA))
+        s["trans"] = _ema(s.get("trans"), fit.transform_matrix[:, 3], POSE_ALPHA)
+        s["eyes"] = _ema(s.get("eyes"), fit.eyecode, EYE_ALPHA)
+        confidence = float(face.score) / (1.0 + (fit.landmark_error_px / 16.0) ** 2)
+        self.status = TrackingState(True, confidence, 0.0, "tracking")
+        return Expression(FaceModel.FLAME, transform=np.concatenate([s["rot"], s["trans"][:, None]], 1),
+                          stamp_ns=stamp_ns, expression=fit.expcode, jaw_pose=fit.posecode[3:6],
+                          eye_pose=s["eyes"], confidence=min(max(confidence, 0.0), 1.0))
+
+    def set_smoothing(self, **_) -> None:
+        """The published tracker's EMA weights are fixed; One Euro settings apply to mesh mode only."""
+
+    def reset_reference(self) -> None:
+        self.reset()
+
+    def close(self) -> None:
+        self.landmarker.close()
