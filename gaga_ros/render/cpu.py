@@ -8,7 +8,8 @@ sorted lists come from a counting pass and a prefix sum, then per-tile front-to-
 Covariances come from the raw, non-normalised quaternions (see covariance.py).
 
 Geometry (projection, alpha, transmittance) runs in float64 so that threshold decisions are
-reproducible; colours accumulate in float32. A Gaussian only visits the pixels of its own extent
+reproducible; colours accumulate in float32. gsplat's "sigma < 0" skip never fires here: the conic
+is positive definite (eps2d > 0). A Gaussian only visits the pixels of its own extent
 inside a tile, which is exact: outside that extent its alpha is below 1/255 and gsplat skips it too.
 """
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, parallel_chunksize, prange
 
 TILE = 16
 ALPHA_MIN = 1.0 / 255.0
@@ -145,8 +146,9 @@ def composite(xy, conics, radii, opacities, colors, offsets, ids, tiles_x, tiles
         oy = (tile // tiles_x) * TILE
         tw = min(TILE, width - ox)
         th = min(TILE, height - oy)
+        # trans 0 marks a finished pixel; final then holds its last transmittance (> 1e-4).
         trans = np.ones(TILE * TILE)
-        done = np.zeros(TILE * TILE, dtype=np.bool_)
+        final = np.zeros(TILE * TILE)
         acc = np.zeros((TILE * TILE, channels), dtype=np.float32)
         n_done = 0
         for k in range(offsets[tile], offsets[tile + 1]):
@@ -160,6 +162,7 @@ def composite(xy, conics, radii, opacities, colors, offsets, ids, tiles_x, tiles
             # sigma <= log(o / ALPHA_MIN) (the alpha test) can pass: an interval of dx.
             sigma_max = math.log(opacity / ALPHA_MIN) + 1e-9
             step_ratio = math.exp(-ca)
+            inv_ca = 1.0 / ca
             y0 = max(oy, int(math.ceil(my - radii[g, 1] - 0.5)))
             y1 = min(oy + th, int(math.floor(my + radii[g, 1] - 0.5)) + 1)
             for py in range(y0, y1):
@@ -167,8 +170,8 @@ def composite(xy, conics, radii, opacities, colors, offsets, ids, tiles_x, tiles
                 disc = (cb * cb - ca * cc) * dy * dy + 2.0 * ca * sigma_max
                 if disc < 0:
                     continue
-                half = math.sqrt(disc) / ca
-                centre = mx + cb * dy / ca
+                half = math.sqrt(disc) * inv_ca
+                centre = mx + cb * dy * inv_ca
                 x0 = max(ox, int(math.ceil(centre - half - 0.5 - 1e-6)))
                 x1 = min(ox + tw, int(math.floor(centre + half - 0.5 + 1e-6)) + 1)
                 if x0 >= x1:
@@ -184,21 +187,23 @@ def composite(xy, conics, radii, opacities, colors, offsets, ids, tiles_x, tiles
                     a = min(ALPHA_MAX, opacity * gauss)
                     gauss *= step
                     step *= step_ratio
-                    if done[p] or a < ALPHA_MIN:
+                    t = trans[p]
+                    if t == 0.0 or a < ALPHA_MIN:
                         continue
-                    next_t = trans[p] * (1.0 - a)
+                    next_t = t * (1.0 - a)
                     if next_t <= T_MIN:
-                        done[p] = True
+                        final[p] = t
+                        trans[p] = 0.0
                         n_done += 1
                         continue
-                    vis = np.float32(a * trans[p])
+                    vis = np.float32(a * t)
                     for c in range(channels):
                         acc[p, c] += vis * colors[g, c]
                     trans[p] = next_t
         for ly in range(th):
             for lx in range(tw):
                 p = ly * TILE + lx
-                t = trans[p]
+                t = trans[p] if trans[p] > 0.0 else final[p]
                 for c in range(channels):
                     image[oy + ly, ox + lx, c] = acc[p, c] + np.float32(t) * background[c]
                 alpha[oy + ly, ox + lx] = 1.0 - t
@@ -215,6 +220,8 @@ def render(means: np.ndarray, quats: np.ndarray, scales: np.ndarray, opacities: 
     offsets, ids = bin_tiles(xy, depths, radii, tiles_x, tiles_y)
     image = np.empty((height, width, colors.shape[1]), dtype=np.float32)
     alpha = np.empty((height, width), dtype=np.float32)
-    composite(xy, conics, radii, opacities, colors, offsets, ids, tiles_x, tiles_y, background,
-              image, alpha)
+    # Tiles differ widely in cost (face vs. empty border): hand them out a few at a time.
+    with parallel_chunksize(2):
+        composite(xy, conics, radii, opacities, colors, offsets, ids, tiles_x, tiles_y, background,
+                  image, alpha)
     return image, alpha
