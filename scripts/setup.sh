@@ -60,5 +60,15 @@ echo "$ROOT/install/gaga_ros/lib/python3.11/site-packages" > "$SITE/gaga_ros_int
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 "$VENV/bin/python" -c 'import gaga_ros.msg, rclpy' \
   || { echo "setup: the built interfaces do not import" >&2; exit 1; }
+# Compile the CPU rasterizer once now (numba caches it beside the sources) so first use is quick.
+"$VENV/bin/python" - <<'PY'
+import torch
+from gaga_ros.camera import Camera
+from gaga_ros.expression import frontal_transform
+from gaga_ros.gaussians import Gaussians
+from gaga_ros.render import rasterize
+g = Gaussians(torch.zeros(1, 3), torch.tensor([[1.0, 0, 0, 0]]), torch.full((1, 3), 0.1), torch.ones(1), torch.ones(1, 3))
+rasterize(g, Camera.from_transform(frontal_transform(), 32), backend="cpu")
+PY
 stamp_of > "$STAMP"
 echo "setup: done in $((SECONDS - t0)) s (venv $VENV)"
