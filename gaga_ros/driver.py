@@ -37,6 +37,7 @@ def _falloff_field(handles: np.ndarray, displacement: np.ndarray, radius: float 
     w = np.exp(-d2 / (2 * radius**2))
     field = (w @ displacement) / np.maximum(w.sum(1, keepdims=True), 1e-12)
     field *= w.max(1, keepdims=True)
+    field[handles] = displacement
     if exclude is not None:
         field[exclude] = 0.0
     return field.astype(np.float32)

@@ -7,6 +7,8 @@ this reproduces the neutral avatar exactly and keeps far-bound points (hair) fro
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from gaga_ros.avatar.base import CAMERA_FIXED, Avatar, Binding
@@ -92,19 +94,22 @@ def matrix_to_quat(m: torch.Tensor) -> torch.Tensor:
 
 
 class _Rest:
-    """Per-avatar constants of the deformation, built once: barycentric weights as a sparse
-    (N, V) matrix (so anchors are two sparse products) and the neutral frames and areas."""
+    """Per-avatar constants of the deformation, built once: the barycentric weights as a sparse
+    CSR (N, V) matrix (anchors are then sparse products, ~10x faster than gathers on CPU) and the
+    neutral anchors, frames and areas."""
 
     def __init__(self, avatar: Avatar):
         b = avatar.binding
-        bound = b.triangle != CAMERA_FIXED
-        rows = torch.arange(len(b.triangle), device=avatar.device)[bound].repeat_interleave(3)
-        cols = avatar.triangles[b.triangle[bound]].reshape(-1)
-        weights = torch.sparse_coo_tensor(torch.stack([rows, cols]), b.barycentric[bound].reshape(-1),
-                                          (len(b.triangle), len(avatar.neutral_vertices)))
-        self.weights = weights.coalesce().to_sparse_csr()
-        self.triangle = torch.where(bound, b.triangle, 0)
-        self.fixed = ~bound
+        self.fixed = b.triangle == CAMERA_FIXED
+        self.triangle = torch.where(self.fixed, 0, b.triangle)
+        rows = torch.arange(len(b.triangle), device=avatar.device)[~self.fixed].repeat_interleave(3)
+        cols = avatar.triangles[b.triangle[~self.fixed]].reshape(-1)
+        weights = torch.sparse_coo_tensor(torch.stack([rows, cols]), b.barycentric[~self.fixed].reshape(-1),
+                                          (len(b.triangle), len(avatar.neutral_vertices)),
+                                          check_invariants=True).coalesce()
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": it is used plainly here
+            warnings.simplefilter("ignore", UserWarning)
+            self.weights = weights.to_sparse_csr()
         self.offset = b.offset[:, None]
         self.anchor, self.frame, self.area = self.pose(avatar.neutral_vertices, avatar.triangles)
 

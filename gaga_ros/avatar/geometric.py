@@ -32,8 +32,13 @@ HEAD_CENTRE = np.array([0.0, 0.02, -0.02])
 HEAD_RADII = np.array([0.40, 0.62, 0.50])
 MOUTH_COLOUR = (0.16, 0.05, 0.05)
 TEETH_COLOUR = (0.78, 0.75, 0.68)
-#: Depth of the mouth interior and the teeth behind the lips, canonical units.
-MOUTH_DEPTH, TEETH_DEPTH = 0.05, 0.025
+#: How far behind the lips (canonical units) the source's own mouth pixels, the added teeth and
+#: the dark interior sit, front to back: deep enough that mouth corners hide them when lips close.
+SOURCE_MOUTH_DEPTH, TEETH_DEPTH, MOUTH_DEPTH = 0.04, 0.05, 0.07
+#: Seams between the face mesh, the ellipsoid and the torso: the mesh-to-ellipsoid depth step fades
+#: over SEAM_BLEND of the crop; the torso repeats the SEAM_BAND (of the crop) above the chin line,
+#: SEAM_DEPTH (canonical units) further back.
+SEAM_BLEND, SEAM_BAND, SEAM_DEPTH = 0.05, 0.08, 0.3
 #: Darkening of the mirrored back layer, which the source photo never saw.
 BACK_SHADE = 0.8
 
@@ -74,8 +79,8 @@ _OPENINGS = _opening_triangles()
 AVATAR_TRIANGLES = np.concatenate([TRIANGLES.astype(np.int64), _OPENINGS["mouth"],
                                    _OPENINGS["left_eye"], _OPENINGS["right_eye"]])
 _MOUTH = np.arange(len(TRIANGLES), len(TRIANGLES) + len(_OPENINGS["mouth"]))
-_EYES = np.arange(_MOUTH[-1] + 1, len(AVATAR_TRIANGLES))
 _LIPS = np.union1d(REGIONS["lips_upper"], REGIONS["lips_lower"])
+_EYES = np.arange(_MOUTH[-1] + 1, len(AVATAR_TRIANGLES))
 #: Vertices that expressions never move (forehead, temples, upper nose: above the eyes, brows
 #: excluded): hair, ears, neck and the back of the head follow these.
 _MOBILE = np.concatenate([REGIONS[k] for k in ("left_eye_upper", "left_eye_lower", "right_eye_upper",
@@ -91,15 +96,17 @@ def face_size(vertices: np.ndarray) -> float:
 
 
 def rebase_transform(driver: np.ndarray, source: np.ndarray) -> np.ndarray:
-    """Camera that shows the source turned as the driver is turned away from frontal.
+    """Camera that shows the source moved as the driver moved away from frontal_transform().
 
-    Rotation: R = R_driver R_frontal^T R_source (the driver's head rotation applied before the
-    source camera); translation: the source's, since crops re-centre every driving frame anyway.
+    The driver's head rotation D = R_driver R_frontal^T is applied before the source camera
+    (R = D R_source), and its shift from the frontal translation, re-expressed in the source camera,
+    is added to the source's translation; a frontal driver gives the source photo's own camera.
     """
-    frontal = frontal_transform()
-    out = np.array(source, np.float64).reshape(3, 4)
+    frontal = frontal_transform().astype(np.float64)
+    src = np.asarray(source, np.float64).reshape(3, 4)
     d = np.asarray(driver, np.float64).reshape(3, 4)
-    out[:, :3] = d[:, :3] @ frontal[:, :3].T @ out[:, :3]
+    to_source = frontal[:, :3].T @ src[:, :3]
+    out = np.column_stack([d[:, :3] @ to_source, src[:, 3] + (d[:, 3] - frontal[:, 3]) @ to_source])
     return out.astype(np.float32)
 
 
@@ -189,6 +196,8 @@ class GeometricAvatar:
     def scene(self, avatar: Avatar, expression: Expression,
               size: int = CROP_SIZE) -> tuple[Gaussians, Camera]:
         """The deformed Gaussians and the camera that show `avatar` driven by `expression`."""
+        if not 16 <= int(size) <= 4096:
+            raise ValueError(f"render size {size!r}: accepted is 16..4096 pixels per side")
         means, quats, growth = deform(avatar, self.driven_vertices(avatar, expression))
         transform = rebase_transform(expression.transform, avatar.source_transform)
         fixed = avatar.binding.triangle == CAMERA_FIXED
@@ -223,7 +232,7 @@ class _Lifter:
         self.camera = Camera.from_transform(transform, CROP_SIZE)
         rot, trans = transform[:, :3], transform[:, 3]
         self.eye = -trans @ rot.T  # camera centre in the canonical frame
-        scale = face_size(neutral) / face_size(CANONICAL_VERTICES)
+        self.scale = scale = face_size(neutral) / face_size(CANONICAL_VERTICES)
         self.centre = HEAD_CENTRE * scale + neutral[:FACE_LANDMARKS].mean(0) - scale * (
             CANONICAL_VERTICES[:FACE_LANDMARKS].mean(0))
         self.radii = HEAD_RADII * scale
@@ -332,11 +341,14 @@ class _Lifter:
         tri, b = tri_id[ys, xs], bary[ys, xs]
         ell_depth, ell_hit = self._ellipsoid_depth(uv)
         on_mesh = tri >= 0
-        depth = np.where(on_mesh, zbuf[ys, xs], ell_depth)
+        depth = np.where(on_mesh, zbuf[ys, xs], ell_depth + self._seam_correction(
+            tri_id, zbuf, ys, xs, ell_depth))
+        # What the source shows inside its mouth (teeth, tongue) follows the nearest lip, set back
+        # behind the lips so that a closing mouth hides it rather than smearing it over the skin.
+        in_mouth = np.isin(tri, _MOUTH)
+        depth[in_mouth] += SOURCE_MOUTH_DEPTH * self.scale
         points = self._unproject(uv, depth)
         triangle, barycentric = tri.copy(), b.copy()
-        # Lips stay lips: pixels in the mouth opening follow the nearest lip vertex, not the opening.
-        in_mouth = np.isin(tri, _MOUTH)
         if in_mouth.any():
             triangle[in_mouth], barycentric[in_mouth] = self._bind_nearest(points[in_mouth], _LIPS)
         off = ~on_mesh
@@ -348,13 +360,50 @@ class _Lifter:
         triangle[body] = CAMERA_FIXED
         barycentric[body] = 0.0
         sigma = 0.6 * self.pixel * depth / self.focal
+        # Thicken along the view ray where depth changes fast between neighbours (hair and cheeks
+        # seen at a grazing angle), so a turned head shows no gaps between the layers of pixels.
+        image = np.full((g + 2, g + 2), np.nan)
+        image[ys + 1, xs + 1] = depth
+        steps = [np.abs(image[ys + 1 + dy, xs + 1 + dx] - depth)
+                 for dy, dx in ((0, 1), (1, 0), (0, -1), (-1, 0))]
+        step = np.nan_to_num(np.nanmax(np.stack(steps), axis=0), nan=0.0)
+        thickness = np.clip(0.6 * step, 0.5 * sigma, 4 * sigma)
+        hair = off & ~body & (uv[:, 1] < self.camera.project(
+            self.neutral[REGIONS["left_iris"]].astype(np.float32))[:, 1].min())
+        self.hair_colour = (np.median(colours[ys[hair], xs[hair]], axis=0) if hair.sum() > 20
+                            else None)
+        self.face_pixels = tri_id >= 0
         opacity = np.where(on_mesh, 1.0, np.clip((matte[ys, xs] - 0.3) / 0.4, 0, 1)) * 0.99
+        # The neck again, fixed to the torso and set back, so the torso shows no gap
+        # when the head lifts or turns above it.
+        fill = off & ~body & (uv[:, 1] > chin_v - SEAM_BAND * CROP_SIZE)
+        fill_points = self._unproject(uv[fill], depth[fill] + SEAM_DEPTH * self.scale)
+        triangle = np.r_[triangle, np.full(fill.sum(), CAMERA_FIXED)]
+        barycentric = np.r_[barycentric, np.zeros((fill.sum(), 3))]
+        points = np.r_[points, fill_points]
         return {
             "means": points, "quats": self._facing(points),
-            "scales": np.stack([sigma, sigma, 0.5 * sigma], 1), "opacities": opacity,
-            "colors": colours[ys, xs], "triangle": triangle, "barycentric": barycentric,
-            "offset": np.zeros(len(points)),
+            "scales": np.r_[np.stack([sigma, sigma, thickness], 1),
+                            np.stack([sigma[fill]] * 3, 1)],
+            "opacities": np.r_[opacity, opacity[fill]],
+            "colors": np.r_[colours[ys, xs], colours[ys[fill], xs[fill]]], "triangle": triangle,
+            "barycentric": barycentric, "offset": np.zeros(len(points)),
         }
+
+    def _seam_correction(self, tri_id: np.ndarray, zbuf: np.ndarray, ys: np.ndarray, xs: np.ndarray,
+                         ell_depth: np.ndarray) -> np.ndarray:
+        """Depth offsets for off-mesh pixels that make the ellipsoid meet the mesh edge: the
+        mesh-to-ellipsoid step at the nearest mesh pixel, fading out over SEAM_BLEND of the crop."""
+        from scipy import ndimage
+
+        g = self.grid
+        ell = np.zeros((g, g))
+        ell[ys, xs] = ell_depth
+        mesh = tri_id >= 0
+        step = np.where(mesh, zbuf - ell, 0.0)
+        dist, (iy, ix) = ndimage.distance_transform_edt(~mesh, return_indices=True)
+        fade = np.exp(-((dist / (SEAM_BLEND * g)) ** 2))
+        return (step[iy, ix] * fade)[ys, xs]
 
     def back(self) -> dict[str, np.ndarray]:
         """Backward lift: the ellipsoid's far half, coloured by mirroring the front through the
@@ -378,11 +427,16 @@ class _Lifter:
         keep = self.matte[px[:, 1], px[:, 0]] > 0.5
         points, px = points[keep], px[keep]
         blurred = cv2.GaussianBlur(self.crop, (0, 0), 6) / 255.0
+        colours = blurred[px[:, 1], px[:, 0]]
+        if self.hair_colour is not None:  # a face seen from behind is hair, not a mirrored face
+            g = self.grid
+            on_face = self.face_pixels[(px[:, 1] * g) // CROP_SIZE, (px[:, 0] * g) // CROP_SIZE]
+            colours[on_face] = self.hair_colour
         triangle, barycentric = self._bind_nearest(points, _STEADY)
         sigma = np.full(len(points), 0.75 * spacing)
         return {
             "means": points, "quats": self._facing(points), "scales": np.stack([sigma] * 3, 1),
-            "opacities": np.full(len(points), 0.99), "colors": blurred[px[:, 1], px[:, 0]] * BACK_SHADE,
+            "opacities": np.full(len(points), 0.99), "colors": colours * BACK_SHADE,
             "triangle": triangle, "barycentric": barycentric, "offset": np.zeros(len(points)),
         }
 
@@ -399,14 +453,18 @@ class _Lifter:
             rows.append((np.full(len(grid), f), grid, weight_up))
         triangle = np.concatenate([r[0] for r in rows])
         barycentric = np.concatenate([r[1] for r in rows])
-        teeth = np.concatenate([r[2] for r in rows]) > 0.8
+        teeth = np.concatenate([r[2] for r in rows]) > 0.9
         colours = np.where(teeth[:, None], TEETH_COLOUR, MOUTH_COLOUR)
         scale = face_size(self.neutral) / face_size(CANONICAL_VERTICES)
-        offset = -np.where(teeth, TEETH_DEPTH, MOUTH_DEPTH) * scale
-        verts = torch.from_numpy(self.neutral)
+        offset = np.zeros(len(triangle))
         binding = Binding(torch.from_numpy(triangle), torch.from_numpy(barycentric),
                           torch.from_numpy(offset))
-        points = anchors(verts, torch.from_numpy(AVATAR_TRIANGLES), binding).numpy()
+        on_opening = anchors(torch.from_numpy(self.neutral), torch.from_numpy(AVATAR_TRIANGLES),
+                             binding).numpy()
+        # Set back along the head's -z, not the opening's normal: a pinched mouth folds the
+        # opening triangles, and a normal offset would then push the interior out past the lips.
+        depth = np.where(teeth, TEETH_DEPTH, MOUTH_DEPTH) * scale
+        points = on_opening - depth[:, None] * np.array([0.0, 0.0, 1.0])
         sigma = np.full(len(points), 0.012 * scale)
         return {
             "means": points, "quats": self._facing(points), "scales": np.stack([sigma] * 3, 1),

@@ -1,0 +1,291 @@
+"""The geometric avatar on real photos: real mediapipe, real mesh fit, the real CPU rasterizer."""
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from scipy.spatial import procrustes
+from skimage.metrics import peak_signal_noise_ratio
+
+from gaga_ros.avatar.base import CAMERA_FIXED, Avatar, AvatarError, NoFaceError
+from gaga_ros.avatar.deform import deform, quat_to_matrix
+from gaga_ros.avatar.geometric import AVATAR_TRIANGLES, GeometricAvatar, rebase_transform
+from gaga_ros.camera import Camera
+from gaga_ros.crop import crop_head, head_box
+from gaga_ros.driver import JAW_OPEN, ScriptedDriver
+from gaga_ros.expression import Expression, ExpressionError, FaceModel, frontal_transform
+from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES, FACE_LANDMARKS, REGIONS, TRIANGLES
+from gaga_ros.source import default_source
+from gaga_ros.tracking.landmarks import FaceLandmarker
+from gaga_ros.tracking.mesh_tracker import MeshTracker, fit_head
+
+SIZE = 256
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Small torch ops thrash with several OpenMP threads on a busy 2-core machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return GeometricAvatar(raster_backend="cpu")
+
+
+@pytest.fixture(scope="module")
+def avatar(backend):
+    return backend.reconstruct(default_source())
+
+
+@pytest.fixture(scope="module")
+def landmarker():
+    with FaceLandmarker(static_image_mode=True) as lm:
+        yield lm
+
+
+def neutral() -> Expression:
+    return Expression(FaceModel.MESH, vertices=CANONICAL_VERTICES)
+
+
+def region_mask(avatar: Avatar, indices: np.ndarray, size: int = SIZE, grow: int = 0) -> np.ndarray:
+    """Pixels inside the convex hull of the source's landmarks `indices`, seen from its camera."""
+    xy = Camera.from_transform(avatar.source_transform, size).project(
+        avatar.neutral_vertices.numpy()[indices])
+    mask = np.zeros((size, size), np.uint8)
+    cv2.fillConvexPoly(mask, cv2.convexHull(xy.astype(np.int32)), 1)
+    if grow:
+        mask = cv2.dilate(mask, np.ones((2 * grow + 1, 2 * grow + 1), np.uint8))
+    return mask.astype(bool)
+
+
+def face_shape(landmarker: FaceLandmarker, rgb: np.ndarray) -> np.ndarray:
+    """The face's 468 landmarks in the canonical frame (pose removed) from a fresh detection."""
+    faces = landmarker.detect(rgb)
+    assert faces, "mediapipe found no face in the image"
+    crop = crop_head(rgb, head_box(faces[0].points[:, :2]))
+    return fit_head(crop.to_crop(faces[0].points).astype(np.float32)).canonical_points[:FACE_LANDMARKS]
+
+
+def test_avatar_shape_and_budget(avatar):
+    # ~30-40k Gaussians keeps the CPU rasterizer interactive at 256x256.
+    assert 15_000 <= len(avatar) <= 45_000
+    assert avatar.neutral_vertices.shape == (478, 3)
+    assert avatar.triangles.shape[0] > len(TRIANGLES)  # mouth and eye openings added
+    assert torch.isfinite(avatar.gaussians.means).all()
+    assert avatar.backend == "geometric" and len(avatar.avatar_id) == 16
+
+
+def test_neutral_expression_reproduces_source_crop(backend, avatar):
+    image = default_source()
+    faces = FaceLandmarker(static_image_mode=True).detect(image)
+    crop = crop_head(image, head_box(faces[0].points[:, :2]))
+    target = cv2.resize(crop.image, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
+    render = backend.render(avatar, neutral(), SIZE)
+    face = region_mask(avatar, REGIONS["face_oval"])
+    score = peak_signal_noise_ratio(target[face], render[face])
+    # 27 dB (RMS error ~11/255): the splats blur like a ~1 px Gaussian at this size (measured
+    # 29 dB); any misregistration of the lift costs more, as the shifted copy below shows.
+    assert score >= 27.0
+    shifted = np.roll(render, 3, axis=1)
+    assert peak_signal_noise_ratio(target[face], shifted[face]) < score - 2.0
+
+
+def test_open_mouth_moves_mouth_not_eyes(backend, avatar):
+    driver = ScriptedDriver()
+    base = backend.render(avatar, neutral(), SIZE).astype(np.float64)
+    open_mouth = Expression(FaceModel.MESH, vertices=CANONICAL_VERTICES + JAW_OPEN * driver._jaw)
+    moved = backend.render(avatar, open_mouth, SIZE).astype(np.float64)
+    diff = np.abs(moved - base).mean(2)
+    mouth = region_mask(avatar, REGIONS["mouth_inner"], grow=4)
+    eyes = region_mask(avatar, np.r_[REGIONS["left_eye_upper"], REGIONS["left_eye_lower"]], grow=3) | \
+        region_mask(avatar, np.r_[REGIONS["right_eye_upper"], REGIONS["right_eye_lower"]], grow=3)
+    assert diff[mouth].mean() > 25.0  # the dark interior and the teeth show
+    assert diff[eyes].mean() < 3.0
+    # The interior is dark where the lips parted.
+    assert moved[mouth].mean() < base[mouth].mean() - 20
+
+
+def test_closed_eyes_cover_the_eyes(backend, avatar):
+    driver = ScriptedDriver()
+    closed = Expression(FaceModel.MESH, vertices=CANONICAL_VERTICES + driver._blink)
+    base = backend.render(avatar, neutral(), SIZE).astype(np.float64)
+    blink = backend.render(avatar, closed, SIZE).astype(np.float64)
+    iris = (region_mask(avatar, REGIONS["left_iris"], grow=1)
+            | region_mask(avatar, REGIONS["right_iris"], grow=1))
+    skin = region_mask(avatar, [9, 8, 168])  # between the brows
+    # The dark iris gives way to lid skin: closer to the skin colour than before.
+    before = np.abs(base[iris].mean(0) - base[skin].mean(0)).mean()
+    after = np.abs(blink[iris].mean(0) - base[skin].mean(0)).mean()
+    assert after < 0.6 * before
+
+
+def test_cross_identity_keeps_source_shape(backend, avatar, landmarker, media_dir):
+    """Obama drives the astronaut: the render keeps her face shape, not his."""
+    cap = cv2.VideoCapture(str(media_dir / "obama.mp4"))
+    tracker = MeshTracker(reference_frames=5)
+    source_shape = face_shape(landmarker, default_source())
+    checked = 0
+    for i in range(60):
+        ok, frame = cap.read()
+        assert ok, "obama.mp4 ended early"
+        rgb = np.ascontiguousarray(frame[:, :, ::-1])
+        expression = tracker.update(rgb, int(i * 1e9 / 30))
+        if expression is None or not tracker.reference_ready or i % 15:
+            continue
+        driver_shape = face_shape(landmarker, rgb)
+        render_shape = face_shape(landmarker, backend.render(avatar, expression, 512))
+        to_source = procrustes(source_shape, render_shape)[2]
+        to_driver = procrustes(driver_shape, render_shape)[2]
+        assert to_source < to_driver, f"frame {i}: render closer to the driver's face shape"
+        checked += 1
+    tracker.close()
+    assert checked >= 3
+
+
+def test_frontal_driver_gives_source_camera(avatar):
+    np.testing.assert_allclose(rebase_transform(frontal_transform(), avatar.source_transform),
+                               avatar.source_transform, atol=1e-5)
+    turned = ScriptedDriver().expression_at(10.75)  # mid-turn
+    moved = rebase_transform(turned.transform, avatar.source_transform)
+    angle = np.degrees(np.arccos((np.trace(moved[:, :3] @ avatar.source_transform[:, :3].T) - 1) / 2))
+    yaw = np.degrees(np.arccos((np.trace(turned.transform[:, :3] @ frontal_transform()[:, :3].T) - 1) / 2))
+    assert angle == pytest.approx(yaw, abs=0.1) and yaw > 10
+
+
+def test_arrays_round_trip(backend, avatar):
+    arrays = avatar.to_arrays()
+    n = arrays["num_gaussians"]
+    assert arrays["means"].dtype == np.float32 and arrays["means"].shape == (3 * n,)
+    assert arrays["binding_triangle"].dtype == np.uint32 and arrays["triangles"].dtype == np.uint32
+    assert arrays["feature_dim"] == 3 and arrays["features"].shape == (3 * n,)
+    assert (arrays["binding_triangle"] == CAMERA_FIXED).any()  # the torso stays in place
+    back = Avatar.from_arrays(arrays)
+    for key, value in back.to_arrays().items():
+        if isinstance(value, np.ndarray):
+            np.testing.assert_array_equal(value, arrays[key], err_msg=key)
+        else:
+            assert value == arrays[key]
+    expression = ScriptedDriver().expression_at(1.3)
+    np.testing.assert_array_equal(backend.render(back, expression, 64),
+                                  backend.render(avatar, expression, 64))
+    broken = dict(arrays, means=arrays["means"][:-3])
+    with pytest.raises(AvatarError, match="means"):
+        Avatar.from_arrays(broken)
+    with pytest.raises(AvatarError, match="triangle"):
+        Avatar.from_arrays(dict(arrays, binding_triangle=np.full(n, 10**6, np.uint32)))
+
+
+def test_photo_without_face_raises(backend):
+    from skimage import data
+
+    with pytest.raises(NoFaceError, match="no face"):
+        backend.reconstruct(data.coffee())
+    tiny = cv2.resize(default_source(), (48, 48), interpolation=cv2.INTER_AREA)
+    with pytest.raises(NoFaceError):
+        backend.reconstruct(tiny)
+    with pytest.raises(ValueError, match="uint8"):
+        backend.reconstruct(default_source().astype(np.float32))
+
+
+def test_bad_render_requests_are_refused(backend, avatar):
+    with pytest.raises(ExpressionError, match="MESH"):
+        backend.render(avatar, Expression(FaceModel.FLAME), 64)
+    with pytest.raises(ValueError, match="render size"):
+        backend.render(avatar, neutral(), 0)
+
+
+def test_gaussians_follow_their_triangles(avatar):
+    verts = avatar.neutral_vertices
+    means0, quats0, growth0 = deform(avatar, verts)
+    torch.testing.assert_close(means0, avatar.gaussians.means)
+    assert torch.allclose(growth0, torch.ones_like(growth0))
+    # A rigid motion of the whole mesh moves and turns surface Gaussians rigidly.
+    angle = np.radians(20)
+    rot = torch.tensor([[np.cos(angle), 0, np.sin(angle)], [0, 1, 0], [-np.sin(angle), 0, np.cos(angle)]],
+                       dtype=torch.float32)
+    shift = torch.tensor([0.1, -0.2, 0.05])
+    means, quats, growth = deform(avatar, verts @ rot.T + shift)
+    b = avatar.binding
+    on_face = (b.triangle < len(TRIANGLES)) & (b.barycentric.min(1).values > 0.01)
+    assert on_face.sum() > 5000
+    expected = avatar.gaussians.means[on_face] @ rot.T + shift
+    assert (means[on_face] - expected).norm(dim=1).max() < 2e-3
+    turned = quat_to_matrix(quats[on_face])
+    torch.testing.assert_close(turned, rot @ quat_to_matrix(avatar.gaussians.quats[on_face]),
+                               atol=2e-3, rtol=0)
+    assert torch.allclose(growth[on_face], torch.ones(int(on_face.sum())), atol=1e-3)
+    # Moving one vertex drags the Gaussians bound near it along, and leaves far ones alone.
+    vertex = int(REGIONS["lips_lower"][0])
+    moved = verts.clone()
+    moved[vertex, 1] -= 0.05
+    means, _, _ = deform(avatar, moved)
+    tri = torch.from_numpy(AVATAR_TRIANGLES)[b.triangle.clamp(max=len(AVATAR_TRIANGLES) - 1)]
+    weight = ((tri == vertex) * b.barycentric).sum(1)
+    weight[b.triangle == CAMERA_FIXED] = 0
+    flat = b.offset == 0  # offset Gaussians (mouth interior) also follow the turning normal
+    dy = means[:, 1] - avatar.gaussians.means[:, 1]
+    torch.testing.assert_close(dy[flat], -0.05 * weight[flat], atol=1e-4, rtol=0)
+    assert (weight > 0.5).sum() > 10
+
+
+def test_load_image_reads_and_refuses(tmp_path):
+    from PIL import Image
+
+    from gaga_ros.source import ImageError, load_image
+
+    photo = default_source()
+    Image.fromarray(photo).save(tmp_path / "a.png")
+    np.testing.assert_array_equal(load_image(tmp_path / "a.png"), photo)
+    Image.fromarray(photo).save(tmp_path / "a.jpg", quality=95)
+    jpg = load_image(tmp_path / "a.jpg")
+    assert jpg.shape == photo.shape and np.abs(jpg.astype(int) - photo).mean() < 4
+    with pytest.raises(ImageError, match="no such"):
+        load_image(tmp_path / "missing.png")
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(ImageError, match="not a readable image"):
+        load_image(tmp_path / "text.png")
+    data = (tmp_path / "a.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError, match="truncated"):
+        load_image(tmp_path / "cut.jpg")
+    # A bomb: a PNG whose header declares 100000 x 100000 pixels is refused before decoding.
+    (tmp_path / "bomb.png").write_bytes(png_header(100_000, 100_000))
+    with pytest.raises(ImageError, match="exceeds|not a readable"):
+        load_image(tmp_path / "bomb.png")
+    with pytest.raises(ImageError, match="exceeds"):
+        load_image(tmp_path / "a.png", max_pixels=512 * 511)
+    Image.fromarray(photo).save(tmp_path / "a.gif")
+    with pytest.raises(ImageError, match="not supported"):
+        load_image(tmp_path / "a.gif")
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG signature, an IHDR declaring width x height grey pixels, a tiny IDAT and IEND."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
+
+
+@pytest.mark.gpu
+def test_gpu_render_matches_cpu(avatar):
+    """The same avatar on CUDA (gsplat) renders what the CPU rasterizer renders."""
+    gpu = GeometricAvatar(device="cuda", raster_backend="gsplat")
+    cpu = GeometricAvatar(raster_backend="cpu")
+    expression = ScriptedDriver().expression_at(10.7)  # turned and speaking
+    on_gpu = avatar.to("cuda")
+    a = gpu.render(on_gpu, expression, SIZE)
+    b = cpu.render(avatar, expression, SIZE)
+    assert peak_signal_noise_ratio(b, a) > 35.0
+    rebuilt = gpu.reconstruct(default_source())
+    assert rebuilt.device.type == "cuda" and rebuilt.avatar_id == avatar.avatar_id
+
