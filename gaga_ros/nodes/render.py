@@ -89,6 +89,9 @@ class RenderNode(ManagedNode):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device cuda requested but no CUDA device is visible")
+        if device == "cpu":
+            # The per-frame torch work is many small ops: extra threads only contend with numba's.
+            torch.set_num_threads(1)
         self.device = device
 
     def activate(self) -> None:
