@@ -3,6 +3,7 @@
     gaga-ros demo [--seconds N]                 the built-in demo (CPU, no downloads)
     gaga-ros launch telepresence [arg:=value]   the same graph as telepresence.launch.py
     gaga-ros node <name> [--ros-args ...]       one node (what launch files execute)
+    gaga-ros launch replay path:=rec.mcap       drive the avatar from a recording (record:=rec.mcap)
     gaga-ros assets                             which licensed model files are present
     gaga-ros fetch-assets                       download GAGAvatar weights + FLAME (asks first)
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-NODES = ("capture", "tracking", "reconstruction", "render", "bridge", "driver", "recorder")
+NODES = ("capture", "tracking", "reconstruction", "render", "bridge", "driver", "recorder", "bag")
 
 
 def run_node(name: str, ros_args: list[str]) -> None:
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0: Ctrl-C)")
     demo.add_argument("--record", default="out/demo.mp4", help="mp4 of /avatar/image ('' to skip)")
     demo.add_argument("args", nargs="*", help="more launch arguments, name:=value")
-    lau = sub.add_parser("launch", help="start a graph: telepresence or capture")
+    lau = sub.add_parser("launch", help="start a graph: telepresence, replay or capture")
     lau.add_argument("graph")
     lau.add_argument("args", nargs="*", help="launch arguments, name:=value")
     lau.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0: Ctrl-C)")

@@ -31,7 +31,8 @@ ARGUMENTS = {
     "video": ("", "Video file for driver:=video."),
     "camera": ("0", "Webcam device index for driver:=webcam."),
     "source": ("", "Source photo (inside the reconstruction node's source_dir); empty: built-in."),
-    "record": ("", "Write /avatar/image to this mp4 file as well (empty: do not record)."),
+    "record": ("", "Record as well: an .mp4 gets /avatar/image as video, an .mcap gets the expression "
+               "and image topics for ROS 2 tools, Foxglove and replay (empty: do not record)."),
     "bridge": ("true", "Start the WebRTC bridge."),
 }
 
@@ -78,7 +79,9 @@ def telepresence(args: dict[str, str] | None = None) -> list[NodeSpec]:
     recon = {"source_path": a["source"]} if a["source"] else {}
     nodes.append(NodeSpec("reconstruction", "reconstruction", recon, lifecycle=True))
     nodes.append(NodeSpec("render", "render", lifecycle=True))
-    if a["record"]:
+    if a["record"].endswith(".mcap"):
+        nodes.append(NodeSpec("bag", "bag", {"mode": "record", "path": a["record"]}))
+    elif a["record"]:
         nodes.append(NodeSpec("recorder", "recorder", {"path": a["record"]}))
     if a["bridge"].lower() in ("1", "true", "yes"):
         nodes.append(NodeSpec("bridge", "bridge"))
@@ -91,4 +94,18 @@ def capture_only(args: dict[str, str] | None = None) -> list[NodeSpec]:
     return [NodeSpec("capture", "capture", {"source": a["source"]})]
 
 
-GRAPHS = {"telepresence": telepresence, "capture": capture_only}
+def replay(args: dict[str, str] | None = None) -> list[NodeSpec]:
+    """Drive the avatar from an MCAP recording at its original timing (path:=, rate:=, loop:=)."""
+    a = {"path": "", "rate": "1.0", "loop": "false", "bridge": "true", **(args or {})}
+    if not a["path"]:
+        raise ValueError("replay needs path:=<recording.mcap>")
+    bag = {"mode": "replay", "path": a["path"], "rate": float(a["rate"]),
+           "loop": a["loop"].lower() in ("1", "true", "yes"), "topics": ["/avatar/expression"]}
+    nodes = [NodeSpec("bag", "bag", bag), NodeSpec("reconstruction", "reconstruction", lifecycle=True),
+             NodeSpec("render", "render", lifecycle=True)]
+    if a["bridge"].lower() in ("1", "true", "yes"):
+        nodes.append(NodeSpec("bridge", "bridge"))
+    return nodes
+
+
+GRAPHS = {"telepresence": telepresence, "capture": capture_only, "replay": replay}

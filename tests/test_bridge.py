@@ -34,7 +34,8 @@ def test_browser_decodes_avatar_stream_from_graph(ros_node, tmp_path):
     ros_node.create_subscription(ExpressionMsg, "/avatar/expression", expressions.append,
                                  qos.EXPRESSIONS)
     graph = subprocess.Popen([sys.executable, "-m", "gaga_ros.cli", "launch", "telepresence",
-                              "record:=", "bridge:=false"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              "record:=", "bridge:=false"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     bridge = subprocess.Popen([sys.executable, "-m", "gaga_ros.cli", "node", "bridge", "--ros-args",
                                "--params-file", str(params), "-r", "__node:=bridge"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -54,8 +55,8 @@ def test_browser_decodes_avatar_stream_from_graph(ros_node, tmp_path):
                 page = await browser.new_page(url)
                 await page.wait_for("gaga.stats.framesDecoded >= 30", timeout=180)
                 mean = await page.evaluate("gaga.meanColor()")
-                async with http.post(url + "expression", json={"face_model": 0, "jaw_pose": [0.2, 0, 0],
-                                                               "confidence": 1.0}) as r:
+                body = {"face_model": 0, "jaw_pose": [0.2, 0, 0], "confidence": 1.0}
+                async with http.post(url + "expression", json=body) as r:
                     assert r.status == 200, await r.text()
                 return mean
 

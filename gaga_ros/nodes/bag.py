@@ -1,0 +1,201 @@
+"""Bag node: record avatar topics to MCAP (mode record) or drive the avatar from one (mode replay).
+
+Record subscribes raw (no deserialization, so 30 Hz images cost a copy) with QoS matched to the
+publishers, as rosbag2 does. Replay publishes each message at its recorded log time, relative to
+the first (times `rate`), with fresh header stamps by default so latency tracing downstream still
+measures this run; `restamp: false` keeps the recorded stamps.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+import time
+
+from rclpy.node import Node
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+from rclpy.serialization import deserialize_message
+
+from gaga_ros import record
+from gaga_ros.nodes import qos
+from gaga_ros.nodes.diagnostics import ERROR, OK, WARN, Diagnostics, RateMeter
+from gaga_ros.nodes.parameters import Param, declare
+
+MODES = ("record", "replay")
+PARAMS = (
+    Param("mode", "record", "record: write `topics` to `path`; replay: publish `path` at its timing."),
+    Param("path", "out/avatar.mcap", "MCAP file to write (overwritten) or to replay."),
+    Param("topics", ["/avatar/expression", "/avatar/image"],
+          "Topics to record (any type, found on the graph); replay: the recorded topics to publish."),
+    Param("compressed", False, "Record /avatar/image/compressed too (makes the render node encode JPEG)."),
+    Param("max_seconds", 600.0, "Record: stop writing after this long (bounds the file).", low=1.0,
+          high=86400.0),
+    Param("rate", 1.0, "Replay: speed factor (2 = twice as fast).", low=0.01, high=100.0),
+    Param("loop", False, "Replay: start over at the end."),
+    Param("restamp", True, "Replay: set header stamps to the publish time (false: keep recorded ones)."),
+    Param("wait_for_subscribers", 0, "Replay: wait until this many subscribers are matched on the "
+          "replayed topics before starting (0: start at once).", low=0, high=1000),
+)
+
+
+def message_class(type_name: str):
+    """The Python class of `pkg/msg/Type`, imported from its generated package."""
+    pkg, _, name = record.normalize_type(type_name).split("/")
+    try:
+        return getattr(importlib.import_module(f"{pkg}.msg"), name)
+    except (ImportError, AttributeError) as exc:
+        raise record.RecordingError(f"message type {type_name} is not installed here: {exc}") from exc
+
+
+def _now_ns() -> int:
+    return time.time_ns()
+
+
+class BagNode(Node):
+    """Records topics to MCAP or replays an MCAP recording, by the `mode` parameter."""
+
+    def __init__(self) -> None:
+        super().__init__("bag")
+        self.p = declare(self, PARAMS)
+        if self.p["mode"] not in MODES:
+            raise ValueError(f"mode {self.p['mode']!r} is not one of {', '.join(MODES)}")
+        self.meter = RateMeter()
+        self.state = "starting"
+        self.error = ""
+        self.recorder: record.Recorder | None = None
+        self.worker: threading.Thread | None = None
+        self.stopping = threading.Event()
+        if self.p["mode"] == "record":
+            self._start_recording()
+        else:
+            self._start_replay()
+        self.diagnostics = Diagnostics(self, lambda: (
+            ERROR if self.error else OK if self.state != "waiting" else WARN,
+            self.error or f"{self.p['mode']} {self.p['path']}: {self.state}",
+            {"messages": self.meter.count, "message_rate": self.meter.rate}))
+
+    # -- record ---------------------------------------------------------------------------------
+    def _start_recording(self) -> None:
+        self.pending = list(dict.fromkeys(self.p["topics"]))
+        if self.p["compressed"] and "/avatar/image/compressed" not in self.pending:
+            self.pending.append("/avatar/image/compressed")
+        self.recorder = record.Recorder(self.p["path"])
+        self.lock = threading.Lock()
+        self.t_first: int | None = None
+        self.subs = []
+        self.state = "waiting"
+        self._discover()
+        self.discovery = self.create_timer(0.2, self._discover)
+        self.get_logger().info(f"recording {', '.join(self.pending)} to {self.recorder.path}")
+
+    def _discover(self) -> None:
+        """Subscribe to each wanted topic once a publisher shows its type (and QoS) on the graph."""
+        types = dict(self.get_topic_names_and_types())
+        for topic in list(self.pending):
+            if topic not in types or not self.get_publishers_info_by_topic(topic):
+                continue
+            type_name = types[topic][0]
+            reliable = all(i.qos_profile.reliability == ReliabilityPolicy.RELIABLE
+                           for i in self.get_publishers_info_by_topic(topic))
+            profile = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE if reliable
+                                 else ReliabilityPolicy.BEST_EFFORT)
+            with self.lock:
+                self.recorder.add_topic(topic, type_name)
+            self.subs.append(self.create_subscription(
+                message_class(type_name), topic, lambda data, t=topic: self._on_message(t, data), profile,
+                raw=True))
+            self.pending.remove(topic)
+            self.state = f"recording; no publisher yet on {', '.join(self.pending)}" if self.pending \
+                else "recording"
+            kind = "reliable" if reliable else "best effort"
+            self.get_logger().info(f"recording {topic} ({type_name}, {kind})")
+
+    def _on_message(self, topic: str, data: bytes) -> None:
+        now = _now_ns()
+        with self.lock:
+            if self.recorder is None:
+                return
+            self.t_first = now if self.t_first is None else self.t_first
+            if now - self.t_first > self.p["max_seconds"] * 1e9:
+                self.state = "full (max_seconds reached)"
+                return
+            self.recorder.write(topic, data, now)
+        self.meter.tick()
+
+    # -- replay ---------------------------------------------------------------------------------
+    def _start_replay(self) -> None:
+        wanted = set(self.p["topics"])
+        found = record.topics(self.p["path"])
+        self.replayed = {t: v[0] for t, v in found.items() if t in wanted} or {
+            t: v[0] for t, v in found.items()}
+        self.classes = {t: message_class(ty) for t, ty in self.replayed.items()}
+        self.pubs = {t: self.create_publisher(cls, t, self._replay_qos(cls))
+                     for t, cls in self.classes.items()}
+        self.messages = list(record.read(self.p["path"], only=self.replayed))
+        if not self.messages:
+            raise record.RecordingError(f"{self.p['path']} holds no messages on {sorted(self.replayed)}")
+        self.offsets = record.schedule([m.log_time_ns for m in self.messages], self.p["rate"])
+        self.get_logger().info(f"replaying {len(self.messages)} messages on {sorted(self.replayed)} "
+                               f"({self.offsets[-1]:.1f} s at rate {self.p['rate']})")
+        self.worker = threading.Thread(target=self._replay, name="replay", daemon=True)
+        self.worker.start()
+
+    @staticmethod
+    def _replay_qos(cls) -> QoSProfile:
+        return qos.FRAMES if cls.__name__ in ("Image", "CompressedImage") else qos.EXPRESSIONS
+
+    def _subscribers(self) -> int:
+        return sum(pub.get_subscription_count() for pub in self.pubs.values())
+
+    def _replay(self) -> None:
+        self.state = "waiting"
+        while self._subscribers() < self.p["wait_for_subscribers"]:
+            if self.stopping.wait(0.05):
+                return
+        while not self.stopping.is_set():
+            self.state = "replaying"
+            start = time.monotonic()
+            for msg, offset in zip(self.messages, self.offsets, strict=True):
+                if self.stopping.wait(max(0.0, start + offset - time.monotonic())):
+                    return
+                self._publish(msg)
+            if not self.p["loop"]:
+                break
+            # loop: keep the recorded gap between the end and the start, at least one frame's worth
+            gap = self.offsets[-1] / max(1, len(self.offsets) - 1)
+            if self.stopping.wait(gap):
+                return
+        self.state = "finished"
+        self.get_logger().info(f"replay of {self.p['path']} finished")
+
+    def _publish(self, msg: record.RecordedMessage) -> None:
+        pub = self.pubs[msg.topic]
+        if self.p["restamp"]:
+            obj = deserialize_message(msg.data, self.classes[msg.topic])
+            if hasattr(obj, "header"):
+                obj.header.stamp = self.get_clock().now().to_msg()
+            pub.publish(obj)
+        else:
+            pub.publish(msg.data)
+        self.meter.tick()
+
+    def close(self) -> None:
+        self.stopping.set()
+        if self.worker is not None:
+            self.worker.join(timeout=2)
+        if self.recorder is not None:
+            with self.lock:
+                self.recorder.close()
+                counts = self.recorder.counts
+                self.recorder = None
+            self.get_logger().info(f"wrote {sum(counts.values())} messages to {self.p['path']}: {counts}")
+
+
+def main(args: list[str] | None = None) -> None:
+    from gaga_ros.nodes.runtime import spin
+
+    spin(BagNode, args)
+
+
+if __name__ == "__main__":
+    main()

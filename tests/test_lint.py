@@ -1,0 +1,109 @@
+"""Lint and manifest checks: ruff over the code, package.xml against REP 149 (format 3) rules.
+
+The manifest checks need no network: the element order and required elements of the format 3
+schema, and that every ROS package the code imports or the interfaces use is declared, so
+`rosdep install` on a fresh workspace gets everything the nodes need.
+"""
+
+import ast
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+#: ROS packages that the Python code may import; each needs a depend or exec_depend.
+ROS_PACKAGES = {"rclpy", "sensor_msgs", "std_msgs", "std_srvs", "diagnostic_msgs", "rcl_interfaces",
+                "lifecycle_msgs", "builtin_interfaces", "ament_index_python", "launch", "launch_ros",
+                "geometry_msgs"}
+#: REP 149: these come first, in this order (maintainer and license may repeat).
+HEAD_ORDER = ["name", "version", "description", "maintainer", "license"]
+#: Elements allowed after the head (the schema's choice group), then export last.
+BODY = {"url", "author", "build_depend", "build_export_depend", "buildtool_depend",
+        "buildtool_export_depend", "exec_depend", "depend", "doc_depend", "test_depend", "conflict",
+        "replace", "group_depend", "member_of_group", "export"}
+
+
+def test_ruff_reports_nothing():
+    dirs = [d for d in ("gaga_ros", "tests", "bench", "launch") if (REPO / d).is_dir()]
+    res = subprocess.run([sys.executable, "-m", "ruff", "check", "--output-format", "concise", *dirs],
+                         cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, f"ruff findings (ruff.toml rules):\n{res.stdout}{res.stderr}"
+
+
+@pytest.fixture(scope="module")
+def manifest() -> ET.Element:
+    return ET.parse(REPO / "package.xml").getroot()
+
+
+def declared(root: ET.Element, *tags: str) -> set[str]:
+    return {(e.text or "").strip() for tag in tags for e in root.findall(tag)}
+
+
+def test_manifest_follows_format_3(manifest):
+    assert manifest.tag == "package" and manifest.get("format") == "3"
+    tags = [child.tag for child in manifest if isinstance(child.tag, str)]
+    head = [t for t in tags if t in HEAD_ORDER]
+    assert head == sorted(head, key=HEAD_ORDER.index), f"REP 149 order is {HEAD_ORDER}, got {head}"
+    assert tags[: len(head)] == head, "name, version, description, maintainer, license come first"
+    for tag in ("name", "version", "description", "maintainer", "license"):
+        assert manifest.findall(tag), f"package.xml lacks <{tag}>"
+    for tag in ("name", "version", "description"):
+        assert len(manifest.findall(tag)) == 1, f"<{tag}> must appear once"
+    assert set(tags[len(head):]) <= BODY, f"unknown elements: {set(tags[len(head):]) - BODY}"
+    assert tags[-1] == "export" and tags.count("export") == 1
+    name = manifest.findtext("name").strip()
+    assert re.fullmatch(r"[a-z][a-z0-9_]*", name), f"package name {name!r} (REP 144: lower case, _)"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", manifest.findtext("version").strip())
+    for m in manifest.findall("maintainer"):
+        assert re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", m.get("email", "")), "maintainer needs an email"
+        assert (m.text or "").strip()
+    assert all((lic.text or "").strip() for lic in manifest.findall("license"))
+    setup_version = re.search(r"version=['\"]([^'\"]+)", (REPO / "setup.py").read_text())
+    if setup_version:
+        assert setup_version.group(1) == manifest.findtext("version").strip(), "setup.py and package.xml"
+
+
+def test_manifest_builds_its_interfaces(manifest):
+    build_type = manifest.find("export/build_type")
+    assert build_type is not None and build_type.text == "ament_cmake"
+    assert (REPO / "CMakeLists.txt").is_file()
+    assert "rosidl_default_generators" in declared(manifest, "buildtool_depend", "build_depend", "depend")
+    assert "rosidl_default_runtime" in declared(manifest, "exec_depend", "depend")
+    assert "rosidl_interface_packages" in declared(manifest, "member_of_group")
+    # Types the .msg/.srv files use from other packages need build and exec dependencies.
+    used = set()
+    for f in [*REPO.glob("msg/*.msg"), *REPO.glob("srv/*.srv")]:
+        used |= set(re.findall(r"^\s*([a-z][a-z0-9_]*)/[A-Z]\w*", f.read_text(), flags=re.MULTILINE))
+    missing = used - declared(manifest, "depend") - {manifest.findtext("name").strip()}
+    assert not missing, f"interfaces use {sorted(missing)}: add <depend> for them"
+
+
+def imported_ros_packages() -> dict[str, set[str]]:
+    """ROS package -> files under gaga_ros/ and launch/ that import it."""
+    found: dict[str, set[str]] = {}
+    for path in [*REPO.glob("gaga_ros/**/*.py"), *REPO.glob("launch/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top in ROS_PACKAGES:
+                    found.setdefault(top, set()).add(str(path.relative_to(REPO)))
+    return found
+
+
+def test_every_imported_ros_package_is_declared(manifest):
+    imports = imported_ros_packages()
+    assert "rclpy" in imports  # the scan works: the nodes import rclpy
+    have = declared(manifest, "depend", "exec_depend")
+    missing = {pkg: sorted(files) for pkg, files in imports.items() if pkg not in have}
+    assert not missing, "package.xml lacks <exec_depend> (or <depend>) for: " + "; ".join(
+        f"{pkg} (imported in {', '.join(files)})" for pkg, files in sorted(missing.items()))
