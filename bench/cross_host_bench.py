@@ -95,9 +95,14 @@ class NetnsLan:
         self.created.clear()
 
 
+PROFILE_VARS = ("FASTRTPS_DEFAULT_PROFILES_FILE", "FASTDDS_DEFAULT_PROFILES_FILE")
+
+
 def dds_env(domain: int) -> dict[str, str]:
-    """Environment for nodes on the LAN: its own domain, discovery over the subnet, UDP only."""
-    return {**os.environ, "ROS_DOMAIN_ID": str(domain), "ROS_AUTOMATIC_DISCOVERY_RANGE": "SUBNET",
+    """Environment for nodes on the LAN: its own domain, discovery over the subnet, UDP only (no
+    same-host shared-memory profile: the hosts share /dev/shm, which would bypass the links)."""
+    base = {k: v for k, v in os.environ.items() if k not in PROFILE_VARS}
+    return {**base, "ROS_DOMAIN_ID": str(domain), "ROS_AUTOMATIC_DISCOVERY_RANGE": "SUBNET",
             "FASTDDS_BUILTIN_TRANSPORTS": "UDPv4", "PYTHONUNBUFFERED": "1"}
 
 

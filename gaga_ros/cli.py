@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import subprocess
 import sys
@@ -41,6 +42,9 @@ class Supervisor:
         self.restart = restart
         self.tmp = tempfile.TemporaryDirectory(prefix="gaga_ros_launch_")
         self.procs: dict[str, subprocess.Popen] = {}
+        from gaga_ros.graph import dds_environment
+
+        self.env = {**os.environ, **dds_environment(dict(os.environ))}
         self.restarts: dict[str, int] = {}
 
     def _command(self, spec) -> list[str]:
@@ -54,7 +58,7 @@ class Supervisor:
 
     def start(self) -> None:
         for spec in self.specs:
-            self.procs[spec.name] = subprocess.Popen(self._command(spec))
+            self.procs[spec.name] = subprocess.Popen(self._command(spec), env=self.env)
             print(f"[gaga-ros] started {spec.name} (pid {self.procs[spec.name].pid})", flush=True)
 
     def poll(self) -> None:
@@ -66,7 +70,7 @@ class Supervisor:
                 raise SystemExit(f"[gaga-ros] {spec.name} exited with code {code}")
             n = self.restarts[spec.name] = self.restarts.get(spec.name, 0) + 1
             print(f"[gaga-ros] {spec.name} exited with code {code}; restarting ({n})", flush=True)
-            self.procs[spec.name] = subprocess.Popen(self._command(spec))
+            self.procs[spec.name] = subprocess.Popen(self._command(spec), env=self.env)
 
     def stop(self) -> None:
         for proc in self.procs.values():

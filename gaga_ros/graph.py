@@ -38,6 +38,10 @@ ARGUMENTS = {
 
 DRIVERS = ("scripted", "video", "webcam")
 
+#: Fast DDS reads a default profile from this variable (the FASTDDS_ name is not honoured by the
+#: Jazzy wheels' Fast DDS 2.14, seen).
+DDS_PROFILE_VAR = "FASTRTPS_DEFAULT_PROFILES_FILE"
+
 
 def config_dir() -> Path:
     """Where the profile YAMLs live: the source tree, or share/gaga_ros/config when installed."""
@@ -46,6 +50,13 @@ def config_dir() -> Path:
     from ament_index_python.packages import get_package_share_directory
 
     return Path(get_package_share_directory("gaga_ros")) / "config"
+
+
+def dds_environment(environ: dict[str, str]) -> dict[str, str]:
+    """The shared-memory Fast DDS profile for nodes on one host, unless the user chose one."""
+    if DDS_PROFILE_VAR in environ or "FASTDDS_DEFAULT_PROFILES_FILE" in environ:
+        return {}
+    return {DDS_PROFILE_VAR: str(config_dir() / "fastdds_shm.xml")}
 
 
 def profile_file(profile: str) -> Path:

@@ -3,8 +3,10 @@
 Reads the same graph description (gaga_ros.graph) as `gaga-ros launch telepresence`.
 """
 
+import os
+
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import LifecycleNode, Node
 
@@ -14,7 +16,7 @@ from gaga_ros import graph
 def _nodes(context):
     args = {k: LaunchConfiguration(k).perform(context) for k in graph.ARGUMENTS}
     params_file = str(graph.profile_file(args["profile"]))
-    actions = []
+    actions = [SetEnvironmentVariable(k, v) for k, v in graph.dds_environment(dict(os.environ)).items()]
     for spec in graph.telepresence(args):
         kind = LifecycleNode if spec.lifecycle else Node
         extra = {"namespace": ""} if spec.lifecycle else {}

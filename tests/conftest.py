@@ -18,6 +18,9 @@ def pytest_configure(config):
     # ROS traffic on the machine never cross. Subprocesses inherit it.
     os.environ.setdefault("ROS_DOMAIN_ID", str(random.Random().randint(1, 101)))
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    from gaga_ros.graph import dds_environment
+
+    os.environ.update(dds_environment(dict(os.environ)))  # what gaga-ros launch gives its nodes
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,1 @@
+"""GAGAvatar training: dataset building from videos, losses, and the (multi-GPU) trainer."""
