@@ -1,5 +1,7 @@
 """The GAGAvatar backend behind the shared avatar interface: tiny config, synthetic FLAME, CPU."""
 
+import dataclasses
+
 import cv2
 import numpy as np
 import pytest
@@ -62,3 +64,20 @@ def test_message_arrays_round_trip_renders_the_same(backend, avatar):
 def test_missing_assets_say_how_to_get_them(tmp_path):
     with pytest.raises(FileNotFoundError, match="fetch-assets"):
         GagaAvatarBackend.load(tmp_path, config="tiny")
+
+
+@pytest.mark.gpu
+def test_fast_path_matches_reference_on_gpu(tmp_path, media_dir):
+    """The backend's default CUDA path (FastRenderer) stays within 40 dB of the fp32 reference."""
+    root = make_models_dir(tmp_path / "models")
+    rgb = cv2.cvtColor(cv2.imread(str(media_dir / "monroe.jpg")), cv2.COLOR_BGR2RGB)
+    fast = GagaAvatarBackend.load(root, config="tiny", device="cuda", fast=True)
+    fast.model.cfg = dataclasses.replace(fast.model.cfg, randomize_noise=False)  # comparable noise
+    avatar = fast.reconstruct(rgb)
+    reference = GagaAvatarBackend(fast.model, fast.flame_assets, "cuda", fast=False)
+    expr = Expression(FaceModel.FLAME, transform=avatar.source_transform, jaw_pose=[0.2, 0, 0])
+    size = fast.model.cfg.render_size
+    a = fast.render(avatar, expr, size).astype(np.float64)
+    b = reference.render(avatar, expr, size).astype(np.float64)
+    psnr = 10 * np.log10(255.0**2 / max(np.mean((a - b) ** 2), 1e-12))
+    assert psnr >= 40, psnr

@@ -35,10 +35,12 @@ PARAMS = (
     Param("frame_id", "avatar_camera", "frame_id of the published images."),
     Param("models_dir", "", "Folder of the licensed model files (gagavatar avatars need them)."),
     Param("gagavatar_config", "full", "GAGAvatar size: full (published) or tiny (tests)."),
+    Param("fast_path", True, "GAGAvatar on CUDA: CUDA graphs + fp16 refiner (about 5x faster, ~55 dB "
+          "from the fp32 path); false renders the fp32 reference path."),
 )
 
 
-def make_backend(name: str, device: str, models_dir: str, config: str):
+def make_backend(name: str, device: str, models_dir: str, config: str, fast: bool = True):
     """The renderer for avatars made by backend `name`."""
     if name == "geometric":
         from gaga_ros.avatar.geometric import GeometricAvatar
@@ -48,7 +50,7 @@ def make_backend(name: str, device: str, models_dir: str, config: str):
         from gaga_ros.avatar.gagavatar.backend import GagaAvatarBackend
 
         try:
-            return GagaAvatarBackend.load(models_dir or None, config, device=device)
+            return GagaAvatarBackend.load(models_dir or None, config, device=device, fast=fast)
         except FileNotFoundError as exc:
             raise AvatarError(f"a gagavatar avatar arrived but {exc}") from None
     raise AvatarError(f"avatar backend {name!r}: accepted are geometric and gagavatar")
@@ -120,7 +122,7 @@ class RenderNode(ManagedNode):
             avatar = avatar_from_msg(msg, self.device)
             backend = (self.backend if self.backend is not None and self.backend.name == avatar.backend
                        else make_backend(avatar.backend, self.device, self.p["models_dir"],
-                                         self.p["gagavatar_config"]))
+                                         self.p["gagavatar_config"], self.p["fast_path"]))
         except (AvatarError, ValueError) as exc:
             self.error = f"avatar refused: {exc}"
             self.get_logger().error(self.error)

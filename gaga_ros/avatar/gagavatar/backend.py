@@ -33,8 +33,12 @@ class GagaAvatarBackend:
 
     name = "gagavatar"
 
-    def __init__(self, model: GAGAvatar, flame_assets: FlameAssets, device: str | torch.device = "cpu"):
+    def __init__(self, model: GAGAvatar, flame_assets: FlameAssets, device: str | torch.device = "cpu",
+                 fast: bool = True, compile_mode: str | None = None):
         self.device = torch.device(device)
+        #: On CUDA, render through FastRenderer (CUDA graphs, fp16 refiner); False: the reference path.
+        self.fast = fast and self.device.type == "cuda"
+        self.compile_mode = compile_mode
         self.model = model.to(self.device).eval()
         self.flame_assets = flame_assets
         self.flame = Flame(flame_assets).to(self.device)
@@ -42,7 +46,7 @@ class GagaAvatarBackend:
 
     @classmethod
     def load(cls, models_dir: str | Path | None = None, config: str = "full", weights: str | Path = "",
-             device: str | torch.device = "cpu") -> GagaAvatarBackend:
+             device: str | torch.device = "cpu", fast: bool = True) -> GagaAvatarBackend:
         """Weights and FLAME from the models folder (see `gaga-ros assets`); clear errors if missing."""
         if config not in CONFIGS:
             raise ValueError(f"config {config!r}: accepted are {', '.join(CONFIGS)}")
@@ -52,7 +56,7 @@ class GagaAvatarBackend:
             raise FileNotFoundError(status.explain())
         model = GAGAvatar(CONFIGS[config])
         load_state_dict_strict(model, read_state_dict(weights))
-        return cls(model, load_flame_assets(status.flame, status.flame_landmarks), device)
+        return cls(model, load_flame_assets(status.flame, status.flame_landmarks), device, fast)
 
     # ---- reconstruction -------------------------------------------------------------------------
 
@@ -106,17 +110,34 @@ class GagaAvatarBackend:
     def frame(self, avatar: Avatar, expression: Expression) -> GagaFrame:
         """The model's outputs (splat, coarse, refined) for the source's identity with the driver's
         FLAME expression, jaw, eyes and camera (the driver's shape never enters)."""
+        return self.model.render(self._source(avatar)[0], self._vertices(avatar, expression),
+                                 expression.transform)
+
+    def _vertices(self, avatar: Avatar, expression: Expression) -> torch.Tensor:
+        """FLAME (5023, 3) with the source's shape and the driver's expression, jaw and eyes."""
         if expression.face_model is not FaceModel.FLAME:
             raise ExpressionError("the gagavatar backend renders FLAME-mode expressions; got a mesh-"
                                   "mode one: use the geometric backend or track in FLAME mode")
-        source, shape = self._source(avatar)
+        shape = self._source(avatar)[1]
         t = lambda a: torch.as_tensor(a, device=self.device)[None]  # noqa: E731
-        vertices = self.flame(shape=shape, expression=t(expression.expression_padded(self.flame.n_exp)),
-                              jaw_pose=t(expression.jaw_pose), eye_pose=t(expression.eye_pose))
-        return self.model.render(source, vertices[0], expression.transform)
+        return self.flame(shape=shape, expression=t(expression.expression_padded(self.flame.n_exp)),
+                          jaw_pose=t(expression.jaw_pose), eye_pose=t(expression.eye_pose))[0]
+
+    def _fast(self, avatar: Avatar):
+        """The avatar's FastRenderer, built (graphs captured) on its first frame."""
+        fast = avatar.cache.get("fast")
+        if fast is None:
+            from gaga_ros.avatar.gagavatar.fast import FastRenderer
+
+            fast = avatar.cache["fast"] = FastRenderer(self.model, self._source(avatar)[0],
+                                                       compile_mode=self.compile_mode)
+        return fast
 
     def render(self, avatar: Avatar, expression: Expression, size: int = CROP_SIZE) -> np.ndarray:
         """RGB uint8 (size, size, 3) of the refined frame."""
+        if self.fast and size == self.model.cfg.render_size:
+            return self._fast(avatar).render(self._vertices(avatar, expression),
+                                             expression.transform)[0].copy()
         refined = self.frame(avatar, expression).refined
         if refined.shape[-1] != size:
             refined = torch.nn.functional.interpolate(refined, size=(size, size), mode="bilinear",
