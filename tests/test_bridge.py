@@ -23,6 +23,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def set_bitrate(node, kbps: int) -> bool:
+    from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
+    from rcl_interfaces.srv import SetParameters
+
+    client = node.create_client(SetParameters, "/bridge/set_parameters")
+    assert client.wait_for_service(timeout_sec=10)
+    value = ParameterValue(type=ParameterType.PARAMETER_INTEGER, integer_value=kbps)
+    future = client.call_async(SetParameters.Request(parameters=[Parameter(name="bitrate_kbps",
+                                                                           value=value)]))
+    assert wait_for(future.done, timeout=10)
+    return all(r.successful for r in future.result().results)
+
+
 def test_browser_decodes_avatar_stream_from_graph(ros_node, tmp_path):
     from gaga_ros.msg import Expression as ExpressionMsg
     from gaga_ros.nodes import qos
@@ -55,6 +68,12 @@ def test_browser_decodes_avatar_stream_from_graph(ros_node, tmp_path):
                 page = await browser.new_page(url)
                 await page.wait_for("gaga.stats.framesDecoded >= 30", timeout=180)
                 mean = await page.evaluate("gaga.meanColor()")
+                # bitrate is a live parameter: the encoder restarts and the stream goes on
+                assert set_bitrate(ros_node, 300)
+                before = await page.evaluate("gaga.stats.framesDecoded")
+                await page.wait_for(f"gaga.stats.framesDecoded >= {before + 30}", timeout=60)
+                kiosk = await browser.new_page(url + "kiosk")
+                await kiosk.wait_for("gaga.stats.framesDecoded >= 10", timeout=60)
                 body = {"face_model": 0, "jaw_pose": [0.2, 0, 0], "confidence": 1.0}
                 async with http.post(url + "expression", json=body) as r:
                     assert r.status == 200, await r.text()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
 from sensor_msgs.msg import Image
 
@@ -24,7 +25,8 @@ PARAMS = (
     Param("token_env", "GAGA_ROS_BRIDGE_TOKEN", "Environment variable holding the token remote "
           "viewers must present (kept out of parameters so it never shows in `ros2 param`)."),
     Param("codec", "VP8", "Video codec: VP8 or H264."),
-    Param("bitrate_kbps", 1000, "Target video bitrate.", low=50, high=50000),
+    Param("bitrate_kbps", 1000, "Target video bitrate; can change live.", read_only=False, low=50,
+          high=50000),
     Param("max_fps", 30.0, "Highest frame rate sent to viewers.", low=1.0, high=120.0),
     Param("width", 0, "Output width (0: as rendered).", low=0, high=4096),
     Param("height", 0, "Output height (0: as rendered).", low=0, high=4096),
@@ -58,7 +60,14 @@ class BridgeNode(Node):
             on_upstream_frame=self._on_upstream, on_expression=self._on_expression).start()
         self.get_logger().info(f"viewer at {self.server.url} (kiosk: {self.server.url}kiosk)")
         self.create_subscription(Image, self.p["image_topic"], self._on_image, qos.FRAMES)
+        self.add_on_set_parameters_callback(self._on_params)
         self.diagnostics = Diagnostics(self, self._report)
+
+    def _on_params(self, params) -> SetParametersResult:
+        for p in params:
+            if p.name == "bitrate_kbps":
+                self.server.set_bitrate(p.value)
+        return SetParametersResult(successful=True)
 
     def _on_image(self, msg: Image) -> None:
         try:

@@ -6,7 +6,8 @@ RTCRtpSender, so N viewers cost N encodes of the same picture. aiortc also accep
 :class:`SharedEncoder` per (codec, size) encodes each new frame once and every viewer's
 :class:`EncodedTrack` hands out the same packets. The price, documented for operators:
 
-* the bitrate is fixed (``bitrate_kbps``); aiortc's REMB feedback only steers its own encoders;
+* the bitrate is set, not adapted (``bitrate_kbps``, changeable live); aiortc's REMB feedback only
+  steers its own encoders;
 * picture-loss requests (PLI/FIR) from a browser reach aiortc's private per-sender flag, not this
   encoder, so recovery from loss comes from NACK retransmission (aiortc keeps an RTP history) plus
   a keyframe every ``keyframe_interval_s`` and a keyframe whenever a viewer joins or falls behind.
@@ -179,6 +180,7 @@ class SharedEncoder:
         self._ctx: av.CodecContext | None = None
         self._ctx_size: tuple[int, int] | None = None
         self._keyframe_wanted = True
+        self._reopen = False
         self._last_keyframe = 0.0
         self._last_pts = -1
         self._new_packet = asyncio.Event()
@@ -198,6 +200,11 @@ class SharedEncoder:
     def unsubscribe(self, track: EncodedTrack) -> None:
         """Forget a viewer; the encoder idles once nobody watches."""
         self.subscribers.discard(track)
+
+    def set_bitrate(self, bitrate_kbps: int) -> None:
+        """A new target bitrate, live: the codec reopens at the next frame, starting with a keyframe."""
+        self.bitrate = int(bitrate_kbps) * 1000
+        self._reopen = True
 
     def request_keyframe(self) -> None:
         """Make the next encode a keyframe, re-encoding the newest frame now if no new one comes."""
@@ -274,7 +281,8 @@ class SharedEncoder:
         frame.pts = pts
         frame.time_base = VIDEO_TIME_BASE
         frame.pict_type = av.video.frame.PictureType.I if keyframe else av.video.frame.PictureType.NONE
-        if self._ctx is None or self._ctx_size != (ow, oh):
+        if self._ctx is None or self._ctx_size != (ow, oh) or self._reopen:
+            self._reopen = False
             self._ctx = self._open(ow, oh)
             self._ctx_size = (ow, oh)
             frame.pict_type = av.video.frame.PictureType.I

@@ -245,6 +245,14 @@ class StreamServer:
         """Viewers currently connected."""
         return len(self._clients)
 
+    def set_bitrate(self, bitrate_kbps: int) -> None:
+        """Change the video bitrate of every stream now (each encoder restarts with a keyframe)."""
+        if not 50 <= bitrate_kbps <= 50_000:
+            raise StreamConfigError(f"bitrate_kbps {bitrate_kbps}: accepted is 50 to 50000")
+        self.bitrate_kbps = int(bitrate_kbps)
+        for encoder in list(self._encoders.values()):
+            encoder.set_bitrate(self.bitrate_kbps)
+
     def stats(self) -> dict:
         """Counts for logs and diagnostics: frames pushed/encoded and, per client, frames sent."""
         enc = list(self._encoders.values())
