@@ -2,7 +2,6 @@
 
 import dataclasses
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -34,6 +33,8 @@ def backend(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def avatar(backend, media_dir):
+    import cv2
+
     rgb = cv2.cvtColor(cv2.imread(str(media_dir / "monroe.jpg")), cv2.COLOR_BGR2RGB)
     return backend.reconstruct(rgb)
 
@@ -69,11 +70,15 @@ def test_missing_assets_say_how_to_get_them(tmp_path):
 @pytest.mark.gpu
 def test_fast_path_matches_reference_on_gpu(tmp_path, media_dir):
     """The backend's default CUDA path (FastRenderer) stays within 40 dB of the fp32 reference."""
+    from PIL import Image
+
+    from gaga_ros.expression import frontal_transform
+
     root = make_models_dir(tmp_path / "models")
-    rgb = cv2.cvtColor(cv2.imread(str(media_dir / "monroe.jpg")), cv2.COLOR_BGR2RGB)
+    crop = np.asarray(Image.open(media_dir / "monroe.jpg").convert("RGB").resize((512, 512)))
     fast = GagaAvatarBackend.load(root, config="tiny", device="cuda", fast=True)
     fast.model.cfg = dataclasses.replace(fast.model.cfg, randomize_noise=False)  # comparable noise
-    avatar = fast.reconstruct(rgb)
+    avatar = fast.reconstruct_crop(crop, frontal_transform(9.0), np.zeros(300, np.float32))
     reference = GagaAvatarBackend(fast.model, fast.flame_assets, "cuda", fast=False)
     expr = Expression(FaceModel.FLAME, transform=avatar.source_transform, jaw_pose=[0.2, 0, 0])
     size = fast.model.cfg.render_size

@@ -76,17 +76,22 @@ class GagaAvatarBackend:
         notes = (f"{len(faces)} faces found; used the largest",) if len(faces) > 1 else ()
         crop = crop_head(rgb, head_box(face.points[:, :2]), size=CROP_SIZE, scale=CROP_SCALE)
         fit = FlameFitter(self.flame_assets, device=str(self.device)).fit(crop.to_crop(face.points))[0]
-        transform = np.asarray(fit.transform_matrix, np.float32)
-        image = source_image(crop.image, self.model.cfg.image_size).to(self.device)
+        return self.reconstruct_crop(crop.image, fit.transform_matrix, fit.shapecode, notes)
+
+    def reconstruct_crop(self, crop: np.ndarray, transform: np.ndarray, shapecode: np.ndarray,
+                         warnings: tuple[str, ...] = ()) -> Avatar:
+        """Encode a 512 head crop whose FLAME camera and identity are known (once per source)."""
+        transform = np.asarray(transform, np.float32).reshape(3, 4)
+        image = source_image(crop, self.model.cfg.image_size).to(self.device)
         source = self.model.reconstruct(image, transform)
-        shape = torch.as_tensor(np.asarray(fit.shapecode, np.float32), device=self.device)[None]
+        shape = torch.as_tensor(np.asarray(shapecode, np.float32), device=self.device).reshape(1, -1)
         neutral = self.flame(shape=shape)[0]
         gaussians = Gaussians(torch.cat([neutral, source.local_means]), source.quats, source.scales,
                               source.opacities, source.colors)
         static = Binding(torch.empty(0, dtype=torch.long), torch.empty(0, 3), torch.empty(0))
-        avatar = Avatar(self.name, content_id(crop.image.tobytes() + b"gagavatar"),
+        avatar = Avatar(self.name, content_id(np.ascontiguousarray(crop).tobytes() + b"gagavatar"),
                         gaussians, static, neutral, self.flame.faces.long(), transform,
-                        extra=shape.cpu().numpy().astype(np.float32).tobytes(), warnings=notes)
+                        extra=shape.cpu().numpy().astype(np.float32).tobytes(), warnings=warnings)
         avatar.cache["source"] = source
         return avatar
 
