@@ -35,7 +35,8 @@ def from_msg(msg: Image) -> np.ndarray:
         raise ImageMessageError(f"unsupported encoding {msg.encoding!r}: accepted are "
                                 f"{', '.join(ENCODINGS)}")
     if msg.width == 0 or msg.height == 0:
-        raise ImageMessageError("empty image (width or height 0)")
+        raise ImageMessageError(f"empty image ({msg.width}x{msg.height}): accepted are images of "
+                                "at least 1x1 pixels")
     if msg.width * msg.height > MAX_PIXELS:
         raise ImageMessageError(f"image {msg.width}x{msg.height} exceeds {MAX_PIXELS} pixels")
     row = msg.width * channels

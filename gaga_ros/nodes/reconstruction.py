@@ -138,7 +138,8 @@ class ReconstructionNode(ManagedNode):
             self.error = f"{label}: {exc}"
             self.get_logger().error(f"{self.error}; keeping the previous avatar")
             return False, str(exc)
-        return True, f"avatar {avatar.avatar_id} built from {label}"
+        notes = "".join(f"; {note}" for note in avatar.warnings)
+        return True, f"avatar {avatar.avatar_id} built from {label}{notes}"
 
     def _on_image(self, msg: Image) -> None:
         self._try_build(lambda: image_from_msg(msg), "/avatar/source_image")

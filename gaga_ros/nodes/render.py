@@ -75,7 +75,7 @@ class RenderNode(ManagedNode):
         self.tracking: TrackingStatus | None = None
         self.pub = self.create_publisher(Image, "/avatar/image", qos.FRAMES)
         self.pub_jpeg = self.create_publisher(CompressedImage, "/avatar/image/compressed", qos.FRAMES)
-        self.create_subscription(GaussianAvatar, "/avatar/model", self._on_avatar, qos.LATCHED)
+        self.avatar_sub = None  # made on configure: a fresh transient-local reader gets the avatar back
         self.create_subscription(ExpressionMsg, "/avatar/expression", self._on_expression,
                                  qos.EXPRESSIONS)
         self.create_subscription(TrackingStatus, "/tracking/status",
@@ -95,6 +95,8 @@ class RenderNode(ManagedNode):
             # The per-frame torch work is many small ops: extra threads only contend with numba's.
             torch.set_num_threads(1)
         self.device = device
+        self.avatar_sub = self.create_subscription(GaussianAvatar, "/avatar/model", self._on_avatar,
+                                                   qos.LATCHED)
 
     def activate(self) -> None:
         self.mailbox.reopen()
@@ -109,6 +111,9 @@ class RenderNode(ManagedNode):
 
     def cleanup(self) -> None:
         self.deactivate()
+        if self.avatar_sub is not None:
+            self.destroy_subscription(self.avatar_sub)
+            self.avatar_sub = None
         self.avatar, self.backend = None, None
         if self.device == "cuda":
             import torch

@@ -254,6 +254,7 @@ class SharedEncoder:
                 continue
             seen = frame.seq
             if not self.subscribers:
+                self._keyframe_wanted = False  # nobody to send it to; a new viewer asks again
                 continue
             now = time.monotonic()
             keyframe = self._keyframe_wanted or now - self._last_keyframe >= self.keyframe_interval

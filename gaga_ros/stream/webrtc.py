@@ -59,6 +59,9 @@ def parse_expression(payload: str | bytes | dict) -> Expression:
             payload = json.loads(payload)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ExpressionError(f"expression is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ExpressionError("expression JSON is nested too deeply: accepted is an object of "
+                                  "flat or 3x4 number arrays") from None
     if not isinstance(payload, dict):
         raise ExpressionError("expression must be a JSON object with the fields of Expression.msg")
     unknown = sorted(set(payload) - set(EXPRESSION_FIELDS))
@@ -81,8 +84,9 @@ def parse_expression(payload: str | bytes | dict) -> Expression:
     if isinstance(conf, bool) or not isinstance(conf, (int, float)):
         raise ExpressionError(f"confidence {conf!r}: accepted is a number in [0, 1]")
     for name in ("expression", "jaw_pose", "neck_pose", "eye_pose", "vertices", "transform"):
-        if name in fields and fields[name] is not None and not isinstance(fields[name], list):
-            raise ExpressionError(f"{name} must be a JSON array of numbers")
+        if name in fields and fields[name] is not None and not _numbers(fields[name]):
+            raise ExpressionError(f"{name} must be a JSON array of numbers (nested at most once); "
+                                  "strings, booleans and null are not accepted")
     try:
         return Expression(**fields)
     except ExpressionError:
@@ -464,6 +468,16 @@ class StreamServer:
         if error is not None:
             raise web.HTTPBadRequest(text=error)
         return web.json_response({"ok": True})
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _numbers(value) -> bool:
+    """A JSON array of numbers, or of arrays of numbers (rows of a matrix); no bools, no strings."""
+    return isinstance(value, list) and all(
+        _is_number(v) or (isinstance(v, list) and all(_is_number(x) for x in v)) for v in value)
 
 
 def _ice_server(spec: str | dict) -> RTCIceServer:
