@@ -43,6 +43,7 @@ PY
 
 echo "setup: building the interfaces (msg/, srv/) with colcon"
 rm -rf build/gaga_ros install/gaga_ros
+mkdir -p log
 (
   export AMENT_PREFIX_PATH=$VENV CMAKE_PREFIX_PATH=$VENV
   export PATH=$VENV/bin:$PATH
@@ -50,7 +51,7 @@ rm -rf build/gaga_ros install/gaga_ros
     --event-handlers console_cohesion- status- --cmake-args \
     -DPython3_EXECUTABLE="$VENV/bin/python" -DBUILD_TESTING=OFF -DGAGA_ROS_INSTALL_PYTHON=OFF \
     > log/colcon-build.txt 2>&1
-) || { mkdir -p log; echo "setup: colcon build failed; see log/colcon-build.txt" >&2; tail -30 log/colcon-build.txt >&2; exit 1; }
+) || { echo "setup: colcon build failed; see log/colcon-build.txt" >&2; tail -30 log/colcon-build.txt >&2; exit 1; }
 
 # rosidl finds type support libraries by name on LD_LIBRARY_PATH, which the ROS wheels set to the
 # venv's lib/ when Python starts: link ours there.
