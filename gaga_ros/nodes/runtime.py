@@ -8,11 +8,14 @@ from collections.abc import Callable
 import rclpy
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
+from rclpy.signals import SignalHandlerOptions
 
 
 def spin(make_node: Callable[[], Node], args: list[str] | None = None) -> None:
     """Run one node until Ctrl-C or shutdown; exits non-zero when the node cannot start."""
-    rclpy.init(args=args if args is not None else sys.argv)
+    # Ctrl-C arrives as KeyboardInterrupt here (not through rclpy's handler, which would invalidate
+    # the context while worker threads still publish), so workers stop before the context goes.
+    rclpy.init(args=args if args is not None else sys.argv, signal_handler_options=SignalHandlerOptions.NO)
     node = None
     try:
         node = make_node()
