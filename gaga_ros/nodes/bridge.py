@@ -8,6 +8,7 @@ import os
 import numpy as np
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
+from rclpy.time import Time
 from sensor_msgs.msg import Image
 
 from gaga_ros.expression import Expression
@@ -76,13 +77,11 @@ class BridgeNode(Node):
             self.bad_frames += 1
             self.get_logger().warning(f"frame refused: {exc}", throttle_duration_sec=5.0)
             return
-        self.server.push_frame(rgb, msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec)
+        self.server.push_frame(rgb, Time.from_msg(msg.header.stamp).nanoseconds)
         self.frames_in.tick()
 
     def _on_upstream(self, rgb: np.ndarray, stamp_ns: int) -> None:
-        stamp = self.get_clock().now().to_msg()
-        stamp.sec, stamp.nanosec = divmod(stamp_ns, 1_000_000_000)
-        self.pub_upstream.publish(to_msg(rgb, stamp, "operator_camera"))
+        self.pub_upstream.publish(to_msg(rgb, Time(nanoseconds=stamp_ns).to_msg(), "operator_camera"))
         self.upstream_in.tick()
 
     def _on_expression(self, expr: Expression) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from rclpy.time import Time
 
 from gaga_ros.expression import Expression, FaceModel
 from gaga_ros.msg import Expression as ExpressionMsg
@@ -28,7 +29,7 @@ def from_msg(msg: ExpressionMsg) -> Expression:
     return Expression(
         face_model=FaceModel(msg.face_model) if msg.face_model in (0, 1) else msg.face_model,
         transform=np.asarray(msg.transform, np.float32),
-        stamp_ns=msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec,
+        stamp_ns=Time.from_msg(msg.header.stamp).nanoseconds,
         frame_id=msg.header.frame_id,
         expression=np.asarray(msg.expression, np.float32),
         jaw_pose=np.asarray(msg.jaw_pose, np.float32),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import av
 from rclpy.node import Node
+from rclpy.time import Time
 from sensor_msgs.msg import Image
 
 from gaga_ros.nodes import qos
@@ -48,7 +49,7 @@ class RecorderNode(Node):
         except ImageMessageError as exc:
             self.error = str(exc)
             return
-        stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+        stamp = Time.from_msg(msg.header.stamp).nanoseconds
         if self.stream is None:
             self.stream = self.container.add_stream("libx264", rate=30)
             self.stream.width, self.stream.height = rgb.shape[1] // 2 * 2, rgb.shape[0] // 2 * 2

@@ -12,6 +12,7 @@ import time
 
 import cv2
 import numpy as np
+from rclpy.time import Time
 from sensor_msgs.msg import CompressedImage, Image
 
 from gaga_ros.avatar.base import Avatar, AvatarError
@@ -164,8 +165,7 @@ class RenderNode(ManagedNode):
         t0 = time.perf_counter()
         image = backend.render(avatar, expr, size=int(self.get_parameter("size").value))
         self.render_ms = (time.perf_counter() - t0) * 1e3
-        stamp = self.get_clock().now().to_msg()
-        stamp.sec, stamp.nanosec = divmod(expr.stamp_ns, 1_000_000_000)
+        stamp = Time(nanoseconds=expr.stamp_ns).to_msg()
         self.pub.publish(image_to_msg(image, stamp, self.p["frame_id"]))
         if self.pub_jpeg.get_subscription_count() > 0:
             self._publish_jpeg(image, stamp)

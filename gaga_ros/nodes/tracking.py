@@ -10,6 +10,7 @@ import threading
 
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
+from rclpy.time import Time
 from sensor_msgs.msg import Image
 from std_srvs.srv import Trigger
 
@@ -111,7 +112,7 @@ class TrackingNode(Node):
                 self.bad_images += 1
                 self.get_logger().warning(f"camera image refused: {exc}", throttle_duration_sec=5.0)
                 continue
-            stamp_ns = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+            stamp_ns = Time.from_msg(msg.header.stamp).nanoseconds
             expr = self.tracker.update(rgb, stamp_ns)
             if expr is None:
                 self.get_logger().info(f"no face: {self.tracker.status.message}",
