@@ -28,8 +28,8 @@ PARAMS = (
     Param("mode", "mesh", "Face model: mesh (mediapipe, no assets) or flame (needs a FLAME model in "
           "models_dir; see `gaga-ros assets`)."),
     Param("models_dir", "", "Folder of the licensed model files (empty: $GAGA_ROS_MODELS or ./models)."),
-    Param("flame_steps", 30, "FLAME mode: optimiser steps per frame (more: closer fit, slower).", low=1,
-          high=500),
+    Param("flame_steps", 3, "FLAME mode: most Levenberg-Marquardt iterations per frame (it stops "
+          "early once converged; more only cost time).", low=1, high=500),
     Param("min_confidence", 0.5, "Detections below this confidence count as no face.", low=0.0,
           high=1.0),
     Param("reference_frames", 15, "Frames averaged into the driver's neutral reference.", low=1,

@@ -1,10 +1,26 @@
 """Fit FLAME to mediapipe landmarks, producing GAGAvatar tracker records (SPEC section 8).
 
 Head pose lives in the camera, as in GAGAvatar_track: the global FLAME rotation stays 0 and the fit
-solves [R | T] for focal 12 on the 512 head crop. Identity (shape) is estimated once from the first
-batch of frames and then held; expression, jaw, eyes and camera are solved per frame with a few Adam
-steps warm-started from the previous frame. Adam rather than Gauss-Newton: it needs no Jacobian code
-and a handful of steps suffices from a warm start.
+solves [R | T] for focal 12 on the 512 head crop. Identity (shape) is estimated jointly over the first
+frames and then held; expression, jaw, eyes and camera are solved per frame by a few
+Levenberg-Marquardt iterations warm-started from the previous frame.
+
+Why LM with a hand-written Jacobian: with global and neck pose at 0, every landmark is a barycentric
+mix of three vertices skinned only by the jaw and eye joints, and shape and expression enter linearly
+before skinning. The Jacobian of the ~140 pixel residuals in the ~65 per-frame parameters is then a
+few small tensor products (no autograd graph, ~1 ms on one CPU core), and Gauss-Newton converges in
+2-3 iterations from a warm start where a first-order optimiser needs tens of steps.
+
+The jaw-line landmarks are FLAME's frontal contour, fixed on the mesh, not the yaw-dependent dynamic
+contour: mediapipe's points are fixed mesh vertices too (they do not slide to the silhouette as a 2D
+iBUG detector's do), and switching contour rows by whole degrees of yaw made the cost jump, which
+trapped the solver at bin edges.
+
+Priors are MAP-style, in units of squared crop pixels: a landmark residual of 1 px costs as much as
+one standard deviation of a parameter's prior. Head rotation is only defined if shape and expression
+cannot imitate it: a deformation that turns, shifts, scales or depth-shears the landmark set as a
+whole projects like a head motion, and the synthetic model's random bases carry ~6 degrees of it (the
+~9 degree error of the earlier fit). Such components are held near zero (GAUGE_SIGMA_PX).
 """
 
 from __future__ import annotations
@@ -107,115 +123,390 @@ def project(points: torch.Tensor, rotation: torch.Tensor, translation: torch.Ten
                         centre - pixel_focal * cam[..., 1] / cam[..., 2]], dim=-1)
 
 
+#: Prior standard deviations (MAP weights are 1 / sigma^2 against 1 px landmark residuals). Shape and
+#: expression coefficients are unit-variance by construction of FLAME's bases; jaw and eyes in radians.
+SHAPE_SIGMA, EXPRESSION_SIGMA, JAW_SIGMA, EYE_SIGMA = 1.0, 1.0, 0.15, 0.25
+#: Shape and expression may not move the landmark set rigidly (rotate, shift or scale it as a whole):
+#: the RMS landmark displacement of such a component is held to about this many crop pixels. FLAME's
+#: bases come from Procrustes-aligned scans and barely do so anyway; random bases (the synthetic model)
+#: do, by ~6 degrees for a 0.5-sigma shape, which is then indistinguishable from head rotation.
+GAUGE_SIGMA_PX = 0.1
+#: Pull toward the previous frame (sigma of the frame-to-frame change): small changes are free, so the
+#: fit follows motion, while noise along weakly observed directions no longer makes the fit wander.
+TEMPORAL_SIGMA = {"expression": 0.5, "jaw": 0.05, "eyes": 0.1, "head": 0.05, "translation": 0.2}
+#: Per-frame parameters in the order of the solver's vector; eyes are [left, right] axis-angle.
+_BLOCKS = (("jaw", 3), ("eyes", 6), ("head", 3), ("translation", 3))
+
+
+def rotation_derivative(rotvec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLAME's rotations (N,3,3) and their derivatives (N,3,3,3) by each axis-angle component.
+
+    The closed form of Gallego and Yezzi (J. Math. Imaging Vis., 2015); near zero it is [e_i]x.
+    """
+    rot = rodrigues(rotvec)
+    eye = torch.eye(3, dtype=rotvec.dtype, device=rotvec.device)
+    sq = (rotvec * rotvec).sum(-1)                                        # (N,)
+    small = sq < 1e-10
+    cross_rows = torch.cross(rotvec[:, None, :].expand(-1, 3, -1),
+                             (eye - rot).transpose(1, 2), dim=-1)  # row i: theta x (I-R) e_i
+    numer = (rotvec[:, :, None, None] * _skew(rotvec)[:, None]
+             + _skew(cross_rows.reshape(-1, 3)).view(-1, 3, 3, 3))
+    deriv = numer / torch.where(small, torch.ones_like(sq), sq)[:, None, None, None] @ rot[:, None]
+    generators = _skew(eye).expand(rotvec.shape[0], -1, -1, -1)
+    return rot, torch.where(small[:, None, None, None], generators, deriv)
+
+
+def _skew(v: torch.Tensor) -> torch.Tensor:
+    """Cross-product matrices (N,3,3) of vectors (N,3)."""
+    x, y, z = v.unbind(-1)
+    zero = torch.zeros_like(x)
+    return torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], dim=-1).view(*v.shape[:-1], 3, 3)
+
+
 class FlameFitter:
-    """Landmarks of a 512 head crop (B, 478, 2+) -> FlameFit per frame; keeps identity and warm start."""
+    """Landmarks of a 512 head crop (B, 478, 2+) -> FlameFit per frame; keeps identity and warm start.
+
+    Identity: the first call estimates it from its own frames (so a single photo gets a shape); once
+    `identity_frames` frames have been seen it is re-estimated jointly over all of them and then held.
+    One view leaves shape and head rotation entangled (a deeper nose reads like pitch); several views
+    of a moving head separate them. n_shape: the leading shape components fitted (fewer is faster,
+    but shape left out of the fit ends up in pose). steps: the most LM iterations per frame (it stops
+    earlier once the fit stops improving); identity_steps: LM iterations of each identity estimate.
+    """
 
     def __init__(self, assets: FlameAssets, embedding: MediapipeEmbedding | None = None, n_exp: int = 50,
-                 steps: int = 30, identity_steps: int = 300, lr: float = 0.02, device: str = "cpu") -> None:
+                 steps: int = 3, identity_steps: int = 30, identity_frames: int = 8, n_shape: int = 300,
+                 device: str = "cpu") -> None:
         if assets.landmarks is None and embedding is None:
             raise FitInputError("the FLAME model has no landmark embeddings and no mediapipe embedding "
                                 "was given: use FLAME_with_eye.pt or pass mediapipe_landmark_embedding.npz")
-        flame = landmark_submodel(assets, None if embedding is None else embedding.faces).to(device)
+        if min(steps, identity_steps, identity_frames) < 1:
+            raise FitInputError(f"steps={steps}, identity_steps={identity_steps}, identity_frames="
+                                f"{identity_frames}: accepted are integers >= 1")
+        # float64: the tensors are tiny, so it costs nothing on CPU and spares casts around the solves
+        flame = landmark_submodel(assets, None if embedding is None else embedding.faces, n_shape=n_shape)
+        flame = flame.to(device=device, dtype=torch.float64)
         self.flame = flame
         self.embedding = embedding
         self.n_exp = min(n_exp, flame.n_exp)
-        self.steps, self.identity_steps, self.lr = steps, identity_steps, lr
+        self.steps, self.identity_steps, self.identity_frames = steps, identity_steps, identity_frames
         if embedding is None:
             with_eyes = flame.lmk_full_faces.shape[0] == 70
             index = MEDIAPIPE_TO_IBUG68 + (MEDIAPIPE_IRIS_CENTRES if with_eyes else ())
             self.mediapipe_index = torch.tensor(index)
         else:
             self.mediapipe_index = torch.from_numpy(embedding.mediapipe_index)
+        self._build_tables()
+        dev = {"device": flame.v_template.device, "dtype": flame.v_template.dtype}
+        sizes = [self.n_exp] + [w for _, w in _BLOCKS]
+        sigmas = [EXPRESSION_SIGMA, JAW_SIGMA, EYE_SIGMA, float("inf"), float("inf")]
+        prior = torch.cat([torch.full((k,), s ** -2, **dev) for k, s in zip(sizes, sigmas, strict=True)])
+        self._prior = torch.diag(prior)
+        self._prior[:self.n_exp, :self.n_exp] += self._gauge(self._lmk_lin[:, 0, :, :self.n_exp])
+        self._shape_prior = (torch.eye(flame.n_shape, **dev) * SHAPE_SIGMA ** -2
+                             + self._gauge(self._lmk_shape[:, 0]))
+        names = ["expression"] + [name for name, _ in _BLOCKS]
+        self._temporal = torch.cat([torch.full((k,), TEMPORAL_SIGMA[name] ** -2, **dev)
+                                    for k, name in zip(sizes, names, strict=True)])
+        self._frontal = _FRONTAL.to(**dev)
         self.reset()
+
+    def _build_tables(self) -> None:
+        """Collapse each possible landmark's three skinned corners into per-landmark linear tables.
+
+        With root and neck unrotated, a landmark is p = G0 + sum_j (R_j - I)(G_j - s_j J_j) over the jaw
+        and eye joints j, where G0 is the barycentric mix of the corners' pose-corrected rest positions,
+        G_j the same mix weighted by each corner's skinning weight of joint j, and s_j the mix of those
+        weights. G0 and G_j are linear in shape, expression and the pose feature vec(R - I), so a table
+        row per landmark (4 channels x 3 coordinates) holds their coefficients.
+        """
+        f = self.flame
+        if self.embedding is not None:
+            faces = torch.from_numpy(self.embedding.faces).to(f.faces.device)
+            bary = torch.from_numpy(self.embedding.bary).to(f.v_template)
+        else:
+            eyes = slice(68, 70 if self.mediapipe_index.shape[0] == 70 else 68)
+            faces = torch.cat([f.lmk_dynamic_faces[0], f.lmk_static_faces, f.lmk_full_faces[eyes]])
+            bary = torch.cat([f.lmk_dynamic_bary[0], f.lmk_static_bary, f.lmk_full_bary[eyes]])
+        corners = f.faces[faces]                                              # (N,3) vertices
+        n_vert, joints, scale, ns = f.v_template.shape[0], [2, 3, 4], f.scale, f.n_shape
+        weights = f.lbs_weights[:, joints]
+        channel = bary[..., None] * torch.cat([torch.ones_like(weights[:, :1]), weights], 1)[corners]
+        pose_dirs = f.posedirs.T.reshape(n_vert, 3, -1)[:, :, 9:]          # the neck's 9 stay unused
+
+        def mix(per_vertex: torch.Tensor) -> torch.Tensor:
+            return torch.einsum("nkh,nkc...->nhc...", channel, per_vertex[corners]) * scale
+
+        self._lmk_rest = mix(f.v_template)                                    # (N,4,3)
+        self._lmk_shape = mix(f.shapedirs[:, :, :ns])                         # (N,4,3,S)
+        self._lmk_lin = mix(torch.cat([f.shapedirs[:, :, ns:ns + self.n_exp], pose_dirs], 2))  # (N,4,3,E+27)
+        self._lmk_skin = channel[:, :, 1:].sum(1)                             # (N,3)
+        # the joint channels as one (joint x coordinate, landmark x coefficient) matrix for the Jacobian
+        self._lin_joints = self._lmk_lin[:, 1:].permute(1, 2, 0, 3).reshape(9, -1)
+        self._shape_joints = self._lmk_shape[:, 1:].permute(1, 2, 0, 3).reshape(9, -1)
+        reg = f.j_regressor[joints]
+        self._joint_rest = reg @ f.v_template * scale                         # (3,3)
+        self._joint_shape = torch.einsum("jv,vcl->jcl", reg, f.shapedirs[:, :, :ns]) * scale
+        self._joint_exp = torch.einsum("jv,vcl->jcl", reg, f.shapedirs[:, :, ns:ns + self.n_exp]) * scale
+
+    def _gauge(self, dirs: torch.Tensor) -> torch.Tensor:
+        """Quadratic penalty (K,K) on the rigid part of K blend shapes' landmark displacements (L,3,K).
+
+        The rigid part is the least-squares small rotation, shift and scale of the rest landmarks that
+        best matches a displacement, each measured as the RMS landmark motion it causes.
+        """
+        rest = self._lmk_rest[:, 0]
+        centred = rest - rest.mean(0)
+        eye = torch.eye(3, dtype=rest.dtype, device=rest.device)
+        depth = centred[:, 2:] * eye[:2, None]                               # x or y shifted by depth
+        axes = eye[:, None].expand(3, *rest.shape)
+        modes = torch.cat([torch.cross(axes, centred.expand(3, -1, -1), dim=-1), axes, centred[None],
+                           depth])                                            # (9,L,3)
+        modes = modes.reshape(modes.shape[0], -1)
+        modes = modes / modes.norm(dim=1, keepdim=True) * rest.shape[0] ** 0.5    # unit RMS per landmark
+        rigid = torch.linalg.lstsq(modes.T, dirs.reshape(-1, dirs.shape[-1])).solution  # (7,K)
+        px_per_unit = FOCAL * CROP_SIZE / 2 / CAMERA_DISTANCE
+        return rigid.T @ rigid * (px_per_unit / GAUGE_SIGMA_PX) ** 2
 
     def reset(self) -> None:
         """Forget identity and warm start (a new person)."""
         self.shape: torch.Tensor | None = None
-        self._last: dict[str, torch.Tensor] | None = None
+        self.identity_held = False
+        self._last: torch.Tensor | None = None
+        self._seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # (target, fit) until identity is held
 
-    def _model_landmarks(self, verts: torch.Tensor, head_rot: torch.Tensor) -> torch.Tensor:
-        if self.embedding is not None:
-            faces = torch.from_numpy(self.embedding.faces).to(verts.device)
-            bary = torch.from_numpy(self.embedding.bary).to(verts.device)
-            return self.flame._interpolate(verts, faces, bary)
-        ibug = self.flame.landmarks(verts, "ibug68", global_pose=head_rot.detach())
-        if self.mediapipe_index.shape[0] == 70:
-            ibug = torch.cat([ibug, self.flame.landmarks(verts, "full")[:, 68:]], dim=1)
-        return ibug
+    def _hold_identity(self, shape: torch.Tensor) -> None:
+        """Fix the identity and fold it into the tables used per frame."""
+        self.shape = shape[None]
+        self._lmk_base = self._lmk_rest + self._lmk_shape @ shape
+        self._joint_base = self._joint_rest + self._joint_shape @ shape
 
-    def _solve(self, target: torch.Tensor, params: dict[str, torch.Tensor], steps: int,
-               fit_shape: bool) -> torch.Tensor:
-        names = [n for n in params if fit_shape or n != "shape"]
-        for n in names:
-            params[n].requires_grad_(True)
-        optim = torch.optim.Adam([params[n] for n in names], lr=self.lr)
-        prev = {k: v.detach().clone() for k, v in params.items()}
+    @property
+    def n_params(self) -> int:
+        """Per-frame parameters: expression, jaw (3), eyes (6), head rotation (3), translation (3)."""
+        return self.n_exp + 15
+
+    # --- the model and its Jacobian ------------------------------------------------------------------
+
+    def _through_joints(self, bend_rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """sum_j (R_j - I) G_j for joint-channel coefficients: (B,1,3,9) x (9, L*Q) -> (B,L,3,Q)."""
+        batch, n_lmk = bend_rows.shape[0], self._lmk_rest.shape[0]
+        out = bend_rows.reshape(batch * 3, 9) @ table
+        return out.view(batch, 3, n_lmk, -1).transpose(1, 2)
+
+    def _evaluate(self, x: torch.Tensor, target: torch.Tensor, shape: torch.Tensor | None,
+                  jacobian: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Pixel residuals (B,2L) and, with jacobian, d residual / d x (B,2L,P).
+
+        shape None uses the held identity; a shape tensor (identity fitting) also gives d / d shape.
+        """
+        batch, ne = x.shape[0], self.n_exp
+        exp, jaw, eyes, head, trans = torch.split(x, [ne, 3, 6, 3, 3], dim=1)
+        rot, drot = rotation_derivative(torch.cat([jaw, eyes, head], 1).reshape(-1, 3))
+        rot, drot = rot.view(batch, 4, 3, 3), drot.view(batch, 4, 3, 3, 3)  # jaw, left, right eye, head
+        bend = rot[:, :3] - torch.eye(3, dtype=x.dtype, device=x.device)
+        n_lmk = self._lmk_rest.shape[0]
+        if shape is None:
+            base, joints = self._lmk_base, self._joint_base
+        else:
+            base = self._lmk_rest + self._lmk_shape @ shape
+            joints = self._joint_rest + self._joint_shape @ shape
+        coef = torch.cat([exp, bend.reshape(batch, 27)], 1)
+        lin = self._lmk_lin.view(-1, coef.shape[1])
+        chan = base + (lin @ coef.T).T.view(batch, n_lmk, 4, 3)              # (B,L,4,3)
+        joints = joints + (self._joint_exp @ exp.T).permute(2, 0, 1)        # (B,3,3)
+        skin = self._lmk_skin.expand(batch, -1, -1)                           # (B,L,3)
+        arm = chan[:, :, 1:] - skin[..., None] * joints[:, None]              # (B,L,3,3)
+        bend_rows = bend.permute(0, 2, 1, 3).reshape(batch, 1, 3, 9)          # [c, (j,d)]
+        points = chan[:, :, 0] + (bend_rows @ arm.reshape(batch, n_lmk, 9, 1))[..., 0]
+        cam_rot = rot[:, 3].transpose(1, 2) @ self._frontal
+        cam = points @ cam_rot + trans[:, None]
+        pixel_focal, centre = FOCAL * CROP_SIZE / 2, (CROP_SIZE - 1) / 2
+        inv_z = 1 / cam[..., 2:]
+        pred = centre - pixel_focal * cam[..., :2] * inv_z
+        residual = (pred - target).reshape(batch, -1)
+        if not jacobian:
+            return residual, None, None
+
+        def to_pixels(d_cam: torch.Tensor) -> torch.Tensor:
+            """d camera point (B,L,3,Q) -> d pixel (B,2L,Q): u = c - f X/Z, v = c - f Y/Z."""
+            d = pixel_focal * inv_z[..., None] * (cam[..., :2, None] * inv_z[..., None] * d_cam[:, :, 2:]
+                                                  - d_cam[:, :, :2])
+            return d.reshape(batch, 2 * n_lmk, -1)
+
+        normal = self._lmk_lin[:, 0] + self._through_joints(bend_rows, self._lin_joints)  # (B,L,3,Q)
+        bent_exp = (bend @ self._joint_exp).reshape(batch, 3, -1)           # (B,j,3*E)
+        d_exp = normal[..., :ne] - (skin @ bent_exp).view(batch, n_lmk, 3, ne)
+        dfeat = drot[:, :3].reshape(batch, 3, 3, 9)                         # [j, m, vec(dR)]
+        d_rot = (torch.einsum("blcjq,bjmq->blcjm", normal[..., ne:].reshape(batch, n_lmk, 3, 3, 9), dfeat)
+                 + torch.einsum("bjmcd,bljd->blcjm", drot[:, :3], arm)).reshape(batch, n_lmk, 3, 9)
+        to_cam = cam_rot.transpose(1, 2)[:, None]
+        d_cam_rot = drot[:, 3].transpose(2, 3) @ self._frontal               # (B,m,3,3)
+        d_head = (points[:, None] @ d_cam_rot).permute(0, 2, 3, 1)           # (B,L,3,m)
+        d_trans = torch.eye(3, dtype=x.dtype, device=x.device).expand(batch, n_lmk, 3, 3)
+        jac = to_pixels(torch.cat([to_cam @ torch.cat([d_exp, d_rot], -1), d_head, d_trans], -1))
+        if shape is None:
+            return residual, jac, None
+        bent_shape = (bend @ self._joint_shape).reshape(batch, 3, -1)
+        d_shape = (self._lmk_shape[:, 0] + self._through_joints(bend_rows, self._shape_joints)
+                   - (skin @ bent_shape).view(batch, n_lmk, 3, -1))
+        return residual, jac, to_pixels(to_cam @ d_shape)
+
+    # --- solvers --------------------------------------------------------------------------------------
+
+    def _cost(self, residual: torch.Tensor, x: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
+        cost = residual.pow(2).sum(-1) + ((x @ self._prior) * x).sum(-1)
+        return cost if prev is None else cost + (self._temporal * (x - prev).pow(2)).sum(-1)
+
+    def _solve_frames(self, x: torch.Tensor, target: torch.Tensor, prev: torch.Tensor | None, steps: int,
+                      active: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """LM on each frame's own parameters (identity fixed); returns (x, residual)."""
+        temporal = torch.zeros_like(self._temporal) if prev is None else self._temporal
+        anchor = x if prev is None else prev
+        residual, jac, _ = self._evaluate(x, target, None, jacobian=True)
+        cost = self._cost(residual, x, prev)
+        damping = torch.full_like(cost, 1e-3)
+        keep = None if active is None else active.to(x)
+        for it in range(steps):
+            hess = jac.transpose(1, 2) @ jac + self._prior + torch.diag(temporal)
+            grad = ((jac.transpose(1, 2) @ residual[..., None])[..., 0] + x @ self._prior
+                    + temporal * (x - anchor))
+            if keep is not None:  # frozen parameters: zero step
+                hess = hess * (keep[:, None] * keep) + torch.diag(1 - keep)
+                grad = grad * keep
+            diag = torch.diagonal(hess, dim1=1, dim2=2)
+            hess = hess + torch.diag_embed(damping[:, None] * diag + 1e-9)
+            cand = x - torch.linalg.solve(hess, grad)
+            last = it == steps - 1
+            cand_residual, cand_jac, _ = self._evaluate(cand, target, None, jacobian=not last)
+            cand_cost = self._cost(cand_residual, cand, prev)
+            better = cand_cost < cost
+            gain = (cost - cand_cost) / cost.clamp(min=1e-12)
+            x = torch.where(better[:, None], cand, x)
+            residual = torch.where(better[:, None], cand_residual, residual)
+            if not last:
+                jac = torch.where(better[:, None, None], cand_jac, jac)
+            cost = torch.where(better, cand_cost, cost)
+            damping = torch.where(better, damping / 3, damping * 4)
+            if bool((better & (gain < 1e-4)).all()):  # converged: further steps would not move the fit
+                break
+        return x, residual
+
+    def _solve_identity(self, x: torch.Tensor, target: torch.Tensor,
+                        steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """LM on the shared shape and every frame's parameters at once; returns (x, shape, residual).
+
+        The normal equations are solved by eliminating each frame's block first (Schur complement),
+        so a step costs one shape-sized solve however many frames there are.
+        """
+        shape = self.shape[0].clone()
+
+        def total(residual: torch.Tensor, x: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+            return self._cost(residual, x, None).sum() + shape @ self._shape_prior @ shape
+
+        residual, jac, jac_shape = self._evaluate(x, target, shape, True)
+        cost, damping = total(residual, x, shape), 1e-2
         for _ in range(steps):
-            optim.zero_grad()
-            pred = self._predict(params)
-            err = (pred - target).pow(2).sum(-1).mean()  # squared crop pixels
-            reg = (1e-4 * params["expression"].pow(2).sum() + 1e-4 * params["shape"].pow(2).sum()
-                   + 1e-3 * params["eyes"].pow(2).sum() + 1e-3 * params["jaw"].pow(2).sum())
-            if not fit_shape:   # stay near the warm start: steadier on a still face
-                reg = reg + 1e-4 * sum((params[n] - prev[n]).pow(2).sum() for n in ("expression", "jaw"))
-            (err + reg / target.shape[0]).backward()
-            optim.step()
-        for n in names:
-            params[n].requires_grad_(False)
-        return (self._predict(params) - target).norm(dim=-1).mean(dim=1)
+            js_t, jf_t = jac_shape.transpose(1, 2), jac.transpose(1, 2)
+            h_ss = (js_t @ jac_shape).sum(0) + self._shape_prior
+            h_ff = jf_t @ jac + self._prior                                   # (B,P,P)
+            h_sf = js_t @ jac                                                 # (B,S,P)
+            g_s = (js_t @ residual[..., None]).sum(0)[:, 0] + self._shape_prior @ shape
+            g_f = (jf_t @ residual[..., None])[..., 0] + x @ self._prior
+            h_ss = h_ss + torch.diag(damping * torch.diagonal(h_ss) + 1e-9)
+            h_ff = h_ff + torch.diag_embed(damping * torch.diagonal(h_ff, dim1=1, dim2=2) + 1e-9)
+            chol = torch.linalg.cholesky(h_ff)
+            fs = torch.cholesky_solve(torch.cat([h_sf.transpose(1, 2), g_f[..., None]], 2), chol)
+            schur = h_ss - (h_sf @ fs[..., :-1]).sum(0)
+            d_shape = torch.linalg.solve(schur, -(g_s - (h_sf @ fs[..., -1:]).sum(0)[:, 0]))
+            cand_shape = shape + d_shape
+            cand = x - fs[..., -1] - (fs[..., :-1] @ d_shape[:, None])[..., 0]
+            cand_residual, cand_jac, cand_jac_shape = self._evaluate(cand, target, cand_shape, True)
+            cand_cost = total(cand_residual, cand, cand_shape)
+            if cand_cost < cost:
+                gain = float((cost - cand_cost) / cost)
+                x, shape, residual, jac, jac_shape = cand, cand_shape, cand_residual, cand_jac, cand_jac_shape
+                cost, damping = cand_cost, damping / 3
+                if gain < 1e-4:
+                    break
+            else:
+                damping *= 4
+        return x, shape, residual
 
-    def _predict(self, p: dict[str, torch.Tensor]) -> torch.Tensor:
-        batch = p["expression"].shape[0]
-        verts = self.flame(shape=p["shape"].expand(batch, -1), expression=p["expression"],
-                           jaw_pose=p["jaw"], eye_pose=p["eyes"])
-        rotation = self._rotation(p["head"])
-        return project(self._model_landmarks(verts, p["head"]), rotation, p["translation"])
+    def _initial(self, target: torch.Tensor) -> torch.Tensor:
+        """Neutral frontal parameters, the camera placed so the landmarks' centre and spread match."""
+        x = torch.zeros(target.shape[0], self.n_params, dtype=target.dtype, device=target.device)
+        x[:, -1] = CAMERA_DISTANCE
+        residual, _, _ = self._evaluate(x, target, None, jacobian=False)
+        pred = residual.view_as(target) + target
+        spread = lambda p: (p - p.mean(1, keepdim=True)).norm(dim=-1).mean(1)  # noqa: E731
+        z = CAMERA_DISTANCE * spread(pred) / spread(target).clamp(min=1.0)
+        off = (CROP_SIZE - 1) / 2 - torch.stack([target.mean(1), pred.mean(1)])  # (2,B,2) from centre
+        pixel_focal = FOCAL * CROP_SIZE / 2
+        x[:, -3:-1] = (off[0] * z[:, None] - off[1] * CAMERA_DISTANCE) / pixel_focal
+        x[:, -1] = z
+        return x
 
-    @staticmethod
-    def _rotation(head: torch.Tensor) -> torch.Tensor:
-        """Camera rotation for a head rotated by `head` (axis-angle): x_cam = (R_h x) R0 = x R_h^T R0."""
-        return rodrigues(head).transpose(1, 2) @ _FRONTAL.to(head)
+    # --- public -----------------------------------------------------------------------------------------
 
     def fit(self, landmarks: np.ndarray) -> list[FlameFit]:
-        """Fit a batch of consecutive frames; the first call also fixes the identity."""
+        """Fit a batch of consecutive frames (the first calls also estimate the identity, see the class).
+
+        Frames of one batch are solved in parallel, each warm-started from (and pulled toward) the
+        last frame of the previous call.
+        """
         points = np.asarray(landmarks, dtype=np.float32)
         if points.ndim == 2:
             points = points[None]
-        if points.ndim != 3 or points.shape[1] != MESH_LANDMARKS or points.shape[2] < 2:
-            raise FitInputError(f"landmarks have shape {points.shape}: accepted is "
-                                f"(B, {MESH_LANDMARKS}, 2 or 3) mediapipe pixels on the "
-                                f"{CROP_SIZE}x{CROP_SIZE} head crop")
-        device = self.flame.v_template.device
-        target = torch.from_numpy(points[:, :, :2]).to(device)[:, self.mediapipe_index.to(device)]
+        if (points.ndim != 3 or points.shape[0] < 1 or points.shape[1] != MESH_LANDMARKS
+                or points.shape[2] < 2 or not np.isfinite(points[:, :, :2]).all()):
+            raise FitInputError(f"landmarks have shape {points.shape} (or non-finite values): accepted is "
+                                f"finite (B, {MESH_LANDMARKS}, 2 or 3) mediapipe pixels on the "
+                                f"{CROP_SIZE}x{CROP_SIZE} head crop, B >= 1")
+        device = self._lmk_rest.device
+        target = torch.from_numpy(points[:, :, :2]).to(device, torch.float64)
+        target = target[:, self.mediapipe_index.to(device)]
         batch = target.shape[0]
-        first = self.shape is None
-        if first:
-            self.shape = torch.zeros(1, self.flame.n_shape, device=device)
-        start = self._last or {
-            "expression": torch.zeros(1, self.n_exp, device=device), "jaw": torch.zeros(1, 3, device=device),
-            "eyes": torch.zeros(1, 6, device=device), "head": torch.zeros(1, 3, device=device),
-            "translation": torch.tensor([[0.0, 0.0, CAMERA_DISTANCE]], device=device)}
-        params = {k: v.expand(batch, -1).clone() for k, v in start.items()}
-        params["shape"] = self.shape.clone()
-        if first:
-            # the per-frame parameters first, then identity with them
-            self._solve(target, params, self.identity_steps // 3, fit_shape=False)
-            error = self._solve(target, params, self.identity_steps, fit_shape=True)
-            self.shape = params["shape"].detach()
-        else:
-            error = self._solve(target, params, self.steps, fit_shape=False)
-        self._last = {k: v[-1:].detach().clone() for k, v in params.items() if k != "shape"}
-        return [self._record(params, i, float(error[i])) for i in range(batch)]
+        with torch.no_grad():
+            if self.shape is None:
+                # the mean shape first: camera alone, then all per-frame parameters, then identity too
+                self._hold_identity(torch.zeros_like(self._joint_shape[0, 0]))
+                rigid = torch.zeros(self.n_params, dtype=torch.bool, device=device)
+                rigid[-6:] = True
+                x, _ = self._solve_frames(self._initial(target), target, None, 5, active=rigid)
+                x, _ = self._solve_frames(x, target, None, 5)
+                x, shape, residual = self._solve_identity(x, target, self.identity_steps)
+                self._hold_identity(shape)
+            else:
+                prev = self._last.expand(batch, -1)
+                x, residual = self._solve_frames(prev.clone(), target, prev, self.steps)
+            if not self.identity_held:
+                self._seen.append((target, x))
+                if sum(t.shape[0] for t, _ in self._seen) >= self.identity_frames:
+                    x, residual = self._final_identity(batch)
+        self._last = x[-1:].clone()
+        error = residual.view(batch, -1, 2).norm(dim=-1).mean(1)
+        return [self._record(x[i], float(error[i])) for i in range(batch)]
 
-    def _record(self, p: dict[str, torch.Tensor], i: int, error: float) -> FlameFit:
-        rotation = self._rotation(p["head"][i:i + 1])[0]
-        transform = torch.cat([rotation, p["translation"][i][:, None]], dim=1)
+    def _final_identity(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Re-estimate identity over every frame seen so far, hold it; this call's frames refitted."""
+        target = torch.cat([t for t, _ in self._seen])
+        x, shape, residual = self._solve_identity(torch.cat([x for _, x in self._seen]), target,
+                                                  self.identity_steps)
+        self._hold_identity(shape)
+        self.identity_held, self._seen = True, []
+        return x[-batch:], residual[-batch:]
+
+    def _record(self, x: torch.Tensor, error: float) -> FlameFit:
+        exp, jaw, eyes, head, trans = torch.split(x, [self.n_exp, 3, 6, 3, 3])
+        rotation = rodrigues(head[None])[0].T @ self._frontal
+        transform = torch.cat([rotation, trans[:, None]], dim=1)
         expcode = np.zeros(100, np.float32)
-        expcode[:self.n_exp] = p["expression"][i].cpu().numpy()
+        expcode[:self.n_exp] = exp.cpu().numpy()
         shapecode = np.zeros(300, np.float32)
         shapecode[:self.flame.n_shape] = self.shape[0].cpu().numpy()
         return FlameFit(shapecode=shapecode, expcode=expcode,
-                        posecode=np.concatenate([np.zeros(3, np.float32), p["jaw"][i].cpu().numpy()]),
-                        eyecode=p["eyes"][i].cpu().numpy().astype(np.float32),
+                        posecode=np.concatenate([np.zeros(3, np.float32), jaw.cpu().numpy()]),
+                        eyecode=eyes.cpu().numpy().astype(np.float32),
                         transform_matrix=transform.cpu().numpy().astype(np.float32),
                         landmark_error_px=error)
