@@ -161,3 +161,18 @@ def test_bad_input_is_rejected_with_what_is_accepted(assets):
         fitter.fit(nan)
     with pytest.raises(FitInputError, match=">= 1"):
         FlameFitter(assets, steps=0)
+
+
+@pytest.mark.gpu
+def test_fitter_on_cuda_follows_the_cpu_fit(flame, assets, pose_free):
+    """The same fitter on the GPU (run on the GPU machine): float64 throughout, so the fits agree."""
+    truth = _video(pose_free, 10, seed=3)
+    cpu = FlameFitter(assets, identity_frames=4)
+    gpu = FlameFitter(assets, identity_frames=4, device="cuda")
+    observed, _ = _observe(flame, cpu, *truth)
+    for i in range(10):
+        (a,), (b,) = cpu.fit(observed[i]), gpu.fit(observed[i])
+        np.testing.assert_allclose(b.transform_matrix, a.transform_matrix, atol=1e-4)
+        np.testing.assert_allclose(b.expcode, a.expcode, atol=1e-3)
+        assert abs(b.landmark_error_px - a.landmark_error_px) < 1e-3
+    assert gpu.shape.device.type == "cuda" and gpu.identity_held

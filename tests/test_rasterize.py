@@ -98,7 +98,9 @@ def test_projection_matches_gsplat_torch_reference():
     visible = radii[:, 0] > 0
     assert 100 < visible.sum() < len(scene) - 20  # some culled (behind / outside), most kept
     np.testing.assert_allclose(xy[visible], g_xy[visible], rtol=1e-9, atol=1e-9)
-    np.testing.assert_allclose(depths[visible], g_depths[visible], rtol=1e-12)
+    # depths are gsplat's float32 sort key (its CUDA fma chain): within two float32 ulps of exact
+    assert np.all(depths[visible] == depths[visible].astype(np.float32))
+    np.testing.assert_allclose(depths[visible], g_depths[visible], rtol=2.4e-7)
     np.testing.assert_allclose(conics[visible], g_conics[visible], rtol=1e-7, atol=1e-12)
     # gsplat's torch path uses a fixed 3.33-sigma extent; the CUDA kernel (and we) shrink it with
     # opacity, so ours are never larger, and nothing gsplat culls survives here.
@@ -289,10 +291,17 @@ def test_gsplat_matches_published_rasterizer_within_gaussian_numerics(reference_
     _, shifted_psnr, _ = compare(default, dataclasses.replace(camera, K=shifted_k))
     cpu = rasterize(default.to("cpu"), camera, backend="cpu").image.permute(2, 0, 1)[None]
     cpu_diff = (cpu - out).abs().max().item()
+    cpu_rel = ((cpu - out).norm() / out.norm()).item()
+    # pixels where the two backends would composite a near-equal-depth pair in the other order
+    swapped = ((cpu - out).abs().amax(1) > 1e-3).float().mean().item()
     print(f"gsplat vs published: default GPU numerics {psnr:.1f} dB, rel {rel:.2e}; strict fp32 "
           f"{strict_psnr:.1f} dB, rel {strict_rel:.2e}; strict vs default render {spread:.2e}; "
-          f"half-pixel camera shift {shifted_psnr:.1f} dB; gsplat vs cpu max abs {cpu_diff:.3g}")
+          f"half-pixel camera shift {shifted_psnr:.1f} dB; gsplat vs cpu max abs {cpu_diff:.3g}, rel "
+          f"{cpu_rel:.2e}, {swapped:.3%} of pixels > 1e-3")
     assert rel < 1.5e-3 and psnr > 65
     assert strict_rel < 2.5e-3 and spread > 0.5 * rel  # the generator's numerics alone move it this far
     assert psnr - shifted_psnr > 10
-    assert cpu_diff < 2e-5
+    # Same tensors, two rasterizers: this scene holds thousands of overlapping pairs whose float32
+    # depths tie or sit an ulp apart, so the CPU backend sorts by gsplat's exact float32 depth (a
+    # float64 key moved 0.3 % of pixels by > 1e-3 and the image by 1.2e-3).
+    assert cpu_rel < 1e-5 and swapped == 0 and cpu_diff < 1e-3

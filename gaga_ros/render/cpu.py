@@ -8,7 +8,11 @@ sorted lists come from a counting pass and a prefix sum, then per-tile front-to-
 Covariances come from the raw, non-normalised quaternions (see covariance.py).
 
 Geometry (projection, alpha, transmittance) runs in float64 so that threshold decisions are
-reproducible; colours accumulate in float32. gsplat's "sigma < 0" skip never fires here: the conic
+reproducible; colours accumulate in float32. The sort key is the exception: it is gsplat's float32
+camera depth reproduced bit for bit (nvcc's fused multiply-adds, see `_gsplat_depth`), because dense
+scenes hold overlapping Gaussians a few float32 ulps apart in depth, and a different rounding swaps
+their compositing order (on the 180k GAGAvatar reference Gaussians a float64 key left 3 % of depths
+off by an ulp and moved the image by 1.2e-3 relative). gsplat's "sigma < 0" skip never fires here: the conic
 is positive definite (eps2d > 0). A Gaussian only visits the pixels of its own extent
 inside a tile, which is exact: outside that extent its alpha is below 1/255 and gsplat skips it too.
 """
@@ -27,9 +31,22 @@ T_MIN = 1e-4
 MAX_EXTENT = 3.33
 
 
+@njit(cache=True, fastmath=False)
+def _f32(value):
+    return np.float64(np.float32(value))
+
+
+@njit(cache=True, fastmath=False)
+def _gsplat_depth(v, px, py, pz):
+    """Camera z as gsplat's CUDA computes it in float32: fma(r22, z, fma(r20, x, r21 y)) + t_z.
+    Each float64 step is exact before its rounding to float32 (products of two floats fit)."""
+    return _f32(_f32(v[2, 2] * pz + _f32(v[2, 0] * px + _f32(v[2, 1] * py))) + v[2, 3])
+
+
 @njit(parallel=True, cache=True, fastmath=False)
 def project(means, quats, scales, opacities, viewmat, intrinsics, width, height, near_plane, eps2d):
-    """Screen means (N,2), conics (N,3), depths (N,) and radii (N,2; 0 = culled), all float64."""
+    """Screen means (N,2), conics (N,3), depths (N,; gsplat's float32 value) and radii (N,2; 0 =
+    culled), all float64."""
     n = means.shape[0]
     xy = np.zeros((n, 2))
     conics = np.zeros((n, 3))
@@ -47,7 +64,8 @@ def project(means, quats, scales, opacities, viewmat, intrinsics, width, height,
         x = v[0, 0] * px + v[0, 1] * py + v[0, 2] * pz + v[0, 3]
         y = v[1, 0] * px + v[1, 1] * py + v[1, 2] * pz + v[1, 3]
         z = v[2, 0] * px + v[2, 1] * py + v[2, 2] * pz + v[2, 3]
-        if not (z >= near_plane and z <= 1e10):
+        depth = _gsplat_depth(v, px, py, pz)
+        if not (depth >= near_plane and depth <= 1e10):
             continue
         opacity = np.float64(opacities[i])
         if opacity < ALPHA_MIN:
@@ -95,7 +113,7 @@ def project(means, quats, scales, opacities, viewmat, intrinsics, width, height,
         conics[i, 0] = cc / det
         conics[i, 1] = -cb / det
         conics[i, 2] = ca / det
-        depths[i] = z
+        depths[i] = depth
         radii[i, 0] = rx
         radii[i, 1] = ry
     return xy, conics, depths, radii
