@@ -314,10 +314,9 @@ def test_bad_frame_inputs_are_value_errors(tiny):
 
 @pytest.mark.gpu
 def test_gpu_reconstruct_and_render_match_published_render(reference_dir, reference):
-    """Full model on CUDA with PyTorch's default numerics (TF32 convolutions, fp32 matmuls): the
-    public reconstruct + render path against the published rasterizer. The bound is what the
-    generator's GPU numerics allow without the published run's own Gaussian tensors (see
-    tests/test_rasterize.py::test_gsplat_matches_published_rasterizer_within_gaussian_numerics)."""
+    """Full model on CUDA with PyTorch's default numerics (TF32 convolutions, fp32 matmuls), as the
+    published run: the public reconstruct + render path against the published rasterizer (SPEC 11
+    measured 1.4e-4 on that run's own tensors; see tests/test_rasterize.py)."""
     flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
     try:
@@ -330,5 +329,5 @@ def test_gpu_reconstruct_and_render_match_published_render(reference_dir, refere
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
     official = torch.load(reference_dir / "official_render.pt")
     splat = frame.splat.cpu()
-    assert rel_error(splat[:, :, ::4, ::4], official["official_render_stride4"]) < 1.5e-3
+    assert rel_error(splat[:, :, ::4, ::4], official["official_render_stride4"]) < 5e-4
     assert frame.refined.shape == (1, 3, 512, 512) and torch.isfinite(frame.refined).all()

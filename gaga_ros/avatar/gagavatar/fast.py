@@ -199,19 +199,20 @@ class FastRenderer:
             return self.model.reconstruct(image, transform)
         image = self.model._source_image(image)
         transform = self.model._transforms(transform, 1)
+        inputs = (image, transform, *self.model.planes(transform))  # planes: on the CPU, outside the graph
         if self._encoder_graph is None:
-            self._enc_in = (image.clone(), transform.clone())
+            self._enc_in = tuple(t.clone() for t in inputs)
             self._encoder_graph = _captured(self._encode, warmup=2)
-        self._enc_in[0].copy_(image)
-        self._enc_in[1].copy_(transform)
+        for buffer, value in zip(self._enc_in, inputs, strict=True):
+            buffer.copy_(value)
         self._encoder_graph.replay()
         local_means, quats, scales, opacities, colors = (t.clone() for t in self._enc_out)
         return GagaSource(local_means, quats, scales, opacities, colors, transform[0].clone())
 
     def _encode(self) -> None:
-        model, (image, transform) = self.model, self._enc_in
+        model, (image, transform, points, dirs) = self.model, self._enc_in
         with precision_mode(self.encoder_precision):
-            groups = model.gaussian_groups(model.base_model(image), transform)
+            groups = model.gaussian_groups(model.base_model(image), transform, planes=(points, dirs))
             fields = [torch.cat([getattr(g, f)[0].float() for g in groups])
                       for f in ("rotations", "scales", "opacities", "colors")]
             local_means = torch.cat([g.xyz[0].float() for g in groups[1:]])

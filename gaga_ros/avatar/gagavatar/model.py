@@ -25,7 +25,7 @@ from gaga_ros.avatar.gagavatar.generators import (
     PlaneGaussianGenerator,
     VertexGaussianGenerator,
 )
-from gaga_ros.avatar.gagavatar.lifting import plane_points
+from gaga_ros.avatar.gagavatar.lifting import source_planes
 from gaga_ros.avatar.gagavatar.refiner import StyleUNet
 from gaga_ros.camera import Camera
 from gaga_ros.config import FLAME_VERTICES
@@ -97,13 +97,20 @@ class GAGAvatar(nn.Module):
         return self.head_base.device
 
     def gaussian_groups(self, features: Features, transform: torch.Tensor,
-                        vertices: torch.Tensor | None = None) -> list[GaussianGroup]:
-        """[expression, l0, l1] groups of a batch of encoded sources seen by `transform` (B,3,4)."""
-        points, dirs = plane_points(transform, self.cfg.plane_size, self.cfg.focal)
+                        vertices: torch.Tensor | None = None,
+                        planes: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[GaussianGroup]:
+        """[expression, l0, l1] groups of a batch of encoded sources seen by `transform` (B,3,4);
+        `planes` = `self.planes(transform)` when given (a CUDA graph cannot build them on the CPU)."""
+        points, dirs = planes if planes is not None else self.planes(transform)
         direction = self.harmo_encoder(dirs)
         return [self.gs_generator_g(self.head_base, features.global_, direction, vertices),
                 self.gs_generator_l0(features.local, direction, points, dirs),
                 self.gs_generator_l1(features.local, direction, points, dirs)]
+
+    def planes(self, transform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Lifting-plane points (B,P*P,3) and normals (B,3) of cameras (B,3,4), built on the CPU as
+        published (see lifting.source_planes) and returned on `transform`'s device."""
+        return source_planes(transform, self.cfg.plane_size, self.cfg.focal)
 
     @torch.no_grad()
     def reconstruct(self, image: torch.Tensor, transform: torch.Tensor | np.ndarray) -> GagaSource:
