@@ -123,7 +123,8 @@ class TrainStep(nn.Module):
                 cameras: list[Camera]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         m = self.model
         features = m.base_model(batch["f_image"])
-        groups = m.gaussian_groups(features, batch["f_transform"], batch["t_points"])
+        groups = m.gaussian_groups(features, batch["f_transform"], batch["t_points"],
+                                   planes=(batch["f_plane_points"], batch["f_plane_dirs"]))
         splats = []
         for b, camera in enumerate(cameras):
             g = Gaussians(torch.cat([grp.xyz[b] for grp in groups]),
@@ -233,7 +234,10 @@ class Trainer:
         self.module.train()
         cameras = [Camera.from_transform(t.numpy(), self.gaga_cfg.render_size, self.gaga_cfg.focal)
                    for t in batch["t_transform"]]
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        # the lifting planes are built on the CPU, as the published data pipeline does (lifting.py)
+        points, dirs = self.model.planes(batch["f_transform"])
+        batch = {k: v.to(self.device, non_blocking=True)
+                 for k, v in (batch | {"f_plane_points": points, "f_plane_dirs": dirs}).items()}
         self.optimizer.zero_grad(set_to_none=True)
         terms, coarse, refined = self.module(batch, cameras)
         terms["total"].backward()
