@@ -278,6 +278,8 @@ class FlameFitter:
     def _hold_identity(self, shape: torch.Tensor) -> None:
         """Fix the identity and fold it into the tables used per frame."""
         self.shape = shape[None]
+        self._shapecode = np.zeros(300, np.float32)  # the records' copy, on the host once per identity
+        self._shapecode[:shape.shape[0]] = shape.cpu().numpy()
         self._lmk_base = self._lmk_rest + self._lmk_shape @ shape
         self._joint_base = self._joint_rest + self._joint_shape @ shape
 
@@ -486,7 +488,8 @@ class FlameFitter:
                     x, residual = self._final_identity(batch)
         self._last = x[-1:].clone()
         error = residual.view(batch, -1, 2).norm(dim=-1).mean(1)
-        return [self._record(x[i], float(error[i])) for i in range(batch)]
+        x_host, error_host = x.cpu(), error.tolist()  # one transfer for the whole batch
+        return [self._record(x_host[i], error_host[i]) for i in range(batch)]
 
     def _final_identity(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Re-estimate identity over every frame seen so far, hold it; this call's frames refitted."""
@@ -498,15 +501,14 @@ class FlameFitter:
         return x[-batch:], residual[-batch:]
 
     def _record(self, x: torch.Tensor, error: float) -> FlameFit:
+        """One frame's record from its parameter vector, already on the host."""
         exp, jaw, eyes, head, trans = torch.split(x, [self.n_exp, 3, 6, 3, 3])
-        rotation = rodrigues(head[None])[0].T @ self._frontal
+        rotation = rodrigues(head[None])[0].T @ _FRONTAL.to(x)
         transform = torch.cat([rotation, trans[:, None]], dim=1)
         expcode = np.zeros(100, np.float32)
-        expcode[:self.n_exp] = exp.cpu().numpy()
-        shapecode = np.zeros(300, np.float32)
-        shapecode[:self.flame.n_shape] = self.shape[0].cpu().numpy()
-        return FlameFit(shapecode=shapecode, expcode=expcode,
-                        posecode=np.concatenate([np.zeros(3, np.float32), jaw.cpu().numpy()]),
-                        eyecode=eyes.cpu().numpy().astype(np.float32),
-                        transform_matrix=transform.cpu().numpy().astype(np.float32),
+        expcode[:self.n_exp] = exp.numpy()
+        return FlameFit(shapecode=self._shapecode.copy(), expcode=expcode,
+                        posecode=np.concatenate([np.zeros(3, np.float32), jaw.numpy()]).astype(np.float32),
+                        eyecode=eyes.numpy().astype(np.float32),
+                        transform_matrix=transform.numpy().astype(np.float32),
                         landmark_error_px=error)
