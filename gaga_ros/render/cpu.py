@@ -12,8 +12,8 @@ reproducible; colours accumulate in float32. The sort key is the exception: it i
 camera depth reproduced bit for bit (nvcc's fused multiply-adds, see `_gsplat_depth`), because dense
 scenes hold overlapping Gaussians a few float32 ulps apart in depth, and a different rounding swaps
 their compositing order (on the 180k GAGAvatar reference Gaussians a float64 key left 3 % of depths
-off by an ulp and moved the image by 1.2e-3 relative). gsplat's "sigma < 0" skip never fires here: the conic
-is positive definite (eps2d > 0). A Gaussian only visits the pixels of its own extent
+off by an ulp and moved the image by 1.2e-3 relative). gsplat's "sigma < 0" skip never fires here:
+the conic is positive definite (eps2d > 0). A Gaussian only visits the pixels of its own extent
 inside a tile, which is exact: outside that extent its alpha is below 1/255 and gsplat skips it too.
 """
 
