@@ -28,6 +28,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from tracking_bench import MEDIA, load_frames, square_512  # the same 512x512 obama frames
 
 from gaga_ros.config import FLAME_SCALE
 from gaga_ros.faces.flame import Flame
@@ -36,7 +37,6 @@ from gaga_ros.tracking.flame_fitter import project
 from gaga_ros.tracking.flame_tracker import FlameTracker
 
 ROOT = Path(__file__).resolve().parents[1]
-MEDIA = ROOT.parent / "shared" / "media"
 OUT = ROOT / "bench" / "results" / "flame.json"
 IDENTITY_FRAMES = 8
 #: Still-face jitter bounds (smoothed output, noise as in the docstring). 0.3 degrees moves the face
@@ -45,28 +45,6 @@ IDENTITY_FRAMES = 8
 JITTER_BOUNDS = {"rotation_deg": 0.3, "translation_mm": 5.0, "landmarks_px": 2.0}
 NOISE_SIGMA, JPEG_QUALITY = 2.0, 90
 MM_PER_UNIT = 1000 / FLAME_SCALE  # FLAME metres times 5
-
-
-def square_512(bgr: np.ndarray) -> np.ndarray:
-    """Centre square of a BGR image, resized to 512x512 RGB (as bench/tracking_bench.py)."""
-    h, w = bgr.shape[:2]
-    s = min(h, w)
-    sq = bgr[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
-    return cv2.cvtColor(cv2.resize(sq, (512, 512), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
-
-
-def load_frames(n: int) -> list[np.ndarray]:
-    cap = cv2.VideoCapture(str(MEDIA / "obama.mp4"))
-    frames = []
-    while len(frames) < n:
-        ok, bgr = cap.read()
-        if not ok:
-            break
-        frames.append(square_512(bgr))
-    cap.release()
-    if not frames:
-        raise SystemExit(f"no frames read from {MEDIA / 'obama.mp4'}")
-    return frames
 
 
 def noisy(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -27,6 +27,14 @@ OUT = ROOT / "bench" / "results" / "tracking.json"
 WARMUP = 10
 
 
+def square_512(bgr: np.ndarray) -> np.ndarray:
+    """Centre square of a BGR image, resized to 512x512 RGB, like a webcam stream."""
+    h, w = bgr.shape[:2]
+    s = min(h, w)
+    sq = bgr[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+    return cv2.cvtColor(cv2.resize(sq, (512, 512), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
+
+
 def load_frames(n: int) -> list[np.ndarray]:
     """Up to n frames of obama.mp4, centre-square-cropped and resized to 512x512 RGB."""
     cap = cv2.VideoCapture(str(MEDIA / "obama.mp4"))
@@ -35,11 +43,7 @@ def load_frames(n: int) -> list[np.ndarray]:
         ok, bgr = cap.read()
         if not ok:
             break
-        h, w = bgr.shape[:2]
-        s = min(h, w)
-        sq = bgr[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
-        frames.append(cv2.cvtColor(cv2.resize(sq, (512, 512), interpolation=cv2.INTER_AREA),
-                                   cv2.COLOR_BGR2RGB))
+        frames.append(square_512(bgr))
     cap.release()
     if not frames:
         raise SystemExit(f"no frames read from {MEDIA / 'obama.mp4'}")
