@@ -34,6 +34,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test, restored after: small ops thrash with several OpenMP threads
+    on a busy 2-core machine, and a thread count left behind changes later tests' float sums."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def media_dir() -> Path:
     if not MEDIA.is_dir():

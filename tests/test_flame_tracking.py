@@ -31,8 +31,8 @@ def obama_frames(media_dir):
     return frames
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_tracker_on_real_video_gives_valid_flame_expressions(obama_frames):
-    torch.set_num_threads(1)
     tracker = FlameTracker(make_synthetic_flame(0), identity_frames=4)
     try:
         outs, shapes = [], []

@@ -22,13 +22,7 @@ from gaga_ros.tracking.mesh_tracker import MeshTracker, fit_head
 SIZE = 256
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Small torch ops thrash with several OpenMP threads on a busy 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -28,8 +28,10 @@ CPU_MAX_RADIUS = 6
 
 def splat(gaussians: Gaussians, camera: Camera, max_radius: int = CPU_MAX_RADIUS) -> torch.Tensor:
     """Feature image (C, H, W) over a zero background, differentiable in every Gaussian field."""
-    viewmat = torch.as_tensor(np.asarray(camera.viewmat), dtype=torch.float32, device=gaussians.device)
-    intrinsics = torch.as_tensor(np.asarray(camera.K), dtype=torch.float32, device=gaussians.device)
+    # The Gaussians' dtype: float32 in training (gsplat needs it), float64 where tests check the maths.
+    dtype = gaussians.means.dtype
+    viewmat = torch.as_tensor(np.asarray(camera.viewmat), dtype=dtype, device=gaussians.device)
+    intrinsics = torch.as_tensor(np.asarray(camera.K), dtype=dtype, device=gaussians.device)
     covars = raw_quat_covariance(gaussians.quats, gaussians.scales)
     if gaussians.device.type == "cuda":
         import gsplat
