@@ -195,6 +195,11 @@ class Trainer:
         if self.world > 1:
             self.module = DistributedDataParallel(
                 self.step_module, device_ids=[local] if self.device.type == "cuda" else None)
+        if self.rank:
+            # Every rank seeded `seed` above for identical initial weights; left so, all ranks would draw
+            # the same StyleUNet noise maps and the global batch would hold only per-rank-batch distinct
+            # noise draws. Rank 0 keeps its stream, so world size 1 is unchanged.
+            torch.manual_seed(cfg.seed + self.rank)
         self.optimizer = torch.optim.Adam(parameter_groups(self.model, cfg.lr, cfg.style_lr), lr=cfg.lr,
                                           betas=(0.0, 0.99))
         self.scheduler = torch.optim.lr_scheduler.LinearLR(self.optimizer, 1.0, cfg.end_factor,
