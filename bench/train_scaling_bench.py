@@ -3,16 +3,17 @@
 `torchrun --nproc_per_node N -m gaga_ros.train fit` is the documented multi-GPU path; only a run on
 several GPUs shows whether it pays and whether it trains the same model. One call, one machine:
   1. world 1, batch 8 and world 2, batch 16 (8 per GPU), one after the other, timed after a warm-up;
-  2. then side by side, one GPU each: world 1 at batch 16 twice, the second with another noise
+  2. then side by side, untimed: world 1 at batch 16 on GPU 0; on GPU 1 the same with another noise
      stream after the same initial weights (the run-to-run noise that judges the world-2 curve,
      which sees the very same global batches), and a one-GPU resume of the world-2 checkpoint.
 Every run is the command line itself (`gaga_ros.train.__main__.main`) under torchrun, with two hooks
 in each process (`worker`): a timestamp after each optimiser step and a record of each torch.save.
 gsplat's JIT build runs once first, so it is no part of any run's start-up.
 Prints a table and writes bench/results/train_scaling.json (train_scaling_tiny.json with --tiny).
-GPU machine: python bench/train_scaling_bench.py --data .data/obama
-CPU smoke (gloo): python bench/train_scaling_bench.py --tiny --steps 4 --warmup 2 --check-steps 3 \
-    --resume-steps 2 --batch 1 --workers 0
+GPU machine (2 GPUs; NVLink multicast is turned off in every process): python
+bench/train_scaling_bench.py --data .data/obama (about 8 min on two H200s, gsplat's build included)
+CPU smoke (gloo, about 3 min on 2 cores): python bench/train_scaling_bench.py --tiny --steps 2
+--warmup 2 --check-steps 3 --resume-steps 1 --batch 1 --workers 0
 """
 
 from __future__ import annotations
@@ -256,7 +257,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=".data/obama", help="built dataset folder")
-    parser.add_argument("--steps", type=int, default=250, help="timed steps of the world 1 and world 2 runs")
+    parser.add_argument("--steps", type=int, default=320,
+                        help="timed steps of the world 1 and world 2 runs (start-up took 14 s on H200s: "
+                             "past ~300 it is under 10 %% of a run)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed first steps (cudnn, allocator)")
     parser.add_argument("--batch", type=int, default=8, help="batch per GPU (published: 8)")
     parser.add_argument("--check-steps", type=int, default=100, help="steps of the world-1 loss-check runs")
