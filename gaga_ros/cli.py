@@ -33,8 +33,22 @@ def run_node(name: str, ros_args: list[str]) -> None:
     module.main(["gaga-ros", *ros_args])
 
 
+def _die_with_parent() -> None:
+    """In a child before exec: the kernel sends it SIGTERM (a clean stop) if the supervisor dies,
+    since a child in its own session no longer gets the terminal's signals."""
+    import ctypes
+
+    pr_set_pdeathsig = 1  # prctl(2)
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 class Supervisor:
-    """Starts each node as its own process (real DDS between them) and restarts any that dies."""
+    """Starts each node as its own process (real DDS between them) and restarts any that dies.
+
+    Children run in their own session, so a terminal's Ctrl-C reaches only the supervisor, which
+    sends each node exactly one SIGINT (a node takes a second one as "kill now"); a second Ctrl-C
+    while they stop kills them.
+    """
 
     def __init__(self, specs, params_file: Path, restart: bool = True) -> None:
         self.specs = specs
@@ -56,9 +70,13 @@ class Supervisor:
             cmd += ["--params-file", str(overrides)]
         return cmd
 
+    def _spawn(self, spec) -> subprocess.Popen:
+        return subprocess.Popen(self._command(spec), env=self.env, start_new_session=True,
+                                preexec_fn=_die_with_parent)
+
     def start(self) -> None:
         for spec in self.specs:
-            self.procs[spec.name] = subprocess.Popen(self._command(spec), env=self.env)
+            self.procs[spec.name] = self._spawn(spec)
             print(f"[gaga-ros] started {spec.name} (pid {self.procs[spec.name].pid})", flush=True)
 
     def poll(self) -> None:
@@ -70,18 +88,27 @@ class Supervisor:
                 raise SystemExit(f"[gaga-ros] {spec.name} exited with code {code}")
             n = self.restarts[spec.name] = self.restarts.get(spec.name, 0) + 1
             print(f"[gaga-ros] {spec.name} exited with code {code}; restarting ({n})", flush=True)
-            self.procs[spec.name] = subprocess.Popen(self._command(spec), env=self.env)
+            self.procs[spec.name] = self._spawn(spec)
 
     def stop(self) -> None:
+        """One SIGINT to each node, SIGKILL to those still running after 5 s or a second Ctrl-C."""
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
         deadline = time.monotonic() + 5
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+        try:
+            for proc in self.procs.values():
+                try:
+                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        except KeyboardInterrupt:
+            print("[gaga-ros] second Ctrl-C: killing the nodes", flush=True)
+            for proc in self.procs.values():
                 proc.kill()
+        for name, proc in self.procs.items():
+            if proc.wait() != 0:
+                print(f"[gaga-ros] {name} did not stop cleanly (exit code {proc.returncode})", flush=True)
         self.tmp.cleanup()
 
 
@@ -99,9 +126,9 @@ def launch(graph_name: str, launch_args: dict[str, str], seconds: float = 0.0) -
         sys.exit(f"gaga-ros launch: {exc}")
     sup = Supervisor(specs, params_file)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    sup.start()
     t_end = time.monotonic() + seconds if seconds > 0 else float("inf")
     try:
+        sup.start()
         while time.monotonic() < t_end:
             sup.poll()
             time.sleep(0.2)

@@ -14,14 +14,19 @@ from gaga_ros import graph
 
 
 def _nodes(context):
+    # ros2 launch keeps any name:=value it is given; refuse the unknown ones as `gaga-ros launch` does
+    # (a typo would otherwise silently run the defaults).
+    unknown = sorted(set(context.launch_configurations) - set(graph.ARGUMENTS))
+    if unknown:
+        raise ValueError(f"unknown launch arguments {unknown}: known are {sorted(graph.ARGUMENTS)} "
+                         "(ros2 launch gaga_ros telepresence.launch.py --show-args)")
     args = {k: LaunchConfiguration(k).perform(context) for k in graph.ARGUMENTS}
     params_file = str(graph.profile_file(args["profile"]))
     actions = [SetEnvironmentVariable(k, v) for k, v in graph.dds_environment(dict(os.environ)).items()]
     for spec in graph.telepresence(args):
         kind = LifecycleNode if spec.lifecycle else Node
         extra = {"namespace": ""} if spec.lifecycle else {}
-        actions.append(kind(package="gaga_ros", executable="gaga-ros", name=spec.name,
-                            arguments=["node", spec.module], output="screen",
+        actions.append(kind(package="gaga_ros", executable=spec.module, name=spec.name, output="screen",
                             parameters=[params_file, spec.parameters], **extra))
     return actions
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command: set up (idempotent), make sure Chromium is there for the WebRTC tests, run pytest.
+# The test command: set up (idempotent), make sure Chromium is there for the WebRTC tests and the
+# ROS 2 command-line tools for the workspace tests, run pytest.
 # Extra arguments go to pytest (e.g. scripts/test.sh -k webrtc).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,4 +14,5 @@ if ! command -v chromium >/dev/null; then
   fi
 fi
 bash scripts/setup.sh
+bash scripts/ros2_tools.sh  # ros2 launch / ros2 topic / ... for tests/test_workspace.py (test tools only)
 exec .venv/bin/python -m pytest tests -q -p no:cacheprovider "$@"

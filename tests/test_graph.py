@@ -40,6 +40,8 @@ def test_demo_graph_publishes_avatar_frames(ros_node, tmp_path):
         proc.send_signal(signal.SIGINT)
         out = proc.communicate(timeout=30)[0]
     assert ok, f"{len(frames)} frames from the demo graph; it said:\n{out[-3000:]}"
+    # one Ctrl-C: every node stops cleanly (a node that needed SIGKILL or printed a traceback fails)
+    assert proc.returncode == 0 and "did not stop cleanly" not in out and "Traceback" not in out, out[-3000:]
     assert models and models[0].backend == "geometric" and models[0].num_gaussians > 10000
     images = [from_msg(f) for f in frames]
     assert all(img.shape == (256, 256, 3) for img in images)  # the demo profile's render size

@@ -124,10 +124,11 @@ def test_launch_file_static():
 def test_launch_file_loads_with_launch_ros():
     if importlib.util.find_spec("launch_ros") is None:
         pytest.skip("launch_ros is not installed (it is not on PyPI); checked statically above")
+    from launch import LaunchContext
     from launch.launch_description_sources import PythonLaunchDescriptionSource
 
     desc = PythonLaunchDescriptionSource(str(Path(REPO / "launch" / "telepresence.launch.py")))
-    assert desc.get_launch_description(None) is not None
+    assert desc.get_launch_description(LaunchContext()) is not None
 
 
 def test_package_xml_declares_runtime_dependencies():

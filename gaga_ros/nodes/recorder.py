@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from fractions import Fraction
 from pathlib import Path
 
@@ -31,7 +32,10 @@ class RecorderNode(Node):
         self.p = declare(self, PARAMS)
         self.path = Path(self.p["path"]).expanduser().resolve()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.container = av.open(str(self.path), mode="w")
+        self.container: av.container.OutputContainer | None = av.open(str(self.path), mode="w")
+        # close() runs on the main thread while an executor thread may be encoding a frame: the
+        # encoder must not be flushed and freed under it (a segfault at Ctrl-C, seen).
+        self.lock = threading.Lock()
         self.stream = None
         self.t0: int | None = None
         self.last_pts = -1
@@ -49,7 +53,11 @@ class RecorderNode(Node):
         except ImageMessageError as exc:
             self.error = str(exc)
             return
-        stamp = Time.from_msg(msg.header.stamp).nanoseconds
+        with self.lock:
+            if self.container is not None:
+                self._encode(rgb, Time.from_msg(msg.header.stamp).nanoseconds)
+
+    def _encode(self, rgb, stamp: int) -> None:
         if self.stream is None:
             self.stream = self.container.add_stream("libx264", rate=30)
             self.stream.width, self.stream.height = rgb.shape[1] // 2 * 2, rgb.shape[0] // 2 * 2
@@ -68,10 +76,14 @@ class RecorderNode(Node):
         self.meter.tick()
 
     def close(self) -> None:
-        if self.stream is not None:
-            for packet in self.stream.encode():
-                self.container.mux(packet)
-        self.container.close()
+        with self.lock:
+            if self.container is None:
+                return
+            if self.stream is not None:
+                for packet in self.stream.encode():
+                    self.container.mux(packet)
+            self.container.close()
+            self.container = None
         self.get_logger().info(f"wrote {self.meter.count} frames to {self.path}")
 
 

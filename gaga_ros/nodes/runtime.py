@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
+from types import FrameType
 
 import rclpy
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
@@ -11,11 +13,26 @@ from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
 
 
+def _stop_request(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _second_signal_kills() -> None:
+    """Once shutdown has begun, another Ctrl-C (or SIGTERM, launch's escalation) ends the process at
+    once, without a traceback. Launchers send each node exactly one SIGINT: `ros2 launch` only when
+    the terminal has not (see its ExecuteLocal), `gaga-ros launch` from its own session."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def spin(make_node: Callable[[], Node], args: list[str] | None = None) -> None:
-    """Run one node until Ctrl-C or shutdown; exits non-zero when the node cannot start."""
+    """Run one node until Ctrl-C, SIGTERM or shutdown; exits 0 after a clean stop, non-zero when the
+    node cannot start."""
     # Ctrl-C arrives as KeyboardInterrupt here (not through rclpy's handler, which would invalidate
     # the context while worker threads still publish), so workers stop before the context goes.
+    # SIGTERM asks for the same clean stop.
     rclpy.init(args=args if args is not None else sys.argv, signal_handler_options=SignalHandlerOptions.NO)
+    signal.signal(signal.SIGTERM, _stop_request)
     node = None
     try:
         node = make_node()
@@ -30,6 +47,7 @@ def spin(make_node: Callable[[], Node], args: list[str] | None = None) -> None:
             sys.exit(2)
         raise
     finally:
+        _second_signal_kills()
         if node is not None:
             close = getattr(node, "close", None)
             if close is not None:

@@ -1,0 +1,104 @@
+"""This package in a colcon workspace, driven with the real ROS 2 tools (`ros2 launch`, `ros2 topic`, ...).
+
+The tools come from scripts/ros2_tools.sh (test.sh runs it); the ROS 2 underlay is the venv's PyPI
+wheels, found as a ROS install is: AMENT_PREFIX_PATH and CMAKE_PREFIX_PATH name the venv, its bin/
+leads PATH, then the workspace's install/setup.bash is sourced. Shared by tests/test_workspace.py
+and bench/workspace_bench.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tools_missing() -> str | None:
+    """Why the ROS 2 tools cannot run here, or None when they can."""
+    bin_dir = Path(sys.executable).parent
+    for tool in ("ros2", "colcon"):
+        if not (bin_dir / tool).is_file():
+            return f"{bin_dir / tool} is missing: run scripts/ros2_tools.sh (scripts/test.sh does)"
+    return None
+
+
+class Workspace:
+    """A colcon workspace holding a copy of this repository's tracked files as src/gaga_ros."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.src = self.root / "src" / "gaga_ros"
+        prefix = str(Path(sys.prefix))
+        self.env = {**os.environ, "AMENT_PREFIX_PATH": prefix, "CMAKE_PREFIX_PATH": prefix,
+                    "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+        # The venv's editable gaga_ros must not hide the workspace's: nothing on PYTHONPATH but setup.bash's.
+        self.env.pop("PYTHONPATH", None)
+
+    def copy_sources(self) -> None:
+        """What `git clone` would put in src/: the tracked files of the working tree."""
+        files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, check=True, capture_output=True).stdout
+        for name in filter(None, files.decode().split("\0")):
+            source, target = REPO / name, self.src / name
+            if source.is_file():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(source.read_bytes())
+                target.chmod(source.stat().st_mode)
+
+    def build(self) -> subprocess.CompletedProcess:
+        """`colcon build --packages-select gaga_ros` with the Python install on (the ROS user's build)."""
+        return subprocess.run(
+            ["colcon", "build", "--packages-select", "gaga_ros", "--event-handlers", "console_direct+",
+             "--cmake-args", f"-DPython3_EXECUTABLE={sys.executable}", "-DBUILD_TESTING=OFF"],
+            cwd=self.root, env=self.env, capture_output=True, text=True)
+
+    def command(self, line: str) -> list[str]:
+        """A bash command line run after `source install/setup.bash`, as a ROS user types it."""
+        return ["bash", "-c", f"source {shlex.quote(str(self.root / 'install' / 'setup.bash'))} && {line}"]
+
+    def run(self, line: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(self.command(line), cwd=self.root, env=self.env, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def start(self, line: str, log: Path) -> subprocess.Popen:
+        """Start a long-running command (ros2 launch, ros2 run) with its output in `log`.
+
+        `exec` makes the tool itself the process, so a signal sent to it is what a terminal's
+        Ctrl-C sends the tool; its own session keeps the test's signals out of it."""
+        out = open(log, "w")  # noqa: SIM115 - closed by stop()
+        return subprocess.Popen(self.command(f"exec {line}"), cwd=self.root, env=self.env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def interrupt(proc: subprocess.Popen, group: bool, timeout: float = 60) -> int:
+    """A Ctrl-C; the tool's exit code. A terminal sends SIGINT to its whole foreground process group
+    (`group`: what `ros2 run`, which only waits for its child, relies on). `ros2 launch` without a
+    terminal (stdin not a tty: its --noninteractive) forwards one SIGINT to each node itself, so it
+    gets it alone: either way each node receives exactly one."""
+    if group:
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGINT)
+    try:
+        return proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wait_for_line(log: Path, text: str, timeout: float, proc: subprocess.Popen | None = None) -> bool:
+    """Wait until `text` appears in the log file (or the process ends)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in log.read_text(errors="replace"):
+            return True
+        if proc is not None and proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    return text in log.read_text(errors="replace")

@@ -1,0 +1,83 @@
+"""The ROS 2 user's journey with the real tools (upstream launch, launch_ros, ros2cli; test.sh installs
+them): colcon build in a workspace with the Python install on, `ros2 launch`, `ros2 topic hz`,
+`ros2 run`, `ros2 param describe`, `ros2 lifecycle get`, one Ctrl-C. The static launch-file check for
+machines without the tools is tests/test_interfaces.py."""
+
+import re
+
+import pytest
+from ros2_workspace import Workspace, interrupt, tools_missing, wait_for_line
+
+from gaga_ros import cli, graph
+from gaga_ros.nodes.render import PARAMS as RENDER_PARAMS
+
+LAUNCH = "ros2 launch gaga_ros telepresence.launch.py"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    missing = tools_missing()
+    if missing:
+        pytest.fail(missing)
+    ws = Workspace(tmp_path_factory.mktemp("ros2_ws"))
+    ws.copy_sources()
+    result = ws.build()
+    assert result.returncode == 0, f"colcon build failed:\n{result.stdout[-4000:]}\n{result.stderr[-2000:]}"
+    return ws
+
+
+def test_one_executable_per_node(workspace):
+    listed = re.search(r"set\(GAGA_ROS_NODES ([^)]*)\)", (workspace.src / "CMakeLists.txt").read_text())
+    assert listed and listed.group(1).split() == list(cli.NODES)
+    installed = workspace.root / "install" / "gaga_ros" / "lib" / "gaga_ros"
+    assert all((installed / node).is_file() for node in cli.NODES)
+    where = workspace.run("python -c 'import gaga_ros.cli, gaga_ros.msg; print(gaga_ros.cli.__file__)'")
+    assert where.returncode == 0, where.stderr
+    assert where.stdout.startswith(str(workspace.root / "install")), "the workspace's package is the one used"
+
+
+def test_launch_arguments_are_described_and_unknown_ones_refused(workspace):
+    shown = workspace.run(f"{LAUNCH} --show-args")
+    assert shown.returncode == 0, shown.stderr
+    for name, (_, description) in graph.ARGUMENTS.items():
+        assert f"'{name}'" in shown.stdout and description.split(":")[0] in shown.stdout, name
+    typo = workspace.run(f"{LAUNCH} bogus:=1 bridge:=false", timeout=120)
+    assert typo.returncode != 0
+    assert "unknown launch arguments ['bogus']" in typo.stdout + typo.stderr
+
+
+def test_ros2_launch_runs_the_graph_and_stops_on_one_ctrl_c(workspace, tmp_path):
+    log = tmp_path / "launch.log"
+    launch = workspace.start(f"{LAUNCH} bridge:=false", log)
+    try:
+        hz_log = tmp_path / "hz.log"
+        hz = workspace.start("ros2 topic hz /avatar/image --window 5", hz_log)
+        try:
+            assert wait_for_line(hz_log, "average rate", timeout=300, proc=launch), (
+                f"no /avatar/image rate:\n{hz_log.read_text()[-2000:]}\n{log.read_text()[-4000:]}")
+        finally:
+            interrupt(hz, group=True)
+        state = workspace.run("ros2 lifecycle get /render --spin-time 10")
+        assert state.stdout.startswith("active"), state.stdout + state.stderr
+        size = next(p for p in RENDER_PARAMS if p.name == "size")
+        described = workspace.run("ros2 param describe /render size --spin-time 10")
+        assert "Type: integer" in described.stdout and size.description in described.stdout, described.stdout
+
+        run_log = tmp_path / "run.log"
+        driver = workspace.start("ros2 run gaga_ros driver --ros-args -r __node:=second_driver -p rate:=5.0",
+                                 run_log)
+        try:
+            nodes = workspace.run("ros2 node list --spin-time 10")
+            assert "/second_driver" in nodes.stdout.split(), nodes.stdout
+        finally:
+            assert interrupt(driver, group=True) == 0, run_log.read_text()
+        assert "Traceback" not in run_log.read_text()
+    finally:
+        code = interrupt(launch, group=False)
+    text = log.read_text()
+    assert code == 0, text[-4000:]
+    for spec in graph.telepresence({"bridge": "false"}):
+        finished = rf"\[{spec.module}-\d+\]: process has finished cleanly"
+        assert re.search(finished, text), (spec.name, text[-4000:])
+    assert "process has died" not in text and "Traceback" not in text, text[-4000:]
+    assert "SIGTERM" not in text, "a node needed launch's escalation to stop"
