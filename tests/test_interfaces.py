@@ -2,6 +2,7 @@
 
 import ast
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -131,13 +132,47 @@ def test_launch_file_loads_with_launch_ros():
     assert desc.get_launch_description(LaunchContext()) is not None
 
 
-def test_package_xml_declares_runtime_dependencies():
+#: Import name -> rosdep key (package.xml) of what the package imports from outside the standard library.
+ROSDEP_KEYS = {"numpy": "python3-numpy", "yaml": "python3-yaml", "aiohttp": "python3-aiohttp",
+               "cv2": "python3-opencv", "PIL": "python3-pil", "scipy": "python3-scipy",
+               "skimage": "python3-skimage", "rclpy": "rclpy", "sensor_msgs": "sensor_msgs",
+               "std_msgs": "std_msgs", "diagnostic_msgs": "diagnostic_msgs",
+               "rcl_interfaces": "rcl_interfaces",
+               "std_srvs": "std_srvs", "lifecycle_msgs": "lifecycle_msgs",
+               "ament_index_python": "ament_index_python", "launch": "launch", "launch_ros": "launch_ros"}
+#: Import name -> pip distribution (requirements-core.txt) of the pip-only dependencies
+#: (package.xml says why).
+PIP_ONLY = {"torch": "torch", "gsplat": "gsplat", "mediapipe": "mediapipe", "aiortc": "aiortc", "av": "av",
+            "numba": "numba", "mcap": "mcap", "mcap_ros2": "mcap-ros2-support"}
+#: Imported only when present (a progress bar).
+OPTIONAL = {"tqdm"}
+
+
+def _third_party_imports() -> set[str]:
+    names = set()
+    for path in [*(REPO / "gaga_ros").rglob("*.py"), *(REPO / "launch").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return names - set(sys.stdlib_module_names) - {"gaga_ros"}
+
+
+def test_package_xml_declares_every_import():
     import xml.etree.ElementTree as ET
 
     root = ET.parse(REPO / "package.xml").getroot()
     assert root.get("format") == "3"
     deps = {e.text for e in root if e.tag in ("depend", "exec_depend")}
-    for needed in ("rclpy", "sensor_msgs", "std_msgs", "diagnostic_msgs", "rosidl_default_runtime"):
-        assert needed in deps
+    assert "rosidl_default_runtime" in deps
+    requirements = (REPO / "requirements-core.txt").read_text().splitlines()
+    pinned = {line.split("==")[0].lower() for line in requirements if "==" in line}
+    for name in sorted(_third_party_imports() - OPTIONAL):
+        if name in PIP_ONLY:
+            assert PIP_ONLY[name] in pinned, f"{name}: pin {PIP_ONLY[name]} in requirements-core.txt"
+        else:
+            assert name in ROSDEP_KEYS, f"{name}: add its rosdep key to package.xml and ROSDEP_KEYS"
+            assert ROSDEP_KEYS[name] in deps, f"{name}: package.xml lacks <exec_depend>{ROSDEP_KEYS[name]}"
     maint = root.find("maintainer")
     assert maint is not None and "@" in maint.get("email", "")
