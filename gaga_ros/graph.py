@@ -27,7 +27,10 @@ class NodeSpec:
 #: Launch arguments of the telepresence graph, with defaults and meaning.
 ARGUMENTS = {
     "profile": ("demo", "Parameter profile: a YAML in config/ (demo = CPU, gpu, kiosk)."),
-    "driver": ("scripted", "What drives the avatar: scripted (built-in), video, or webcam."),
+    "driver": ("scripted", "What drives the avatar: scripted (built-in), video, webcam, or topic (a "
+               "camera driver of yours publishes /camera/image_raw; tracking only)."),
+    "camera_transport": ("raw", "driver:=topic: raw (sensor_msgs/Image on /camera/image_raw) or "
+                         "compressed (JPEG/PNG CompressedImage on /camera/image_raw/compressed)."),
     "video": ("", "Video file for driver:=video."),
     "camera": ("0", "Webcam device index for driver:=webcam."),
     "source": ("", "Source photo (inside the reconstruction node's source_dir); empty: built-in."),
@@ -36,7 +39,8 @@ ARGUMENTS = {
     "bridge": ("true", "Start the WebRTC bridge."),
 }
 
-DRIVERS = ("scripted", "video", "webcam")
+DRIVERS = ("scripted", "video", "webcam", "topic")
+TRANSPORTS = ("raw", "compressed")
 
 #: Fast DDS reads a default profile from this variable (the FASTDDS_ name is not honoured by the
 #: Jazzy wheels' Fast DDS 2.14, seen).
@@ -78,9 +82,16 @@ def telepresence(args: dict[str, str] | None = None) -> list[NodeSpec]:
     a.update(args or {})
     if a["driver"] not in DRIVERS:
         raise ValueError(f"driver {a['driver']!r} is not one of {', '.join(DRIVERS)}")
+    if a["camera_transport"] not in TRANSPORTS:
+        raise ValueError(f"camera_transport {a['camera_transport']!r} is not one of {', '.join(TRANSPORTS)}")
+    if a["camera_transport"] != "raw" and a["driver"] != "topic":
+        raise ValueError("camera_transport:=compressed reads a camera driver's compressed topic: use it "
+                         "with driver:=topic (the built-in capture publishes raw images)")
     nodes: list[NodeSpec] = []
     if a["driver"] == "scripted":
         nodes.append(NodeSpec("driver", "driver"))
+    elif a["driver"] == "topic":
+        nodes.append(NodeSpec("tracking", "tracking", {"camera_transport": a["camera_transport"]}))
     else:
         src = a["video"] if a["driver"] == "video" else a["camera"]
         if not src:

@@ -263,7 +263,7 @@ def image_msg(encoding="rgb8", width=64, height=64, data=None, step=None):
 
 
 IMAGE_MSGS = {
-    "encoding yuv422": (image_msg("yuv422"), "encoding"),
+    "encoding bayer_rggb8": (image_msg("bayer_rggb8"), "encoding"),
     "encoding 16UC1": (image_msg("16UC1"), "encoding"),
     "empty 0x0": (image_msg(width=0, height=0, data=b""), "empty"),
     "data shorter than step x height": (image_msg(data=b"\0" * 100), "bytes"),
@@ -370,7 +370,7 @@ def test_bad_source_images_by_message(running):
 
     g, obs = running
     current = obs.avatar_ids[-1]
-    resp = set_source(obs, image=image_msg("yuv422"))
+    resp = set_source(obs, image=image_msg("bayer_rggb8"))
     assert not resp.success and "encoding" in resp.message and resp.avatar_id == current
     resp = set_source(obs, image=image_msg(width=0, height=0, data=b""))
     assert not resp.success and "empty" in resp.message
@@ -450,7 +450,7 @@ def test_bad_avatar_and_bad_frames_are_refused(running, photos, backend):
     assert obs.serving(), "render must keep rendering the previous avatar"
     before = int(obs.status("bridge")[2].get("refused_frames", 0))
     for _ in range(5):
-        frames.publish(image_msg("yuv422"))
+        frames.publish(image_msg("bayer_rggb8"))
         time.sleep(0.05)
     assert wait_for(lambda: int(obs.status("bridge")[2].get("refused_frames", 0)) > before,
                     timeout=10), obs.status("bridge")

@@ -106,6 +106,11 @@ def test_graph_description_is_valid():
         graph.telepresence({"bogus": "1"})
     with pytest.raises(ValueError, match="driver"):
         graph.telepresence({"driver": "telepathy"})
+    topic = graph.telepresence({"driver": "topic", "camera_transport": "compressed"})
+    assert "capture" not in [s.name for s in topic]
+    assert next(s for s in topic if s.name == "tracking").parameters == {"camera_transport": "compressed"}
+    with pytest.raises(ValueError, match="driver:=topic"):
+        graph.telepresence({"driver": "video", "video": "x.mp4", "camera_transport": "compressed"})
     for profile in ("demo", "gpu", "kiosk"):
         assert graph.profile_file(profile).is_file()
     with pytest.raises(ValueError, match="known are"):

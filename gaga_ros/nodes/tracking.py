@@ -11,7 +11,7 @@ import threading
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
 from rclpy.time import Time
-from sensor_msgs.msg import Image
+from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import Trigger
 
 from gaga_ros.mailbox import Mailbox
@@ -20,11 +20,17 @@ from gaga_ros.msg import TrackingStatus
 from gaga_ros.nodes import qos
 from gaga_ros.nodes.diagnostics import OK, WARN, Diagnostics, RateMeter
 from gaga_ros.nodes.expression_msg import to_msg as expression_to_msg
-from gaga_ros.nodes.image_msg import ImageMessageError, from_msg
+from gaga_ros.nodes.image_msg import ImageMessageError, to_rgb
 from gaga_ros.nodes.parameters import Param, declare
 from gaga_ros.tracking.mesh_tracker import MeshTracker
 
+#: image_transport's names: raw images on the camera topic, JPEG/PNG on its /compressed sub-topic.
+CAMERA_TOPICS = {"raw": ("/camera/image_raw", Image),
+                 "compressed": ("/camera/image_raw/compressed", CompressedImage)}
+
 PARAMS = (
+    Param("camera_transport", "raw", "Camera input: raw (sensor_msgs/Image on /camera/image_raw) or "
+          "compressed (JPEG/PNG CompressedImage on /camera/image_raw/compressed)."),
     Param("mode", "mesh", "Face model: mesh (mediapipe, no assets) or flame (needs a FLAME model in "
           "models_dir; see `gaga-ros assets`)."),
     Param("models_dir", "", "Folder of the licensed model files (empty: $GAGA_ROS_MODELS or ./models)."),
@@ -52,12 +58,16 @@ class TrackingNode(Node):
         super().__init__("tracking")
         self.p = declare(self, PARAMS)
         self.tracker = self._make_tracker()
-        self.mailbox: Mailbox[Image] = Mailbox()
+        if self.p["camera_transport"] not in CAMERA_TOPICS:
+            raise ValueError(f"camera_transport {self.p['camera_transport']!r}: accepted are "
+                             f"{', '.join(CAMERA_TOPICS)}")
+        self.mailbox: Mailbox[Image | CompressedImage] = Mailbox()
         self.meter = RateMeter()
         self.bad_images = 0
         self.pub = self.create_publisher(ExpressionMsg, "/avatar/expression", qos.EXPRESSIONS)
         self.pub_status = self.create_publisher(TrackingStatus, "/tracking/status", qos.LATCHED)
-        self.create_subscription(Image, "/camera/image_raw", self.mailbox.put, qos.FRAMES)
+        topic, msg_type = CAMERA_TOPICS[self.p["camera_transport"]]
+        self.create_subscription(msg_type, topic, self.mailbox.put, qos.FRAMES)
         self.create_service(Trigger, "/tracking/reset_reference", self._on_reset)
         self.add_on_set_parameters_callback(self._on_params)
         self.diagnostics = Diagnostics(self, self._report)
@@ -107,7 +117,7 @@ class TrackingNode(Node):
             if msg is None:
                 continue
             try:
-                rgb = from_msg(msg)
+                rgb = to_rgb(msg)
             except ImageMessageError as exc:
                 self.bad_images += 1
                 self.get_logger().warning(f"camera image refused: {exc}", throttle_duration_sec=5.0)
