@@ -1,9 +1,19 @@
-"""Process entry for one node: init, spin on a multi-threaded executor, shut down cleanly."""
+"""Process entry for one node: init, spin on a multi-threaded executor, shut down cleanly.
+
+Stopping: the first SIGINT or SIGTERM only sets a flag that the spin loop reads between waits (at
+most POLL_S later), so no KeyboardInterrupt lands inside a lock held by rclpy, threading or a
+library (a process interrupted that way can hang at exit until it is killed: seen under load). The
+node then closes (workers joined, files finalised) and the process exits 0. A second signal ends the
+process at once. Launchers send each node exactly one SIGINT: `ros2 launch` only when the terminal
+has not (its ExecuteLocal), `gaga-ros launch` from its own session (gaga_ros.cli.Supervisor).
+"""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from types import FrameType
 
@@ -12,34 +22,37 @@ from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
 
+#: Longest wait of the spin loop: how late a stop request may be noticed when nothing else happens.
+POLL_S = 0.1
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-def _stop_request(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
 
+def _install_stop_handlers(stop: threading.Event) -> None:
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():  # the second one: end now, without cleanup or traceback
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        stop.set()
 
-def _second_signal_kills() -> None:
-    """Once shutdown has begun, another Ctrl-C (or SIGTERM, launch's escalation) ends the process at
-    once, without a traceback. Launchers send each node exactly one SIGINT: `ros2 launch` only when
-    the terminal has not (see its ExecuteLocal), `gaga-ros launch` from its own session."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, on_signal)
 
 
 def spin(make_node: Callable[[], Node], args: list[str] | None = None) -> None:
     """Run one node until Ctrl-C, SIGTERM or shutdown; exits 0 after a clean stop, non-zero when the
     node cannot start."""
-    # Ctrl-C arrives as KeyboardInterrupt here (not through rclpy's handler, which would invalidate
-    # the context while worker threads still publish), so workers stop before the context goes.
-    # SIGTERM asks for the same clean stop.
+    # rclpy's own handler would invalidate the context while worker threads still publish.
     rclpy.init(args=args if args is not None else sys.argv, signal_handler_options=SignalHandlerOptions.NO)
-    signal.signal(signal.SIGTERM, _stop_request)
+    stop = threading.Event()
+    _install_stop_handlers(stop)  # a stop during a long start (model loading) is honoured after it
     node = None
+    executor = MultiThreadedExecutor(num_threads=4)
     try:
         node = make_node()
-        executor = MultiThreadedExecutor(num_threads=4)
         executor.add_node(node)
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
+        while not stop.is_set() and rclpy.ok():
+            executor.spin_once(timeout_sec=POLL_S)
+    except ExternalShutdownException:
         pass
     except Exception as exc:  # a node that cannot start says why in one line, not a traceback
         if node is None:
@@ -47,11 +60,13 @@ def spin(make_node: Callable[[], Node], args: list[str] | None = None) -> None:
             sys.exit(2)
         raise
     finally:
-        _second_signal_kills()
+        stop.set()  # from here a signal ends the process at once
         if node is not None:
             close = getattr(node, "close", None)
             if close is not None:
                 close()
+            executor.remove_node(node)
             node.destroy_node()
+        executor.shutdown()
         if rclpy.ok():
             rclpy.shutdown()
