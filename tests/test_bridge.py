@@ -11,7 +11,7 @@ import aiohttp
 import numpy as np
 import pytest
 from browser import Browser, chromium_path
-from conftest import wait_for
+from conftest import start_node, stop_process, wait_for
 
 pytestmark = pytest.mark.skipif(chromium_path() is None,
                                 reason="chromium missing: apt-get install -y chromium")
@@ -89,3 +89,24 @@ def test_browser_decodes_avatar_stream_from_graph(ros_node, tmp_path):
             proc.send_signal(signal.SIGINT)
         logs = [p.communicate(timeout=30)[0] for p in (bridge, graph)]
         print(logs[0][-2000:])
+
+
+def test_stream_server_logs_reach_rosout(ros_node, tmp_path):
+    """The stream server logs with the standard library; the bridge node forwards it to /rosout."""
+    from rcl_interfaces.msg import Log
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+
+    logs: list[Log] = []
+    latched = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
+    ros_node.create_subscription(Log, "/rosout", logs.append, latched)
+    bridge = start_node("bridge", params={"port": free_port()}, tmp_path=tmp_path)
+    try:
+        def forwarded() -> bool:
+            wanted = "gaga_ros.stream.webrtc: avatar stream at"
+            return any(m.name == "bridge" and wanted in m.msg for m in logs)
+
+        assert wait_for(forwarded, timeout=120), stop_process(bridge)
+    finally:
+        out = stop_process(bridge)
+    assert out.count("avatar stream at") == 1, "printed once (through rclpy), not also by logging"

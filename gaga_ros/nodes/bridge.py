@@ -13,7 +13,7 @@ from sensor_msgs.msg import Image
 
 from gaga_ros.expression import Expression
 from gaga_ros.msg import Expression as ExpressionMsg
-from gaga_ros.nodes import qos
+from gaga_ros.nodes import qos, rosout
 from gaga_ros.nodes.diagnostics import OK, WARN, Diagnostics, RateMeter
 from gaga_ros.nodes.expression_msg import to_msg as expression_to_msg
 from gaga_ros.nodes.image_msg import ImageMessageError, from_msg, to_msg
@@ -38,6 +38,9 @@ PARAMS = (
     Param("upstream_topic", "/operator/image_raw", "Where the operator's webcam is republished."),
 )
 
+#: The stream server's logger (gaga_ros.stream logs with the standard library); forwarded to /rosout.
+STREAM_LOGGER = "gaga_ros.stream"
+
 
 class BridgeNode(Node):
     """Feeds the newest avatar frame to the stream server and publishes what the page sends back."""
@@ -45,6 +48,7 @@ class BridgeNode(Node):
     def __init__(self) -> None:
         super().__init__("bridge")
         self.p = declare(self, PARAMS)
+        self.log_handler = rosout.forward(self, STREAM_LOGGER)
         self.frames_in = RateMeter()
         self.upstream_in = RateMeter()
         self.expressions_in = 0
@@ -100,6 +104,7 @@ class BridgeNode(Node):
 
     def close(self) -> None:
         self.server.stop()
+        rosout.remove(STREAM_LOGGER, self.log_handler)
 
 
 def main(args: list[str] | None = None) -> None:
