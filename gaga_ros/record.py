@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from mcap.exceptions import McapError
 from mcap.reader import make_reader
 from mcap.writer import CompressionType, Writer
@@ -41,6 +42,55 @@ class RecordedMessage:
     log_time_ns: int
     publish_time_ns: int
     sequence: int
+
+
+@dataclass(frozen=True)
+class OfferedQos:
+    """One publisher's QoS, as rosbag2 (Jazzy, bag format 9) stores it in a channel's
+    `offered_qos_profiles` metadata: policy names as rmw spells them, durations as sec/nsec, so
+    `ros2 bag play` republishes with the QoS the topic had. Durations are ns; 0 is unspecified."""
+
+    reliability: str  # reliable | best_effort
+    durability: str  # volatile | transient_local
+    history: str = "keep_last"
+    depth: int = 0
+    deadline_ns: int = 0
+    lifespan_ns: int = 0
+    liveliness: str = "automatic"
+    liveliness_lease_duration_ns: int = 0
+    avoid_ros_namespace_conventions: bool = False
+
+
+_DURATIONS = ("deadline", "lifespan", "liveliness_lease_duration")
+
+
+def qos_yaml(profiles: Iterable[OfferedQos]) -> str:
+    """The `offered_qos_profiles` text of a channel: a YAML list, one entry per publisher."""
+    entries = []
+    for q in profiles:
+        entry = {"history": q.history, "depth": q.depth, "reliability": q.reliability,
+                 "durability": q.durability, "liveliness": q.liveliness,
+                 "avoid_ros_namespace_conventions": q.avoid_ros_namespace_conventions}
+        for name in _DURATIONS:
+            sec, nsec = divmod(getattr(q, f"{name}_ns"), 1_000_000_000)
+            entry[name] = {"sec": sec, "nsec": nsec}
+        entries.append(entry)
+    return yaml.safe_dump(entries, sort_keys=False)
+
+
+def parse_qos_yaml(text: str) -> list[OfferedQos]:
+    """The profiles of an `offered_qos_profiles` text; raises RecordingError when it is not one."""
+    try:
+        entries = yaml.safe_load(text) or []
+        return [OfferedQos(reliability=str(e["reliability"]), durability=str(e["durability"]),
+                           history=str(e["history"]), depth=int(e["depth"]),
+                           liveliness=str(e["liveliness"]),
+                           avoid_ros_namespace_conventions=bool(e["avoid_ros_namespace_conventions"]),
+                           **{f"{n}_ns": int(e[n]["sec"]) * 1_000_000_000 + int(e[n]["nsec"])
+                              for n in _DURATIONS})
+                for e in entries]
+    except (yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
+        raise RecordingError(f"offered_qos_profiles is not a rosbag2 QoS list: {exc}") from exc
 
 
 def normalize_type(type_name: str) -> str:
@@ -117,15 +167,19 @@ class Recorder:
         self.counts: dict[str, int] = {}
         self._closed = False
 
-    def add_topic(self, topic: str, type_name: str, definition: str | None = None) -> None:
-        """Declare a topic and its type; the definition is looked up unless given."""
+    def add_topic(self, topic: str, type_name: str, definition: str | None = None,
+                  offered_qos: Iterable[OfferedQos] = ()) -> None:
+        """Declare a topic and its type (the definition is looked up unless given) with the QoS its
+        publishers offer."""
         if topic in self._channels:
             return
         full = normalize_type(type_name)
         if full not in self._schemas:
             text = definition if definition is not None else message_definition(full)
             self._schemas[full] = self._writer.register_schema(full, "ros2msg", text.encode())
-        self._channels[topic] = self._writer.register_channel(topic, "cdr", self._schemas[full])
+        offered = list(offered_qos)
+        metadata = {"offered_qos_profiles": qos_yaml(offered)} if offered else {}
+        self._channels[topic] = self._writer.register_channel(topic, "cdr", self._schemas[full], metadata)
         self.counts[topic] = 0
 
     def write(self, topic: str, data: bytes, log_time_ns: int, publish_time_ns: int | None = None) -> None:
@@ -159,8 +213,7 @@ def _open(path: str | Path):
     return path.open("rb")
 
 
-def topics(path: str | Path) -> dict[str, tuple[str, int]]:
-    """Topic -> (message type, message count) of a recording, from its summary."""
+def _summary(path: str | Path):
     with _open(path) as f:
         try:
             summary = make_reader(f).get_summary()
@@ -168,9 +221,22 @@ def topics(path: str | Path) -> dict[str, tuple[str, int]]:
             raise RecordingError(f"{path} is not a readable MCAP file: {exc}") from exc
     if summary is None:
         raise RecordingError(f"{path} has no MCAP summary (was the recording closed?)")
+    return summary
+
+
+def topics(path: str | Path) -> dict[str, tuple[str, int]]:
+    """Topic -> (message type, message count) of a recording, from its summary."""
+    summary = _summary(path)
     counts = summary.statistics.channel_message_counts if summary.statistics else {}
     return {ch.topic: (summary.schemas[ch.schema_id].name, counts.get(cid, 0))
             for cid, ch in summary.channels.items()}
+
+
+def offered_qos(path: str | Path) -> dict[str, list[OfferedQos]]:
+    """Topic -> the QoS its publishers offered when recorded (empty when the recording has none)."""
+    summary = _summary(path)
+    return {ch.topic: parse_qos_yaml(ch.metadata["offered_qos_profiles"])
+            if "offered_qos_profiles" in ch.metadata else [] for ch in summary.channels.values()}
 
 
 def read(path: str | Path, only: Iterable[str] | None = None) -> Iterator[RecordedMessage]:

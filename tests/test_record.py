@@ -152,6 +152,12 @@ def test_record_live_stream_then_replay_at_original_timing(ros_node, tmp_path):
     assert any(seen) and all(seen[seen.index(True):]) and seen.index(True) < len(msgs) // 2, seen
     schemas = {topic: s for topic, s, _ in decoded(path)}
     assert schemas["/avatar/expression"].encoding == "ros2msg"
+    # as the publishers offered it (the driver's, this test's); discovery carries no history or depth,
+    # so they read unknown / 0, as rosbag2 records them too
+    offered = record.offered_qos(path)
+    assert [(q.reliability, q.durability, q.history) for q in offered["/avatar/expression"]] == [
+        ("reliable", "volatile", "unknown")]
+    assert [(q.reliability, q.durability) for q in offered["/avatar/image"]] == [("best_effort", "volatile")]
 
     # Replay only the expressions with their recorded stamps; the subscriber sees the same messages
     # at the same relative times.
@@ -180,15 +186,19 @@ def test_record_live_stream_then_replay_at_original_timing(ros_node, tmp_path):
 
 
 def test_replay_restamps_and_honours_rate(ros_node, tmp_path):
+    from rclpy.qos import DurabilityPolicy, ReliabilityPolicy
     from rclpy.serialization import serialize_message
+    from rclpy.time import Time
+    from rosgraph_msgs.msg import Clock
 
     from gaga_ros.msg import Expression
     from gaga_ros.nodes import qos
 
     path = tmp_path / "slow.mcap"
     t0 = time.time_ns() - 3600 * 10**9  # recorded an hour ago
+    latched = record.OfferedQos(reliability="reliable", durability="transient_local", depth=7)
     with record.Recorder(path) as rec:
-        rec.add_topic("/avatar/expression", "gaga_ros/msg/Expression")
+        rec.add_topic("/avatar/expression", "gaga_ros/msg/Expression", offered_qos=[latched])
         for i in range(11):  # 10 Hz for 1 s
             msg = Expression(face_model=Expression.FACE_MODEL_MESH, vertices=[float(i)] * 1434)
             msg.header.stamp.sec = (t0 + i * 10**8) // 10**9
@@ -196,13 +206,70 @@ def test_replay_restamps_and_honours_rate(ros_node, tmp_path):
     got: list[tuple[float, Expression]] = []
     ros_node.create_subscription(Expression, "/avatar/expression",
                                  lambda m: got.append((time.time(), m)), qos.EXPRESSIONS)
-    replay = start_bag("mode:=replay", f"path:={path}", "rate:=2.0", "wait_for_subscribers:=1")
+    clock: list[int] = []
+    ros_node.create_subscription(Clock, "/clock", lambda m: clock.append(Time.from_msg(m.clock).nanoseconds),
+                                 qos.CLOCK)
+    replay = start_bag("mode:=replay", f"path:={path}", "rate:=2.0", "wait_for_subscribers:=1",
+                       "clock_hz:=50.0")
     try:
         assert wait_for(lambda: len(got) >= 11, timeout=20, interval=0.1)
+        offers = [i.qos_profile for i in ros_node.get_publishers_info_by_topic("/avatar/expression")
+                  if i.node_name == "bag"]
     finally:
         out = stop_process(replay)
+    # republished with the QoS the recording says its publisher offered (discovery shows no depth)
+    assert [(p.reliability, p.durability) for p in offers] == [
+        (ReliabilityPolicy.RELIABLE, DurabilityPolicy.TRANSIENT_LOCAL)], out
+    # /clock walks through the recording's hour-old second, in order
+    assert len(clock) >= 10 and clock == sorted(clock), clock
+    assert t0 <= clock[0] and clock[-1] <= t0 + 10**9 + 10**8, (clock[0] - t0, clock[-1] - t0)
     assert [m.vertices[0] for _, m in got] == [float(i) for i in range(11)], out
     assert 0.4 < got[-1][0] - got[0][0] < 0.65  # 1 s recorded, replayed twice as fast
     for received, m in got:  # fresh stamps: the publish time, not an hour ago
         stamp = m.header.stamp.sec + m.header.stamp.nanosec * 1e-9
         assert 0 <= received - stamp < 0.5
+
+
+def test_driver_follows_sim_time(ros_node, tmp_path):
+    """use_sim_time:=true: the driver's timer and stamps follow /clock (here an hour ago), as every
+    node's clock-stamped output does."""
+    from rclpy.time import Time
+    from rosgraph_msgs.msg import Clock
+
+    from gaga_ros.msg import Expression
+    from gaga_ros.nodes import qos
+
+    got: list[Expression] = []
+    ros_node.create_subscription(Expression, "/avatar/expression", got.append, qos.EXPRESSIONS)
+    clock = ros_node.create_publisher(Clock, "/clock", qos.CLOCK)
+    hour_ago = time.time_ns() - 3600 * 10**9
+    sim = [hour_ago]
+
+    def tick() -> bool:
+        sim[0] += 50_000_000  # 50 ms of simulated time per tick
+        clock.publish(Clock(clock=Time(nanoseconds=sim[0]).to_msg()))
+        return len(got) >= 5
+
+    driver = start_node("driver", params={"use_sim_time": True}, tmp_path=tmp_path)
+    try:
+        assert wait_for(tick, timeout=60, interval=0.05), stop_process(driver)
+    finally:
+        stop_process(driver)
+    stamps = [Time.from_msg(m.header.stamp).nanoseconds for m in got]
+    assert all(hour_ago <= s <= sim[0] for s in stamps), [(s - hour_ago) * 1e-9 for s in stamps]
+
+
+def test_offered_qos_text_is_rosbag2s_and_round_trips():
+    import yaml
+
+    q = record.OfferedQos(reliability="best_effort", durability="transient_local", depth=5,
+                          deadline_ns=1_500_000_000, liveliness_lease_duration_ns=9223372036854775807)
+    (entry,) = yaml.safe_load(record.qos_yaml([q]))
+    assert list(entry) == ["history", "depth", "reliability", "durability", "liveliness",
+                           "avoid_ros_namespace_conventions", "deadline", "lifespan",
+                           "liveliness_lease_duration"]
+    assert entry["deadline"] == {"sec": 1, "nsec": 500_000_000}
+    assert entry["liveliness_lease_duration"] == {"sec": 9223372036, "nsec": 854775807}  # rmw's infinite
+    assert record.parse_qos_yaml(record.qos_yaml([q, q])) == [q, q]
+    with pytest.raises(record.RecordingError, match="not a rosbag2 QoS list"):
+        record.parse_qos_yaml("- history: keep_last\n")

@@ -1,9 +1,12 @@
 """Bag node: record avatar topics to MCAP (mode record) or drive the avatar from one (mode replay).
 
 Record subscribes raw (no deserialization, so 30 Hz images cost a copy) with QoS matched to the
-publishers, as rosbag2 does. Replay publishes each message at its recorded log time, relative to
-the first (times `rate`), with fresh header stamps by default so latency tracing downstream still
-measures this run; `restamp: false` keeps the recorded stamps.
+publishers and stores what they offered in each channel as rosbag2 does (`offered_qos_profiles`), so
+`ros2 bag play` and this node's replay republish with it; log times are the node clock's (/clock's
+under use_sim_time). Replay publishes each message at its recorded log time, relative to the first
+(times `rate`), with fresh header stamps by default so latency tracing downstream still measures
+this run; `restamp: false` keeps the recorded stamps; `clock_hz` publishes the recording's time on
+/clock for nodes started with use_sim_time:=true.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ import threading
 import time
 
 from rclpy.node import Node
-from rclpy.qos import QoSProfile, ReliabilityPolicy
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.serialization import deserialize_message
+from rclpy.time import Time
+from rosgraph_msgs.msg import Clock
 
 from gaga_ros import record
 from gaga_ros.nodes import qos
@@ -33,6 +38,8 @@ PARAMS = (
     Param("rate", 1.0, "Replay: speed factor (2 = twice as fast).", low=0.01, high=100.0),
     Param("loop", False, "Replay: start over at the end."),
     Param("restamp", True, "Replay: set header stamps to the publish time (false: keep recorded ones)."),
+    Param("clock_hz", 0.0, "Replay: publish /clock with the recording's time at this rate (0: off), "
+          "for nodes started with use_sim_time:=true (ros2 bag play --clock).", low=0.0, high=1000.0),
     Param("wait_for_subscribers", 0, "Replay: wait until this many subscribers are matched on the "
           "replayed topics before starting (0: start at once).", low=0, high=1000),
 )
@@ -47,8 +54,35 @@ def message_class(type_name: str):
         raise record.RecordingError(f"message type {type_name} is not installed here: {exc}") from exc
 
 
-def _now_ns() -> int:
-    return time.time_ns()
+def _offered(profile: QoSProfile) -> record.OfferedQos:
+    """rclpy's view of a publisher's QoS in the recording's (rosbag2's) terms."""
+    return record.OfferedQos(
+        reliability=profile.reliability.name.lower(), durability=profile.durability.name.lower(),
+        history=profile.history.name.lower(), depth=int(profile.depth),
+        deadline_ns=profile.deadline.nanoseconds, lifespan_ns=profile.lifespan.nanoseconds,
+        liveliness=profile.liveliness.name.lower(),
+        liveliness_lease_duration_ns=profile.liveliness_lease_duration.nanoseconds,
+        avoid_ros_namespace_conventions=bool(profile.avoid_ros_namespace_conventions))
+
+
+def replay_qos(offered: list[record.OfferedQos], fallback: QoSProfile) -> QoSProfile:
+    """The QoS to republish a topic with: rosbag2's rule (reliable / transient-local only when every
+    recorded publisher offered it), the deepest recorded queue (discovery reports none: then the
+    fallback's); `fallback` alone for recordings without offers."""
+    if not offered:
+        return fallback
+    return QoSProfile(
+        depth=max(q.depth for q in offered) or fallback.depth,
+        reliability=ReliabilityPolicy.RELIABLE if all(q.reliability == "reliable" for q in offered)
+        else ReliabilityPolicy.BEST_EFFORT,
+        durability=DurabilityPolicy.TRANSIENT_LOCAL if all(q.durability == "transient_local"
+                                                           for q in offered)
+        else DurabilityPolicy.VOLATILE)
+
+
+def _type_qos(cls) -> QoSProfile:
+    """This package's QoS for a message type: for recordings that carry no offered QoS."""
+    return qos.FRAMES if cls.__name__ in ("Image", "CompressedImage") else qos.EXPRESSIONS
 
 
 class BagNode(Node):
@@ -95,12 +129,12 @@ class BagNode(Node):
             if topic not in types or not self.get_publishers_info_by_topic(topic):
                 continue
             type_name = types[topic][0]
-            reliable = all(i.qos_profile.reliability == ReliabilityPolicy.RELIABLE
-                           for i in self.get_publishers_info_by_topic(topic))
+            offered = [_offered(i.qos_profile) for i in self.get_publishers_info_by_topic(topic)]
+            reliable = all(q.reliability == "reliable" for q in offered)
             profile = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE if reliable
                                  else ReliabilityPolicy.BEST_EFFORT)
             with self.lock:
-                self.recorder.add_topic(topic, type_name)
+                self.recorder.add_topic(topic, type_name, offered_qos=offered)
             self.subs.append(self.create_subscription(
                 message_class(type_name), topic, lambda data, t=topic: self._on_message(t, data), profile,
                 raw=True))
@@ -111,7 +145,7 @@ class BagNode(Node):
             self.get_logger().info(f"recording {topic} ({type_name}, {kind})")
 
     def _on_message(self, topic: str, data: bytes) -> None:
-        now = _now_ns()
+        now = self.get_clock().now().nanoseconds  # ROS time: /clock's under use_sim_time, as rosbag2
         with self.lock:
             if self.recorder is None:
                 return
@@ -129,20 +163,18 @@ class BagNode(Node):
         self.replayed = {t: v[0] for t, v in found.items() if t in wanted} or {
             t: v[0] for t, v in found.items()}
         self.classes = {t: message_class(ty) for t, ty in self.replayed.items()}
-        self.pubs = {t: self.create_publisher(cls, t, self._replay_qos(cls))
+        recorded_qos = record.offered_qos(self.p["path"])
+        self.pubs = {t: self.create_publisher(cls, t, replay_qos(recorded_qos.get(t, []), _type_qos(cls)))
                      for t, cls in self.classes.items()}
         self.messages = list(record.read(self.p["path"], only=self.replayed))
         if not self.messages:
             raise record.RecordingError(f"{self.p['path']} holds no messages on {sorted(self.replayed)}")
         self.offsets = record.schedule([m.log_time_ns for m in self.messages], self.p["rate"])
+        self.clock_pub = self.create_publisher(Clock, "/clock", qos.CLOCK) if self.p["clock_hz"] > 0 else None
         self.get_logger().info(f"replaying {len(self.messages)} messages on {sorted(self.replayed)} "
                                f"({self.offsets[-1]:.1f} s at rate {self.p['rate']})")
         self.worker = threading.Thread(target=self._replay, name="replay", daemon=True)
         self.worker.start()
-
-    @staticmethod
-    def _replay_qos(cls) -> QoSProfile:
-        return qos.FRAMES if cls.__name__ in ("Image", "CompressedImage") else qos.EXPRESSIONS
 
     def _subscribers(self) -> int:
         return sum(pub.get_subscription_count() for pub in self.pubs.values())
@@ -156,7 +188,7 @@ class BagNode(Node):
             self.state = "replaying"
             start = time.monotonic()
             for msg, offset in zip(self.messages, self.offsets, strict=True):
-                if self.stopping.wait(max(0.0, start + offset - time.monotonic())):
+                if self._wait_until(start, offset):
                     return
                 self._publish(msg)
             if not self.p["loop"]:
@@ -167,6 +199,20 @@ class BagNode(Node):
                 return
         self.state = "finished"
         self.get_logger().info(f"replay of {self.p['path']} finished")
+
+    def _wait_until(self, start: float, offset: float) -> bool:
+        """Sleep until `offset` s after `start` (publishing /clock meanwhile); True when stopping."""
+        period = 1.0 / self.p["clock_hz"] if self.clock_pub is not None else float("inf")
+        while True:
+            elapsed = time.monotonic() - start
+            if self.clock_pub is not None:  # the recording's time that corresponds to now
+                bag_ns = self.messages[0].log_time_ns + int(elapsed * self.p["rate"] * 1e9)
+                self.clock_pub.publish(Clock(clock=Time(nanoseconds=bag_ns).to_msg()))
+            remaining = offset - elapsed
+            if remaining <= 0:
+                return self.stopping.is_set()
+            if self.stopping.wait(min(remaining, period)):
+                return True
 
     def _publish(self, msg: record.RecordedMessage) -> None:
         pub = self.pubs[msg.topic]

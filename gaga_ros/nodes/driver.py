@@ -5,8 +5,6 @@ Speaking, smiling, blinking, nodding and turning in a loop, so the demo needs no
 
 from __future__ import annotations
 
-import time
-
 from rclpy.node import Node
 
 from gaga_ros.driver import ScriptedDriver
@@ -33,15 +31,17 @@ class DriverNode(Node):
         self.driver = ScriptedDriver(fps=self.p["rate"], seed=self.p["seed"])
         self.pub = self.create_publisher(ExpressionMsg, "/avatar/expression", qos.EXPRESSIONS)
         self.meter = RateMeter()
-        self.t0 = time.monotonic()
+        self.t0: int | None = None  # the node clock (ns) at the first tick: /clock's under use_sim_time
         self.timer = self.create_timer(1.0 / self.p["rate"], self._tick)
         self.diagnostics = Diagnostics(self, lambda: (OK, "driving", {"frame_rate": self.meter.rate,
                                                                       "frames": self.meter.count}))
 
     def _tick(self) -> None:
-        expr = self.driver.expression_at(time.monotonic() - self.t0)
+        now = self.get_clock().now()
+        self.t0 = now.nanoseconds if self.t0 is None else self.t0
+        expr = self.driver.expression_at((now.nanoseconds - self.t0) * 1e-9)
         expr.frame_id = self.p["frame_id"]
-        self.pub.publish(to_msg(expr, self.get_clock().now().to_msg()))
+        self.pub.publish(to_msg(expr, now.to_msg()))
         self.meter.tick()
 
 

@@ -19,3 +19,7 @@ EXPRESSIONS = QoSProfile(depth=2, history=HistoryPolicy.KEEP_LAST, reliability=R
 #: restarted render node gets the current avatar back without anyone republishing it.
 LATCHED = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
                      durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
+#: /clock from a replay: what rclpy's time source subscribes with (best effort, depth 1): only the
+#: newest time matters.
+CLOCK = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.BEST_EFFORT)
