@@ -1,6 +1,6 @@
 """The ROS 2 user's first minutes, timed with the real tools: `colcon build` of this package in a
 clean workspace (Python install on), `ros2 launch` to the first /avatar/image, and one Ctrl-C to the
-launch's exit (every node stopped).
+launch's exit (every node stopped); the same Ctrl-C on the pip path's `gaga-ros launch telepresence`.
 
     .venv/bin/python bench/workspace_bench.py            # needs scripts/ros2_tools.sh (test.sh runs it)
 
@@ -51,14 +51,36 @@ def measure(root: Path) -> dict:
     code = interrupt(launch, group=False)
     stop_s = time.perf_counter() - t0
     log = launch_log.read_text()
-    return {"workspace build s": round(build_s, 1), "ros2 launch first frame s": round(first_frame_s, 1),
-            "ros2 launch stop s": round(stop_s, 2), "launch exit code": code,
-            "nodes finished cleanly": log.count("process has finished cleanly"),
-            "nodes died": log.count("process has died")}
+    figures = {"workspace build s": round(build_s, 1), "ros2 launch first frame s": round(first_frame_s, 1),
+               "ros2 launch stop s": round(stop_s, 2), "ros2 launch exit code": code,
+               "nodes finished cleanly": log.count("process has finished cleanly"),
+               "nodes died": log.count("process has died")}
+    return figures | gaga_ros_launch_stop(ws, root)
+
+
+def gaga_ros_launch_stop(ws: Workspace, root: Path) -> dict:
+    """The pip path's launcher: `gaga-ros launch telepresence`, first frame, then one Ctrl-C."""
+    log, echo_log = root / "gaga_ros_launch.log", root / "echo2.log"
+    command = [sys.executable, "-m", "gaga_ros.cli", "launch", "telepresence", "bridge:=false"]
+    out = open(log, "w")  # noqa: SIM115 - the child writes it until it exits
+    launch = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    echo = ws.start("ros2 topic echo --once /avatar/image --field header.frame_id", echo_log)
+    try:
+        if not wait_for_line(echo_log, "avatar_camera", timeout=600, proc=launch):
+            raise SystemExit(f"no /avatar/image from gaga-ros launch:\n{log.read_text()[-3000:]}")
+    finally:
+        if echo.poll() is None:
+            interrupt(echo, group=True)
+    time.sleep(5)
+    t0 = time.perf_counter()
+    code = interrupt(launch, group=False)
+    return {"gaga-ros launch stop s": round(time.perf_counter() - t0, 2), "gaga-ros launch exit code": code,
+            "gaga-ros nodes not stopped cleanly": log.read_text().count("did not stop cleanly")}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "workspace.json")
     ns = parser.parse_args()
     missing = tools_missing()
