@@ -59,7 +59,7 @@ def measure(root: Path) -> dict:
 
 
 def gaga_ros_launch_stop(ws: Workspace, root: Path) -> dict:
-    """The pip path's launcher: `gaga-ros launch telepresence`, first frame, then one Ctrl-C."""
+    """The pip path's `gaga-ros launch telepresence`: first frame, then one Ctrl-C."""
     log, echo_log = root / "gaga_ros_launch.log", root / "echo2.log"
     command = [sys.executable, "-m", "gaga_ros.cli", "launch", "telepresence", "bridge:=false"]
     out = open(log, "w")  # noqa: SIM115 - the child writes it until it exits

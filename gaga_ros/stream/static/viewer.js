@@ -160,6 +160,7 @@ gaga.meanColor = () => {
   return sum.map((v) => v / (d.length / 4));
 };
 
+let lastCode = null;
 function onFrame(now, meta) {
   lastFrameAt = performance.now();
   gaga.frames += 1;
@@ -167,7 +168,10 @@ function onFrame(now, meta) {
     const code = readCode();
     // Wall-clock time the frame was handed to the compositor (same clock as Python's time.time()).
     const shown = performance.timeOrigin + (meta.presentationTime || now);
-    if (code !== null) gaga.codes.push([code, shown]);
+    // drawImage reads the picture showing now, which on a busy machine can already be the next
+    // frame: the following callback then reads the same picture again. Keep each picture once.
+    if (code !== null && code !== lastCode) gaga.codes.push([code, shown]);
+    if (code !== null) lastCode = code;
     if (gaga.codes.length > 5000) gaga.codes.splice(0, 1000);
   }
   video.requestVideoFrameCallback(onFrame);
