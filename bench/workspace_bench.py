@@ -26,6 +26,10 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from ros2_workspace import Workspace, interrupt, tools_missing, wait_for_line  # noqa: E402
 
+#: Prints the first /avatar/image's frame_id; the type is given so it may start before the publisher.
+FIRST_FRAME = ("ros2 topic echo --once --qos-profile sensor_data /avatar/image sensor_msgs/msg/Image "
+               "--field header.frame_id")
+
 
 def measure(root: Path) -> dict:
     ws = Workspace(root)
@@ -38,10 +42,10 @@ def measure(root: Path) -> dict:
     echo_log, launch_log = root / "echo.log", root / "launch.log"
     t0 = time.perf_counter()
     launch = ws.start("ros2 launch gaga_ros telepresence.launch.py bridge:=false", launch_log)
-    echo = ws.start("ros2 topic echo --once /avatar/image --field header.frame_id", echo_log)
+    echo = ws.start(FIRST_FRAME, echo_log)
     try:
-        if not wait_for_line(echo_log, "avatar_camera", timeout=600, proc=launch):
-            raise SystemExit(f"no /avatar/image:\n{launch_log.read_text()[-3000:]}")
+        if not wait_for_line(echo_log, "avatar_camera", timeout=600, proc=echo):
+            raise SystemExit(f"no /avatar/image:\n{echo_log.read_text()}\n{launch_log.read_text()[-3000:]}")
         first_frame_s = time.perf_counter() - t0
     finally:
         if echo.poll() is None:
@@ -64,10 +68,11 @@ def gaga_ros_launch_stop(ws: Workspace, root: Path) -> dict:
     command = [sys.executable, "-m", "gaga_ros.cli", "launch", "telepresence", "bridge:=false"]
     out = open(log, "w")  # noqa: SIM115 - the child writes it until it exits
     launch = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    echo = ws.start("ros2 topic echo --once /avatar/image --field header.frame_id", echo_log)
+    echo = ws.start(FIRST_FRAME, echo_log)
     try:
-        if not wait_for_line(echo_log, "avatar_camera", timeout=600, proc=launch):
-            raise SystemExit(f"no /avatar/image from gaga-ros launch:\n{log.read_text()[-3000:]}")
+        if not wait_for_line(echo_log, "avatar_camera", timeout=600, proc=echo):
+            raise SystemExit(f"no /avatar/image from gaga-ros launch:\n{echo_log.read_text()}\n"
+                             f"{log.read_text()[-3000:]}")
     finally:
         if echo.poll() is None:
             interrupt(echo, group=True)

@@ -24,7 +24,8 @@ def workspace(tmp_path_factory):
     ws.copy_sources()
     result = ws.build()
     assert result.returncode == 0, f"colcon build failed:\n{result.stdout[-4000:]}\n{result.stderr[-2000:]}"
-    return ws
+    yield ws
+    ws.run("ros2 daemon stop")  # the verbs started one for this run's domain; leave nothing behind
 
 
 def test_one_executable_per_node(workspace):
