@@ -49,10 +49,10 @@ def measure(root: Path) -> dict:
         first_frame_s = time.perf_counter() - t0
     finally:
         if echo.poll() is None:
-            interrupt(echo, group=True)
+            interrupt(echo)
     time.sleep(5)  # let it run a little, as a user would, before the Ctrl-C
     t0 = time.perf_counter()
-    code = interrupt(launch, group=False)
+    code = interrupt(launch)
     stop_s = time.perf_counter() - t0
     log = launch_log.read_text()
     figures = {"workspace build s": round(build_s, 1), "ros2 launch first frame s": round(first_frame_s, 1),
@@ -75,10 +75,10 @@ def gaga_ros_launch_stop(ws: Workspace, root: Path) -> dict:
                              f"{log.read_text()[-3000:]}")
     finally:
         if echo.poll() is None:
-            interrupt(echo, group=True)
+            interrupt(echo)
     time.sleep(5)
     t0 = time.perf_counter()
-    code = interrupt(launch, group=False)
+    code = interrupt(launch)
     return {"gaga-ros launch stop s": round(time.perf_counter() - t0, 2), "gaga-ros launch exit code": code,
             "gaga-ros nodes not stopped cleanly": log.read_text().count("did not stop cleanly")}
 

@@ -36,9 +36,11 @@ class Workspace:
         self.src = self.root / "src" / "gaga_ros"
         prefix = str(Path(sys.prefix))
         self.env = {**os.environ, "AMENT_PREFIX_PATH": prefix, "CMAKE_PREFIX_PATH": prefix,
-                    "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+                    "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+                    "PYTHONUNBUFFERED": "1"}  # logs complete up to the last line, even after a kill
         # The venv's editable gaga_ros must not hide the workspace's: nothing on PYTHONPATH but setup.bash's.
         self.env.pop("PYTHONPATH", None)
+        self._ptys: list[int] = []
 
     def copy_sources(self) -> None:
         """What `git clone` would put in src/: the tracked files of the working tree."""
@@ -66,24 +68,25 @@ class Workspace:
                               text=True, timeout=timeout)
 
     def start(self, line: str, log: Path) -> subprocess.Popen:
-        """Start a long-running command (ros2 launch, ros2 run) with its output in `log`.
+        """Start a long-running command (ros2 launch, ros2 run) as a terminal would, output in `log`.
 
-        `exec` makes the tool itself the process, so a signal sent to it is what a terminal's
-        Ctrl-C sends the tool; its own session keeps the test's signals out of it."""
-        out = open(log, "w")  # noqa: SIM115 - closed by stop()
-        return subprocess.Popen(self.command(f"exec {line}"), cwd=self.root, env=self.env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        It runs in its own session (the test's signals stay out of it) with a pseudo-terminal on
+        stdin, so `ros2 launch` behaves as typed at a prompt (interactive: it relies on the terminal's
+        Ctrl-C reaching its nodes rather than sending its own); `exec` makes the tool the process."""
+        out = open(log, "w")  # noqa: SIM115 - the child writes it until it exits
+        leader, follower = os.openpty()
+        try:
+            return subprocess.Popen(self.command(f"exec {line}"), cwd=self.root, env=self.env, stdin=follower,
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            os.close(follower)
+            self._ptys.append(leader)  # held open while the tool runs: a closed terminal is a hang-up
 
 
-def interrupt(proc: subprocess.Popen, group: bool, timeout: float = 60) -> int:
-    """A Ctrl-C; the tool's exit code. A terminal sends SIGINT to its whole foreground process group
-    (`group`: what `ros2 run`, which only waits for its child, relies on). `ros2 launch` without a
-    terminal (stdin not a tty: its --noninteractive) forwards one SIGINT to each node itself, so it
-    gets it alone: either way each node receives exactly one."""
-    if group:
-        os.killpg(proc.pid, signal.SIGINT)
-    else:
-        proc.send_signal(signal.SIGINT)
+def interrupt(proc: subprocess.Popen, timeout: float = 60) -> int:
+    """A terminal's Ctrl-C: SIGINT to the whole process group (the tool and the nodes it started, so
+    each node gets exactly one); the tool's exit code."""
+    os.killpg(proc.pid, signal.SIGINT)
     try:
         return proc.wait(timeout=timeout)
     finally:

@@ -58,7 +58,7 @@ def test_ros2_launch_runs_the_graph_and_stops_on_one_ctrl_c(workspace, tmp_path)
             assert wait_for_line(hz_log, "average rate", timeout=300, proc=launch), (
                 f"no /avatar/image rate:\n{hz_log.read_text()[-2000:]}\n{log.read_text()[-4000:]}")
         finally:
-            interrupt(hz, group=True)
+            interrupt(hz)
         state = workspace.run("ros2 lifecycle get /render --spin-time 10")
         assert state.stdout.startswith("active"), state.stdout + state.stderr
         size = next(p for p in RENDER_PARAMS if p.name == "size")
@@ -74,10 +74,10 @@ def test_ros2_launch_runs_the_graph_and_stops_on_one_ctrl_c(workspace, tmp_path)
         try:
             assert wait_for(listed, timeout=180, interval=1.0), run_log.read_text()
         finally:
-            assert interrupt(driver, group=True) == 0, run_log.read_text()
+            assert interrupt(driver) == 0, run_log.read_text()
         assert "Traceback" not in run_log.read_text()
     finally:
-        code = interrupt(launch, group=False)
+        code = interrupt(launch)
     text = log.read_text()
     assert code == 0, text[-4000:]
     for spec in graph.telepresence({"bridge": "false"}):
