@@ -13,7 +13,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,11 +96,10 @@ def interrupt(proc: subprocess.Popen, timeout: float = 60) -> int:
 
 def wait_for_line(log: Path, text: str, timeout: float, proc: subprocess.Popen | None = None) -> bool:
     """Wait until `text` appears in the log file (or the process ends)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in log.read_text(errors="replace"):
-            return True
-        if proc is not None and proc.poll() is not None:
-            break
-        time.sleep(0.2)
-    return text in log.read_text(errors="replace")
+    from conftest import wait_for
+
+    def seen() -> bool:
+        return text in log.read_text(errors="replace")
+
+    wait_for(lambda: seen() or (proc is not None and proc.poll() is not None), timeout, interval=0.2)
+    return seen()
