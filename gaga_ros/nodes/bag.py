@@ -18,11 +18,10 @@ import time
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.serialization import deserialize_message
-from rclpy.time import Time
 from rosgraph_msgs.msg import Clock
 
 from gaga_ros import record
-from gaga_ros.nodes import qos
+from gaga_ros.nodes import qos, stamps
 from gaga_ros.nodes.diagnostics import ERROR, OK, WARN, Diagnostics, RateMeter
 from gaga_ros.nodes.parameters import Param, declare
 
@@ -207,7 +206,7 @@ class BagNode(Node):
             elapsed = time.monotonic() - start
             if self.clock_pub is not None:  # the recording's time that corresponds to now
                 bag_ns = self.messages[0].log_time_ns + int(elapsed * self.p["rate"] * 1e9)
-                self.clock_pub.publish(Clock(clock=Time(nanoseconds=bag_ns).to_msg()))
+                self.clock_pub.publish(Clock(clock=stamps.from_ns(bag_ns)))
             remaining = offset - elapsed
             if remaining <= 0:
                 return self.stopping.is_set()

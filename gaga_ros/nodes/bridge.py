@@ -8,12 +8,11 @@ import os
 import numpy as np
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
-from rclpy.time import Time
 from sensor_msgs.msg import Image
 
 from gaga_ros.expression import Expression
 from gaga_ros.msg import Expression as ExpressionMsg
-from gaga_ros.nodes import qos, rosout
+from gaga_ros.nodes import qos, rosout, stamps
 from gaga_ros.nodes.diagnostics import OK, WARN, Diagnostics, RateMeter
 from gaga_ros.nodes.expression_msg import to_msg as expression_to_msg
 from gaga_ros.nodes.image_msg import ImageMessageError, from_msg, to_msg
@@ -81,11 +80,11 @@ class BridgeNode(Node):
             self.bad_frames += 1
             self.get_logger().warning(f"frame refused: {exc}", throttle_duration_sec=5.0)
             return
-        self.server.push_frame(rgb, Time.from_msg(msg.header.stamp).nanoseconds)
+        self.server.push_frame(rgb, stamps.to_ns(msg.header.stamp))
         self.frames_in.tick()
 
     def _on_upstream(self, rgb: np.ndarray, stamp_ns: int) -> None:
-        self.pub_upstream.publish(to_msg(rgb, Time(nanoseconds=stamp_ns).to_msg(), "operator_camera"))
+        self.pub_upstream.publish(to_msg(rgb, stamps.from_ns(stamp_ns), "operator_camera"))
         self.upstream_in.tick()
 
     def _on_expression(self, expr: Expression) -> None:

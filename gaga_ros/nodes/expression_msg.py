@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-from rclpy.time import Time
 
 from gaga_ros.expression import Expression, FaceModel
 from gaga_ros.msg import Expression as ExpressionMsg
+from gaga_ros.nodes.stamps import to_ns
 
 
 def to_msg(expr: Expression, stamp) -> ExpressionMsg:
@@ -29,7 +29,7 @@ def from_msg(msg: ExpressionMsg) -> Expression:
     return Expression(
         face_model=FaceModel(msg.face_model) if msg.face_model in (0, 1) else msg.face_model,
         transform=np.asarray(msg.transform, np.float32),
-        stamp_ns=Time.from_msg(msg.header.stamp).nanoseconds,
+        stamp_ns=to_ns(msg.header.stamp),
         frame_id=msg.header.frame_id,
         expression=np.asarray(msg.expression, np.float32),
         jaw_pose=np.asarray(msg.jaw_pose, np.float32),

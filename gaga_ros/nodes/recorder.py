@@ -8,10 +8,9 @@ from pathlib import Path
 
 import av
 from rclpy.node import Node
-from rclpy.time import Time
 from sensor_msgs.msg import Image
 
-from gaga_ros.nodes import qos
+from gaga_ros.nodes import qos, stamps
 from gaga_ros.nodes.diagnostics import ERROR, OK, Diagnostics, RateMeter
 from gaga_ros.nodes.image_msg import ImageMessageError, from_msg
 from gaga_ros.nodes.parameters import Param, declare
@@ -55,7 +54,7 @@ class RecorderNode(Node):
             return
         with self.lock:
             if self.container is not None:
-                self._encode(rgb, Time.from_msg(msg.header.stamp).nanoseconds)
+                self._encode(rgb, stamps.to_ns(msg.header.stamp))
 
     def _encode(self, rgb, stamp: int) -> None:
         if self.stream is None:

@@ -12,7 +12,6 @@ import time
 
 import cv2
 import numpy as np
-from rclpy.time import Time
 from sensor_msgs.msg import CompressedImage, Image
 
 from gaga_ros.avatar.base import Avatar, AvatarError
@@ -20,7 +19,7 @@ from gaga_ros.expression import Expression, ExpressionError
 from gaga_ros.mailbox import Mailbox
 from gaga_ros.msg import Expression as ExpressionMsg
 from gaga_ros.msg import GaussianAvatar, TrackingStatus
-from gaga_ros.nodes import qos
+from gaga_ros.nodes import qos, stamps
 from gaga_ros.nodes.avatar_msg import from_msg as avatar_from_msg
 from gaga_ros.nodes.diagnostics import ERROR, OK, WARN, Diagnostics, RateMeter
 from gaga_ros.nodes.expression_msg import from_msg as expression_from_msg
@@ -165,7 +164,7 @@ class RenderNode(ManagedNode):
         t0 = time.perf_counter()
         image = backend.render(avatar, expr, size=int(self.get_parameter("size").value))
         self.render_ms = (time.perf_counter() - t0) * 1e3
-        stamp = Time(nanoseconds=expr.stamp_ns).to_msg()
+        stamp = stamps.from_ns(expr.stamp_ns)
         self.pub.publish(image_to_msg(image, stamp, self.p["frame_id"]))
         if self.pub_jpeg.get_subscription_count() > 0:
             self._publish_jpeg(image, stamp)

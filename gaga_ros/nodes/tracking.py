@@ -10,14 +10,13 @@ import threading
 
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
-from rclpy.time import Time
 from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import Trigger
 
 from gaga_ros.mailbox import Mailbox
 from gaga_ros.msg import Expression as ExpressionMsg
 from gaga_ros.msg import TrackingStatus
-from gaga_ros.nodes import qos
+from gaga_ros.nodes import qos, stamps
 from gaga_ros.nodes.diagnostics import OK, WARN, Diagnostics, RateMeter
 from gaga_ros.nodes.expression_msg import to_msg as expression_to_msg
 from gaga_ros.nodes.image_msg import ImageMessageError, to_rgb
@@ -122,7 +121,7 @@ class TrackingNode(Node):
                 self.bad_images += 1
                 self.get_logger().warning(f"camera image refused: {exc}", throttle_duration_sec=5.0)
                 continue
-            stamp_ns = Time.from_msg(msg.header.stamp).nanoseconds
+            stamp_ns = stamps.to_ns(msg.header.stamp)
             expr = self.tracker.update(rgb, stamp_ns)
             if expr is None:
                 self.get_logger().info(f"no face: {self.tracker.status.message}",
