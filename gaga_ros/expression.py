@@ -25,6 +25,15 @@ class ExpressionError(ValueError):
 MAX_TRANSLATION = 100.0
 #: Largest joint rotation accepted, radians (a full turn).
 MAX_ROTATION = 2 * np.pi
+#: Nearest head accepted, camera-space depth of the head's origin. The head reaches about one unit
+#: from its origin (FLAME scaled by FLAME_SCALE), so at 2 all of it is in front of the camera; the
+#: frontal camera sits at CAMERA_DISTANCE = 9.
+MIN_DEPTH = 2.0
+#: Largest mesh landmark coordinate accepted. Canonical landmarks span about +-0.55 and tracked ones
+#: about +-0.65 (measured on the shared clips); 2 leaves room for any real face and refuses nonsense.
+MAX_VERTEX = 2.0
+#: Largest FLAME expression coefficient accepted (fitted ones stay within a few units).
+MAX_COEFF = 10.0
 
 
 def frontal_transform(distance: float = 9.0) -> np.ndarray:
@@ -64,6 +73,7 @@ class Expression:
             raise ExpressionError(
                 f"expression has shape {self.expression.shape}: accepted is a flat array of 0 to "
                 f"{MAX_EXPRESSION_COEFFS} FLAME coefficients")
+        _bounded("expression", self.expression, MAX_COEFF, "FLAME coefficients")
         self.jaw_pose = _array("jaw_pose", self.jaw_pose, (3,))
         self.neck_pose = _array("neck_pose", self.neck_pose, (3,))
         self.eye_pose = _array("eye_pose", self.eye_pose, (6,))
@@ -72,6 +82,7 @@ class Expression:
         if self.vertices is not None:
             self.vertices = _array("vertices", self.vertices, (MESH_LANDMARKS, 3),
                                    flat_ok=MESH_LANDMARKS * 3)
+            _bounded("vertices", self.vertices, MAX_VERTEX, "canonical landmark coordinates")
         if self.face_model is FaceModel.MESH and self.vertices is None:
             raise ExpressionError(
                 f"mesh-mode expression without vertices: accepted are {MESH_LANDMARKS}x3 "
@@ -85,6 +96,10 @@ class Expression:
             raise ExpressionError(
                 f"transform translation {self.transform[:, 3].tolist()} is absurd: accepted is "
                 f"|T| <= {MAX_TRANSLATION} (a head about 9 units from the camera)")
+        if self.transform[2, 3] < MIN_DEPTH:
+            raise ExpressionError(
+                f"transform puts the head {self.transform[2, 3]:.3g} units in front of the camera: "
+                f"accepted is T_z >= {MIN_DEPTH} (the camera in front of the face; frontal is 9)")
         for name in ("jaw_pose", "neck_pose", "eye_pose"):
             if np.abs(getattr(self, name)).max() > MAX_ROTATION:
                 raise ExpressionError(
@@ -98,6 +113,12 @@ class Expression:
         out = np.zeros(n, np.float32)
         out[: self.expression.size] = self.expression[:n]
         return out
+
+
+def _bounded(name: str, arr: np.ndarray, limit: float, what: str) -> None:
+    if arr.size and np.abs(arr).max() > limit:
+        raise ExpressionError(f"{name} reaches {np.abs(arr).max():.3g}: accepted are {what} within "
+                              f"+-{limit}")
 
 
 def _array(name: str, value, shape: tuple[int, ...] | None, flat_ok: int | None = None) -> np.ndarray:

@@ -39,6 +39,10 @@ ARGUMENTS = {
     "bridge": ("true", "Start the WebRTC bridge."),
 }
 
+#: ros2 launch starts a node again this long after it exited (a crash, or a worker that died and
+#: ended its process: gaga_ros.nodes.guard); `gaga-ros launch` restarts at once.
+RESPAWN_DELAY_S = 2.0
+
 DRIVERS = ("scripted", "video", "webcam", "topic")
 TRANSPORTS = ("raw", "compressed")
 

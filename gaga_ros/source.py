@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -33,18 +35,30 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
-    if not path.is_file():
-        raise ImageError(f"{path}: no such image file; accepted is a readable "
-                         f"{'/'.join(ACCEPTED_FORMATS)} file")
+    accepted = f"accepted is a readable {'/'.join(ACCEPTED_FORMATS)} file"
+    try:  # non-blocking, then checked: a FIFO given as a path must not hang the caller
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such image file; {accepted}") from None
+    except OSError as err:
+        raise ImageError(f"{path}: cannot open ({err.strerror}); {accepted}") from None
+    kind = os.fstat(fd).st_mode
+    if not stat.S_ISREG(kind):
+        os.close(fd)
+        what = "a folder" if stat.S_ISDIR(kind) else "not a regular file (a FIFO, device or socket)"
+        raise ImageError(f"{path} is {what}; {accepted}")
+    file = os.fdopen(fd, "rb")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
+            image = Image.open(file)
     except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError,
             OSError) as err:
-        raise ImageError(f"{path}: not a readable image ({err}); accepted formats: "
+        file.close()
+        detail = str(err).split(" <_io.")[0]  # PIL names the file object, not the path
+        raise ImageError(f"{path}: not a readable image ({detail}); accepted formats: "
                          f"{', '.join(ACCEPTED_FORMATS)}") from None
-    with image:
+    with file, image:
         if image.format not in ACCEPTED_FORMATS:
             raise ImageError(f"{path}: format {image.format} is not supported; accepted formats: "
                              f"{', '.join(ACCEPTED_FORMATS)}")

@@ -27,7 +27,8 @@ def _nodes(context):
         kind = LifecycleNode if spec.lifecycle else Node
         extra = {"namespace": ""} if spec.lifecycle else {}
         actions.append(kind(package="gaga_ros", executable=spec.module, name=spec.name, output="screen",
-                            parameters=[params_file, spec.parameters], **extra))
+                            parameters=[params_file, spec.parameters], respawn=True,
+                            respawn_delay=graph.RESPAWN_DELAY_S, **extra))
     return actions
 
 

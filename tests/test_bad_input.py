@@ -444,8 +444,9 @@ def test_bad_avatar_and_bad_frames_are_refused(running, photos, backend):
     pub = obs.publisher(GaussianAvatar, "/avatar/model", qos.LATCHED)
     frames = obs.publisher(Image, "/avatar/image", qos.FRAMES)
     pub.publish(avatar_msg)
-    assert wait_for(lambda: "avatar refused" in obs.status("render")[1], timeout=20), \
+    assert wait_for(lambda: "refused /avatar/model" in obs.status("render")[1], timeout=20), \
         obs.status("render")
+    assert obs.status("render")[0] == 1  # WARN: the previous avatar keeps serving
     assert "means" in obs.status("render")[1]
     assert obs.serving(), "render must keep rendering the previous avatar"
     before = int(obs.status("bridge")[2].get("refused_frames", 0))

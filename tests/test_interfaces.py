@@ -144,6 +144,7 @@ ROSDEP_KEYS = {"numpy": "python3-numpy", "yaml": "python3-yaml", "aiohttp": "pyt
                "std_msgs": "std_msgs", "diagnostic_msgs": "diagnostic_msgs",
                "rcl_interfaces": "rcl_interfaces",
                "std_srvs": "std_srvs", "lifecycle_msgs": "lifecycle_msgs", "rosgraph_msgs": "rosgraph_msgs",
+               "builtin_interfaces": "builtin_interfaces",
                "ament_index_python": "ament_index_python", "launch": "launch", "launch_ros": "launch_ros"}
 #: Import name -> pip distribution (requirements-core.txt) of the pip-only dependencies
 #: (package.xml says why).

@@ -7,7 +7,6 @@ import os
 
 import numpy as np
 from rcl_interfaces.msg import SetParametersResult
-from rclpy.node import Node
 from sensor_msgs.msg import Image
 
 from gaga_ros.expression import Expression
@@ -15,7 +14,8 @@ from gaga_ros.msg import Expression as ExpressionMsg
 from gaga_ros.nodes import qos, rosout, stamps
 from gaga_ros.nodes.diagnostics import OK, WARN, Diagnostics, RateMeter
 from gaga_ros.nodes.expression_msg import to_msg as expression_to_msg
-from gaga_ros.nodes.image_msg import ImageMessageError, from_msg, to_msg
+from gaga_ros.nodes.guard import GuardedNode
+from gaga_ros.nodes.image_msg import from_msg, to_msg
 from gaga_ros.nodes.parameters import Param, declare
 from gaga_ros.stream import StreamServer
 
@@ -41,7 +41,7 @@ PARAMS = (
 STREAM_LOGGER = "gaga_ros.stream"
 
 
-class BridgeNode(Node):
+class BridgeNode(GuardedNode):
     """Feeds the newest avatar frame to the stream server and publishes what the page sends back."""
 
     def __init__(self) -> None:
@@ -51,7 +51,6 @@ class BridgeNode(Node):
         self.frames_in = RateMeter()
         self.upstream_in = RateMeter()
         self.expressions_in = 0
-        self.bad_frames = 0
         self.pub_upstream = self.create_publisher(Image, self.p["upstream_topic"], qos.FRAMES)
         self.pub_expr = self.create_publisher(ExpressionMsg, "/avatar/expression", qos.EXPRESSIONS)
         size = (self.p["width"], self.p["height"]) if self.p["width"] and self.p["height"] else (None,
@@ -74,13 +73,7 @@ class BridgeNode(Node):
         return SetParametersResult(successful=True)
 
     def _on_image(self, msg: Image) -> None:
-        try:
-            rgb = from_msg(msg)
-        except ImageMessageError as exc:
-            self.bad_frames += 1
-            self.get_logger().warning(f"frame refused: {exc}", throttle_duration_sec=5.0)
-            return
-        self.server.push_frame(rgb, stamps.to_ns(msg.header.stamp))
+        self.server.push_frame(from_msg(msg), stamps.to_ns(msg.header.stamp))  # bad ones: refused
         self.frames_in.tick()
 
     def _on_upstream(self, rgb: np.ndarray, stamp_ns: int) -> None:
@@ -96,7 +89,7 @@ class BridgeNode(Node):
         values = {"clients": stats["clients"], "frame_rate_in": self.frames_in.rate,
                   "frames_encoded": stats["frames_encoded"], "encode_ms": stats["encode_ms_mean"],
                   "upstream_fps": self.upstream_in.rate, "expressions_in": self.expressions_in,
-                  "refused_frames": self.bad_frames}
+                  "refused_frames": self.guard.counts[self.p["image_topic"]]}
         if self.frames_in.rate == 0.0:
             return WARN, f"no frames on {self.p['image_topic']}", values
         return OK, f"streaming to {stats['clients']} clients", values

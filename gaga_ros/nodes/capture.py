@@ -5,12 +5,12 @@ from __future__ import annotations
 import threading
 import time
 
-from rclpy.node import Node
 from sensor_msgs.msg import Image
 
 from gaga_ros.capture import CaptureError, FrameSource, RateLimiter
 from gaga_ros.nodes import qos
 from gaga_ros.nodes.diagnostics import ERROR, OK, WARN, Diagnostics, RateMeter
+from gaga_ros.nodes.guard import GuardedNode
 from gaga_ros.nodes.image_msg import to_msg
 from gaga_ros.nodes.parameters import Param, declare
 
@@ -26,7 +26,7 @@ PARAMS = (
 )
 
 
-class CaptureNode(Node):
+class CaptureNode(GuardedNode):
     """Publishes frames from one source at a steady rate, stamped at the moment of capture."""
 
     def __init__(self) -> None:
@@ -41,8 +41,7 @@ class CaptureNode(Node):
         self.get_logger().info(f"capturing {self.source.kind} {self.p['source']!r} at {rate:.1f} Hz")
         self.diagnostics = Diagnostics(self, self._report)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, args=(rate,), daemon=True)
-        self._thread.start()
+        self._thread = self.guard.worker("capture", lambda: self._loop(rate))
 
     def _loop(self, rate: float) -> None:
         pacer = RateLimiter(rate)

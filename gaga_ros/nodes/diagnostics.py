@@ -39,16 +39,26 @@ Report = tuple[int, str, dict[str, object]]
 
 
 class Diagnostics:
-    """Publishes the node's status from `report()` -> (level, message, values) once per period."""
+    """Publishes the node's status from `report()` -> (level, message, values) once per period.
+
+    On a guarded node (gaga_ros.nodes.guard) the node's refusals are folded in: WARN with the latest
+    reason while it is recent, ERROR when a worker died (published at once, before the exit).
+    """
 
     def __init__(self, node: Node, report: Callable[[], Report], period_s: float = 1.0) -> None:
         self._node = node
         self._report = report
         self._pub = node.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._timer = node.create_timer(period_s, self._publish)
+        self._guard = getattr(node, "guard", None)
+        if self._guard is not None:
+            self._guard.on_fatal.append(self._publish)
 
     def _publish(self) -> None:
         level, message, values = self._report()
+        if self._guard is not None:
+            level, message = self._guard.assess(level, message)
+            values = {**values, "refused_inputs": self._guard.total}
         status = DiagnosticStatus(level=level, name=f"gaga_ros: {self._node.get_name()}",
                                   hardware_id=self._node.get_fully_qualified_name(), message=message)
         status.values = [KeyValue(key=k, value=_fmt(v)) for k, v in values.items()]

@@ -5,13 +5,12 @@ Speaking, smiling, blinking, nodding and turning in a loop, so the demo needs no
 
 from __future__ import annotations
 
-from rclpy.node import Node
-
 from gaga_ros.driver import ScriptedDriver
 from gaga_ros.msg import Expression as ExpressionMsg
 from gaga_ros.nodes import qos
 from gaga_ros.nodes.diagnostics import OK, Diagnostics, RateMeter
 from gaga_ros.nodes.expression_msg import to_msg
+from gaga_ros.nodes.guard import GuardedNode
 from gaga_ros.nodes.parameters import Param, declare
 
 PARAMS = (
@@ -22,7 +21,7 @@ PARAMS = (
 )
 
 
-class DriverNode(Node):
+class DriverNode(GuardedNode):
     """Publishes the scripted driver's expression for the current time at a fixed rate."""
 
     def __init__(self) -> None:

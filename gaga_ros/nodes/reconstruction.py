@@ -132,6 +132,12 @@ class ReconstructionNode(ManagedNode):
             self.pub.publish(to_msg(self.avatar, self.get_clock().now().to_msg()))
 
     def _try_build(self, load, label: str) -> tuple[bool, str]:
+        if not self.active:  # an inactive node publishes nothing: building now would be lost work
+            name = self.get_fully_qualified_name()
+            reason = (f"{name} is not active, so it would publish nothing: activate it "
+                      f"(ros2 lifecycle set {name} activate) and send the photo again")
+            self.guard.refuse(label, reason)
+            return False, reason
         try:
             avatar = self.build(load(), label)
         except (ValueError, OSError, RuntimeError) as exc:

@@ -15,7 +15,7 @@ import numpy as np
 from sensor_msgs.msg import CompressedImage, Image
 
 from gaga_ros.avatar.base import Avatar, AvatarError
-from gaga_ros.expression import Expression, ExpressionError
+from gaga_ros.expression import Expression
 from gaga_ros.mailbox import Mailbox
 from gaga_ros.msg import Expression as ExpressionMsg
 from gaga_ros.msg import GaussianAvatar, TrackingStatus
@@ -26,6 +26,8 @@ from gaga_ros.nodes.expression_msg import from_msg as expression_from_msg
 from gaga_ros.nodes.image_msg import to_msg as image_to_msg
 from gaga_ros.nodes.managed import ManagedNode
 from gaga_ros.nodes.parameters import Param
+
+EXPRESSION_TOPIC = "/avatar/expression"
 
 PARAMS = (
     Param("device", "auto", "Where the avatar lives and renders: auto (cuda when present), cuda, cpu."),
@@ -68,7 +70,6 @@ class RenderNode(ManagedNode):
         self.mailbox: Mailbox[Expression] = Mailbox()
         self.worker: threading.Thread | None = None
         self.meter = RateMeter()
-        self.rejected = 0
         self.latency_ms = 0.0
         self.render_ms = 0.0
         self.error = ""
@@ -76,7 +77,7 @@ class RenderNode(ManagedNode):
         self.pub = self.create_publisher(Image, "/avatar/image", qos.FRAMES)
         self.pub_jpeg = self.create_publisher(CompressedImage, "/avatar/image/compressed", qos.FRAMES)
         self.avatar_sub = None  # made on configure: a fresh transient-local reader gets the avatar back
-        self.create_subscription(ExpressionMsg, "/avatar/expression", self._on_expression,
+        self.create_subscription(ExpressionMsg, EXPRESSION_TOPIC, self._on_expression,
                                  qos.EXPRESSIONS)
         self.create_subscription(TrackingStatus, "/tracking/status",
                                  lambda m: setattr(self, "tracking", m), qos.LATCHED)
@@ -100,8 +101,7 @@ class RenderNode(ManagedNode):
 
     def activate(self) -> None:
         self.mailbox.reopen()
-        self.worker = threading.Thread(target=self._loop, daemon=True)
-        self.worker.start()
+        self.worker = self.guard.serve("render", EXPRESSION_TOPIC, self.mailbox, self._render_newest)
 
     def deactivate(self) -> None:
         self.mailbox.close()
@@ -129,36 +129,21 @@ class RenderNode(ManagedNode):
                        else make_backend(avatar.backend, self.device, self.p["models_dir"],
                                          self.p["gagavatar_config"], self.p["fast_path"]))
         except (AvatarError, ValueError) as exc:
-            self.error = f"avatar refused: {exc}"
-            self.get_logger().error(self.error)
-            return
+            self.error = f"avatar refused: {exc}"  # ERROR while there is no avatar to keep serving
+            raise  # the guard logs it; diagnostics WARN while a previous avatar keeps serving
         with self.lock:
             self.avatar, self.backend, self.error = avatar, backend, ""
         self.get_logger().info(f"avatar {avatar.avatar_id} ({avatar.backend}, {len(avatar)} Gaussians) "
                                f"cached on {self.device}")
 
     def _on_expression(self, msg: ExpressionMsg) -> None:
-        try:
-            expr = expression_from_msg(msg)
-        except ExpressionError as exc:
-            self.rejected += 1
-            self.get_logger().warning(f"expression rejected: {exc}", throttle_duration_sec=5.0)
-            return
-        self.mailbox.put(expr)
+        self.mailbox.put(expression_from_msg(msg))  # a malformed one raises: the guard refuses it
 
-    def _loop(self) -> None:
-        while not self.mailbox.closed:
-            expr = self.mailbox.get()
-            with self.lock:
-                avatar, backend = self.avatar, self.backend
-            if expr is None or avatar is None:
-                continue
-            try:
-                self._render(avatar, backend, expr)
-            except (ExpressionError, ValueError) as exc:
-                self.rejected += 1
-                self.get_logger().warning(f"expression not renderable: {exc}",
-                                          throttle_duration_sec=5.0)
+    def _render_newest(self, expr: Expression) -> None:
+        with self.lock:
+            avatar, backend = self.avatar, self.backend
+        if avatar is not None:
+            self._render(avatar, backend, expr)
 
     def _render(self, avatar: Avatar, backend, expr: Expression) -> None:
         t0 = time.perf_counter()
@@ -183,7 +168,8 @@ class RenderNode(ManagedNode):
     def _report(self):
         values = {"frame_rate": self.meter.rate, "frames": self.meter.count,
                   "latency_ms": self.latency_ms, "render_ms": self.render_ms,
-                  "dropped_expressions": self.mailbox.dropped, "rejected_expressions": self.rejected,
+                  "dropped_expressions": self.mailbox.dropped,
+                  "rejected_expressions": self.guard.counts[EXPRESSION_TOPIC],
                   "device": self.device}
         if self.device == "cuda":
             import torch
@@ -192,7 +178,7 @@ class RenderNode(ManagedNode):
         if self.tracking is not None:
             values["face_found"] = self.tracking.face_found
             values["face_lost_seconds"] = self.tracking.face_lost_seconds
-        if self.error:
+        if self.avatar is None and self.error:
             return ERROR, self.error, values
         if self.avatar is None:
             return WARN, "waiting for an avatar on /avatar/model", values

@@ -26,6 +26,18 @@ from rclpy.signals import SignalHandlerOptions
 POLL_S = 0.1
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
+#: The running spin loop's stop flag and the exit status it ends with (one node per process).
+_stop: threading.Event | None = None
+_exit_code = 0
+
+
+def request_exit(code: int) -> None:
+    """Stop the node as Ctrl-C would, then exit with `code` (a node that cannot go on asks this)."""
+    global _exit_code
+    _exit_code = code
+    if _stop is not None:
+        _stop.set()
+
 
 def _install_stop_handlers(stop: threading.Event) -> None:
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -39,11 +51,12 @@ def _install_stop_handlers(stop: threading.Event) -> None:
 
 
 def spin(make_node: Callable[[], Node], args: list[str] | None = None) -> None:
-    """Run one node until Ctrl-C, SIGTERM or shutdown; exits 0 after a clean stop, non-zero when the
-    node cannot start."""
+    """Run one node until Ctrl-C, SIGTERM or shutdown; exits 0 after a clean stop, 2 when the node
+    cannot start, and the code given to request_exit() when the node asked to end."""
     # rclpy's own handler would invalidate the context while worker threads still publish.
     rclpy.init(args=args if args is not None else sys.argv, signal_handler_options=SignalHandlerOptions.NO)
-    stop = threading.Event()
+    global _stop
+    stop = _stop = threading.Event()
     _install_stop_handlers(stop)  # a stop during a long start (model loading) is honoured after it
     node = None
     executor = MultiThreadedExecutor(num_threads=4)
@@ -70,3 +83,5 @@ def spin(make_node: Callable[[], Node], args: list[str] | None = None) -> None:
         executor.shutdown()
         if rclpy.ok():
             rclpy.shutdown()
+    if _exit_code:
+        sys.exit(_exit_code)

@@ -6,10 +6,7 @@ one-slot mailbox, so a slow frame skips stale camera frames instead of queueing 
 
 from __future__ import annotations
 
-import threading
-
 from rcl_interfaces.msg import SetParametersResult
-from rclpy.node import Node
 from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import Trigger
 
@@ -19,7 +16,8 @@ from gaga_ros.msg import TrackingStatus
 from gaga_ros.nodes import qos, stamps
 from gaga_ros.nodes.diagnostics import OK, WARN, Diagnostics, RateMeter
 from gaga_ros.nodes.expression_msg import to_msg as expression_to_msg
-from gaga_ros.nodes.image_msg import ImageMessageError, to_rgb
+from gaga_ros.nodes.guard import GuardedNode
+from gaga_ros.nodes.image_msg import to_rgb
 from gaga_ros.nodes.parameters import Param, declare
 from gaga_ros.tracking.mesh_tracker import MeshTracker
 
@@ -50,7 +48,7 @@ PARAMS = (
 SMOOTHING = ("min_cutoff", "beta", "d_cutoff")
 
 
-class TrackingNode(Node):
+class TrackingNode(GuardedNode):
     """Runs the mesh tracker on the newest camera frame."""
 
     def __init__(self) -> None:
@@ -62,18 +60,16 @@ class TrackingNode(Node):
                              f"{', '.join(CAMERA_TOPICS)}")
         self.mailbox: Mailbox[Image | CompressedImage] = Mailbox()
         self.meter = RateMeter()
-        self.bad_images = 0
         self.pub = self.create_publisher(ExpressionMsg, "/avatar/expression", qos.EXPRESSIONS)
         self.pub_status = self.create_publisher(TrackingStatus, "/tracking/status", qos.LATCHED)
-        topic, msg_type = CAMERA_TOPICS[self.p["camera_transport"]]
-        self.create_subscription(msg_type, topic, self.mailbox.put, qos.FRAMES)
+        self.camera_topic, msg_type = CAMERA_TOPICS[self.p["camera_transport"]]
+        self.create_subscription(msg_type, self.camera_topic, self.mailbox.put, qos.FRAMES)
         self.create_service(Trigger, "/tracking/reset_reference", self._on_reset)
         self.add_on_set_parameters_callback(self._on_params)
         self.diagnostics = Diagnostics(self, self._report)
         self.create_timer(1.0, self._publish_status)
         self._last_found: bool | None = None
-        self.worker = threading.Thread(target=self._loop, daemon=True)
-        self.worker.start()
+        self.worker = self.guard.serve("tracking", self.camera_topic, self.mailbox, self._track)
 
     def _make_tracker(self):
         if self.p["mode"] == "flame":
@@ -110,28 +106,17 @@ class TrackingNode(Node):
         response.success, response.message = True, "collecting a new neutral reference"
         return response
 
-    def _loop(self) -> None:
-        while not self.mailbox.closed:
-            msg = self.mailbox.get()
-            if msg is None:
-                continue
-            try:
-                rgb = to_rgb(msg)
-            except ImageMessageError as exc:
-                self.bad_images += 1
-                self.get_logger().warning(f"camera image refused: {exc}", throttle_duration_sec=5.0)
-                continue
-            stamp_ns = stamps.to_ns(msg.header.stamp)
-            expr = self.tracker.update(rgb, stamp_ns)
-            if expr is None:
-                self.get_logger().info(f"no face: {self.tracker.status.message}",
-                                       throttle_duration_sec=5.0)
-            else:
-                expr.frame_id = msg.header.frame_id
-                self.pub.publish(expression_to_msg(expr, msg.header.stamp))
-                self.meter.tick()
-            if self.tracker.status.face_found != self._last_found:
-                self._publish_status()
+    def _track(self, msg: Image | CompressedImage) -> None:
+        """One camera frame -> one expression (or a status change); a bad image raises (refused)."""
+        expr = self.tracker.update(to_rgb(msg), stamps.to_ns(msg.header.stamp))
+        if expr is None:
+            self.get_logger().info(f"no face: {self.tracker.status.message}", throttle_duration_sec=5.0)
+        else:
+            expr.frame_id = msg.header.frame_id
+            self.pub.publish(expression_to_msg(expr, msg.header.stamp))
+            self.meter.tick()
+        if self.tracker.status.face_found != self._last_found:
+            self._publish_status()
 
     def _publish_status(self) -> None:
         s = self.tracker.status
@@ -145,7 +130,8 @@ class TrackingNode(Node):
         s = self.tracker.status
         values = {"frame_rate": self.meter.rate, "expressions": self.meter.count,
                   "confidence": s.confidence, "face_lost_seconds": s.face_lost_seconds,
-                  "dropped_frames": self.mailbox.dropped, "refused_images": self.bad_images}
+                  "dropped_frames": self.mailbox.dropped,
+                  "refused_images": self.guard.counts[self.camera_topic]}
         if not s.face_found:
             return WARN, s.message, values
         return OK, "tracking", values
