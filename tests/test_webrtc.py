@@ -79,6 +79,13 @@ async def check_codes(page, pusher: Pusher, at_least: int) -> list[int]:
     return codes
 
 
+async def csrf_headers(http: aiohttp.ClientSession, base: str) -> dict[str, str]:
+    """The CSRF header a POST needs, fetched from /config as the viewer page does."""
+    async with http.get(base + "config") as r:
+        assert r.status == 200, await r.text()
+        return {"X-CSRF-Token": r.headers["X-CSRF-Token"]}
+
+
 async def wait_clients(server: StreamServer, n: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while server.clients != n:
@@ -133,9 +140,10 @@ def test_expression_post_validates_and_delivers():
     with StreamServer(port=0, on_expression=got.append, max_body_bytes=64 * 1024) as server:
         async def main():
             async with aiohttp.ClientSession() as http:
+                headers = await csrf_headers(http, server.url)
                 ok = {"face_model": "FLAME", "expression": [0.1] * 50, "jaw_pose": [0.2, 0, 0],
                       "transform": [-1, 0, 0, 0, 0, 1, 0, 0, 0, 0, -1, 9], "stamp_ns": 123}
-                async with http.post(server.url + "expression", json=ok) as r:
+                async with http.post(server.url + "expression", json=ok, headers=headers) as r:
                     assert r.status == 200, await r.text()
                 cases = [
                     ({"face_model": 7}, "face_model"),
@@ -146,12 +154,14 @@ def test_expression_post_validates_and_delivers():
                     ([1, 2, 3], "object"),
                 ]
                 for body, word in cases:
-                    async with http.post(server.url + "expression", json=body) as r:
+                    async with http.post(server.url + "expression", json=body, headers=headers) as r:
                         text = await r.text()
                         assert r.status == 400 and word in text, (body, r.status, text)
-                async with http.post(server.url + "expression", data=b"{not json") as r:
+                json_headers = {**headers, "Content-Type": "application/json"}
+                url = server.url + "expression"
+                async with http.post(url, data=b"{not json", headers=json_headers) as r:
                     assert r.status == 400 and "JSON" in await r.text()
-                async with http.post(server.url + "expression", data=b"x" * 100_000) as r:
+                async with http.post(url, data=b"x" * 100_000, headers=json_headers) as r:
                     assert r.status == 413
         asyncio.run(main())
     assert len(got) == 1 and got[0].stamp_ns == 123
@@ -162,7 +172,7 @@ def test_expression_post_validates_and_delivers():
 def raw_get(port: int, path: str) -> tuple[int, bytes]:
     """GET with the path sent byte for byte (no client-side normalisation of ../ or %2e)."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
         data = b""
         while chunk := s.recv(65536):
             data += chunk

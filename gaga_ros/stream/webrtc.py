@@ -8,12 +8,18 @@ callback, a render loop) drive it through start(), push_frame() and stop().
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import ipaddress
 import json
 import logging
+import math
+import re
 import ssl
 import threading
 import time
 import uuid
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,22 +27,63 @@ from pathlib import Path
 
 import numpy as np
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
-from aiortc.exceptions import InvalidAccessError, InvalidStateError, OperationError
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcrtpsender import RTCRtpSender
 
 from gaga_ros.expression import Expression, ExpressionError
-from gaga_ros.stream.auth import is_loopback, token_middleware
+from gaga_ros.stream.auth import (
+    CSRF_HEADER,
+    CsrfTokens,
+    host_origin_middleware,
+    is_ip_literal,
+    is_loopback,
+    normal_origin,
+    token_middleware,
+)
 from gaga_ros.stream.tracks import EncodedTrack, NewestFrame, SharedEncoder, check_rgb
 
 log = logging.getLogger(__name__)
+#: aiohttp's server logger for this server (passed to its AppRunner), so it reaches the bridge's /rosout.
+HTTP_LOG = log.getChild("http")
+
+
+class ShortParseErrors(logging.Filter):
+    """aiohttp logs a malformed request (a 100 kB URL, TLS or garbage on the port) with a traceback
+    of its own parser: that is one line of news, not a bug. Tracebacks of real errors stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = "refused a malformed request from %s: %s"
+            # one line whatever the client sent: the parser's message quotes it, newlines and all
+            record.args = (record.args[0] if record.args else "?", " ".join(str(exc.message).split())[:120])
+            record.exc_info = record.exc_text = None
+            if record.levelno > logging.WARNING:
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+HTTP_LOG.addFilter(ShortParseErrors())
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 CODECS = ("VP8", "H264")
 #: Files the static route may serve: top-level files of static_dir with these suffixes, read once.
 STATIC_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css",
                 ".svg": "image/svg+xml", ".png": "image/png", ".ico": "image/x-icon"}
+#: Default time a request's headers, and then its body, may take to arrive. aiohttp arms its
+#: keep-alive timer when a connection opens and closes the connection if it fires before a request
+#: is complete, so this also ends connections that drip header bytes (slowloris); bodies are read
+#: under asyncio.wait_for with the same limit.
+REQUEST_TIMEOUT_S = 10.0
+#: Offers counted per client address: at most `offer_limit` in this sliding window (then 429).
+OFFER_WINDOW_S = 10.0
+#: Share of pending_timeout_s an answered offer keeps its slot when all pending slots are taken and
+#: a new offer wants one (3 s at the default 10 s; loopback and LAN handshakes take well under 1 s).
+PENDING_GRACE = 0.3
+#: Inline <script> blocks of viewer.html, whose hashes the Content-Security-Policy allows.
+INLINE_SCRIPT = re.compile(rb"<script>(.*?)</script>", re.S)
 EXPRESSION_FIELDS = ("face_model", "expression", "jaw_pose", "neck_pose", "eye_pose", "vertices",
                      "transform", "confidence", "stamp_ns", "frame_id")
 
@@ -97,7 +144,10 @@ def parse_expression(payload: str | bytes | dict) -> Expression:
 
 @dataclass
 class Client:
-    """One connected viewer: its peer connection, outgoing track and where it came from."""
+    """One viewer: its peer connection, outgoing track and where it came from.
+
+    Pending (answered, not yet connected) while connected_at is None; expiry then drops it.
+    """
 
     id: str
     pc: RTCPeerConnection
@@ -106,15 +156,23 @@ class Client:
     track: EncodedTrack | None = None
     sender: RTCRtpSender | None = None
     upstream_frames: int = 0
-    connected_at: float = field(default_factory=time.time)
+    offered_at: float = field(default_factory=time.monotonic)
+    connected_at: float | None = None
+    expiry: asyncio.TimerHandle | None = None
 
 
 class StreamServer:
     """WebRTC avatar stream for browsers; thread-safe push_frame(), callbacks for what comes back.
 
-    Security: it listens on 127.0.0.1 by default. Clients that are not on loopback must present
-    `token` (query `?token=` or `Authorization: Bearer`). A non-loopback `host` without a token is
-    refused at construction (StreamConfigError) rather than minting a token into a log file.
+    Security: it listens on 127.0.0.1 by default. Clients that are not on loopback (all clients with
+    token_on_loopback) must present `token` (query `?token=` or `Authorization: Bearer`). A
+    non-loopback `host` without a token is refused at construction (StreamConfigError) rather than
+    minting a token into a log file. Against web pages (gaga_ros.stream.auth): the Host must be an
+    IP address, localhost or in allowed_hosts; a request's Origin must be this server or in
+    allowed_origins; POSTs must be JSON and carry the CSRF token GET /config hands out; no CORS.
+    Against offer floods: max_clients counts connected viewers; offers that have not connected
+    yet hold one of max_pending slots for at most pending_timeout_s, and each client address may
+    make offer_limit offers per OFFER_WINDOW_S.
 
     Encoding: one shared encode per codec for all viewers (see gaga_ros.stream.tracks for why and
     what it costs). Callbacks run on the server's threads and must return quickly:
@@ -131,7 +189,10 @@ class StreamServer:
                  on_expression: ExpressionCallback | None = None,
                  max_clients: int = 16, max_body_bytes: int = 256 * 1024,
                  idle_after_s: float = 3.0, keyframe_interval_s: float = 2.0,
-                 peer_timeout_s: float = 10.0) -> None:
+                 peer_timeout_s: float = 10.0, allowed_hosts: list[str] | None = None,
+                 allowed_origins: list[str] | None = None, token_on_loopback: bool = False,
+                 max_pending: int = 4, pending_timeout_s: float = 10.0, offer_limit: int = 10,
+                 request_timeout_s: float = REQUEST_TIMEOUT_S) -> None:
         self.codec = codec.upper() if isinstance(codec, str) else codec
         if self.codec not in CODECS:
             raise StreamConfigError(f"codec {codec!r}: accepted are {CODECS}")
@@ -151,10 +212,30 @@ class StreamServer:
             raise StreamConfigError(
                 f"host {host!r} is reachable from other machines but no token is set: pass token= "
                 "(clients then add ?token=...) or listen on 127.0.0.1")
+        if token_on_loopback and not token:
+            raise StreamConfigError("token_on_loopback needs a token: pass token= as well")
+        for name in allowed_hosts or []:
+            if not name or any(c in name for c in ":/@ *"):
+                raise StreamConfigError(f"allowed_hosts entry {name!r}: accepted is a host name without "
+                                        "port or scheme, e.g. robot.local")
+        try:
+            self.allowed_origins = [normal_origin(o) for o in allowed_origins or []]
+        except ValueError as e:
+            raise StreamConfigError(f"allowed_origins entry {e}: accepted is scheme://host[:port] with "
+                                    "scheme http or https, e.g. https://robot.example") from None
+        if max_pending < 1 or offer_limit < 1:
+            raise StreamConfigError("max_pending and offer_limit: accepted is 1 or more")
+        if pending_timeout_s <= 0 or request_timeout_s <= 0:
+            raise StreamConfigError("pending_timeout_s and request_timeout_s: accepted is more than 0")
         self.static_dir = Path(static_dir)
         if not (self.static_dir / "viewer.html").is_file():
             raise StreamConfigError(f"static_dir {self.static_dir} has no viewer.html")
         self.host, self._port, self.token = host, port, token
+        self.token_on_loopback = bool(token_on_loopback)
+        # The name the server listens on (when it is one) is how its users reach it.
+        self.allowed_hosts = list(allowed_hosts or []) + ([host] if host and not is_ip_literal(host) else [])
+        self.max_pending, self.pending_timeout_s = max_pending, pending_timeout_s
+        self.offer_limit, self.request_timeout_s = offer_limit, request_timeout_s
         self.bitrate_kbps, self.max_fps = int(bitrate_kbps), float(max_fps)
         self.size = (int(width), int(height)) if width is not None else None
         self.certfile, self.keyfile = certfile, keyfile
@@ -166,6 +247,9 @@ class StreamServer:
         self.upstream_dropped = 0
         self._frames = NewestFrame()
         self._clients: dict[str, Client] = {}
+        self._offer_times: dict[str, deque[float]] = {}
+        self._csrf = CsrfTokens()
+        self._refused: Counter[int] = Counter()
         self._encoders: dict[str, SharedEncoder] = {}
         self._static: dict[str, tuple[bytes, str]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -246,8 +330,13 @@ class StreamServer:
 
     @property
     def clients(self) -> int:
-        """Viewers currently connected."""
-        return len(self._clients)
+        """Viewers currently connected (offers not connected yet are stats()["pending"])."""
+        return sum(c.connected_at is not None for c in list(self._clients.values()))
+
+    @property
+    def pending(self) -> int:
+        """Offers answered but not connected yet."""
+        return len(self._clients) - self.clients
 
     def set_bitrate(self, bitrate_kbps: int) -> None:
         """Change the video bitrate of every stream now (each encoder restarts with a keyframe)."""
@@ -258,11 +347,14 @@ class StreamServer:
             encoder.set_bitrate(self.bitrate_kbps)
 
     def stats(self) -> dict:
-        """Counts for logs and diagnostics: frames pushed/encoded and, per client, frames sent."""
+        """Counts for logs and diagnostics: frames pushed/encoded, requests refused (by HTTP status)
+        and, per client, frames sent."""
         enc = list(self._encoders.values())
         encoded = sum(e.encoded for e in enc)
         return {
-            "clients": len(self._clients),
+            "clients": self.clients,
+            "pending": self.pending,
+            "refused": dict(self._refused),
             "frames_pushed": self._frames.pushed,
             "frames_encoded": encoded,
             "encode_ms_mean": 1000 * sum(e.encode_seconds for e in enc) / encoded if encoded else None,
@@ -282,7 +374,10 @@ class StreamServer:
         for path in sorted(self.static_dir.iterdir()):
             if path.is_file() and path.suffix in STATIC_TYPES:
                 self._static[path.name] = (path.read_bytes(), STATIC_TYPES[path.suffix])
-        app = web.Application(middlewares=[token_middleware(self.token)],
+        self._csp = _content_security_policy(self._static["viewer.html"][0])
+        app = web.Application(middlewares=[self._count_refusals,
+                                           host_origin_middleware(self.allowed_hosts, self.allowed_origins),
+                                           token_middleware(self.token, self.token_on_loopback)],
                               client_max_size=self.max_body_bytes)
         app.router.add_get("/", self._viewer)
         app.router.add_get("/kiosk", self._viewer)
@@ -290,7 +385,8 @@ class StreamServer:
         app.router.add_get("/config", self._config)
         app.router.add_post("/offer", self._offer)
         app.router.add_post("/expression", self._expression)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(app, access_log=None, logger=HTTP_LOG,
+                                     keepalive_timeout=self.request_timeout_s)
         await self._runner.setup()
         ssl_ctx = None
         if self.certfile:
@@ -309,14 +405,12 @@ class StreamServer:
         its network thread (not throttled like page timers); if we kept sending for
         peer_timeout_s after the last report, the viewer is gone. This is much sooner than ICE
         consent expiry (30 s), which still covers viewers while the stream is paused (browsers stop
-        reporting a silent stream). Offers that never connect are dropped after 30 s.
+        reporting a silent stream). Offers that never connect expire on their own timer (_offer).
         """
         while True:
             await asyncio.sleep(1.0)
             for client in list(self._clients.values()):
-                if client.pc.connectionState != "connected" or client.track is None:
-                    if time.time() - client.connected_at > 30:
-                        await self._drop(client)
+                if client.connected_at is None or client.pc.connectionState != "connected":
                     continue
                 reports = [r for r in (await client.sender.getStats()).values()
                            if r.type == "remote-inbound-rtp"]
@@ -336,9 +430,20 @@ class StreamServer:
         if self._runner is not None:
             await self._runner.cleanup()
 
+    @web.middleware
+    async def _count_refusals(self, request: web.Request, handler):
+        try:
+            return await handler(request)
+        except web.HTTPException as e:
+            if e.status >= 400:
+                self._refused[e.status] += 1
+            raise
+
     async def _viewer(self, request: web.Request) -> web.Response:
         body, ctype = self._static["viewer.html"]
-        return web.Response(body=body, content_type=ctype, headers={"Cache-Control": "no-store"})
+        return web.Response(body=body, content_type=ctype, headers={
+            "Cache-Control": "no-store", "Content-Security-Policy": self._csp,
+            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
 
     async def _static_file(self, request: web.Request) -> web.Response:
         entry = self._static.get(request.match_info["name"])
@@ -348,43 +453,126 @@ class StreamServer:
                             headers={"X-Content-Type-Options": "nosniff"})
 
     async def _config(self, request: web.Request) -> web.Response:
-        return web.json_response({"codec": self.codec, "iceServers": [_ice_dict(s) for s in self.ice_servers],
-                                  "idleAfterS": self.idle_after_s, "maxFps": self.max_fps})
+        """The viewer's settings, and in a header the CSRF token its POSTs must carry."""
+        return web.json_response(
+            {"codec": self.codec, "iceServers": [_ice_dict(s) for s in self.ice_servers],
+             "idleAfterS": self.idle_after_s, "maxFps": self.max_fps},
+            headers={CSRF_HEADER: self._csrf.issue(), "Cache-Control": "no-store"})
 
-    async def _json_body(self, request: web.Request) -> dict:
+    def _check_post(self, request: web.Request) -> None:
+        """The checks a web page of another origin cannot pass, for state-changing POSTs.
+
+        JSON only: such a page may send text/plain, form or multipart bodies without a CORS
+        preflight, but not application/json. Then the CSRF token only pages of this server can read.
+        """
+        if request.content_type != "application/json":
+            given = request.headers.get("Content-Type", "none")
+            raise web.HTTPUnsupportedMediaType(text=f"Content-Type {given!r} refused: accepted is "
+                                                    "application/json")
+        self._csrf.check(request)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The body, which must arrive within request_timeout_s (408 otherwise)."""
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise web.HTTPBadRequest(text="body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise web.HTTPBadRequest(text="body must be a JSON object")
-        return body
+            return await asyncio.wait_for(request.read(), self.request_timeout_s)
+        except TimeoutError:
+            raise web.HTTPRequestTimeout(text=f"request body did not arrive within "
+                                              f"{self.request_timeout_s:g} s") from None
+
+    def _limit_offers(self, remote: str | None) -> None:
+        """At most offer_limit offers per client address (IPv6: per /64) in OFFER_WINDOW_S; else 429."""
+        now = time.monotonic()
+        for key in [k for k, times in self._offer_times.items() if now - times[-1] > OFFER_WINDOW_S]:
+            del self._offer_times[key]
+        key = _rate_key(remote)
+        times = self._offer_times.setdefault(key, deque())
+        while times and now - times[0] > OFFER_WINDOW_S:
+            times.popleft()
+        if len(times) >= self.offer_limit:
+            retry = max(1, math.ceil(OFFER_WINDOW_S - (now - times[0])))
+            raise web.HTTPTooManyRequests(
+                text=f"more than {self.offer_limit} offers from {key} within {OFFER_WINDOW_S:g} s: "
+                     f"retry in {retry} s", headers={"Retry-After": str(retry)})
+        times.append(now)
+
+    def _pending_victim(self) -> Client | None:
+        """The answered offer to drop so a new one gets a pending slot, or None when one is free.
+
+        When all max_pending slots are taken, the oldest answered offer goes once it had
+        PENDING_GRACE of pending_timeout_s to connect: whoever floods offers then pushes out its own
+        (or another flooder's), not a viewer in the middle of connecting. 503 when all are younger.
+        """
+        pending = [c for c in self._clients.values() if c.connected_at is None]
+        if len(pending) < self.max_pending:
+            return None
+        answered = [c for c in pending if c.expiry is not None]
+        oldest = min(answered, key=lambda c: c.offered_at, default=None)
+        grace = PENDING_GRACE * self.pending_timeout_s
+        age = time.monotonic() - oldest.offered_at if oldest else 0.0
+        if oldest is None or age < grace:
+            retry = max(1, math.ceil(grace - age))
+            raise web.HTTPServiceUnavailable(
+                text=f"{self.max_pending} offers are still connecting: retry in {retry} s",
+                headers={"Retry-After": str(retry)})
+        log.info("offer %s (%s) not connected after %.1f s: dropped for a new offer",
+                 oldest.id, oldest.remote, age)
+        return oldest
 
     async def _offer(self, request: web.Request) -> web.Response:
-        body = await self._json_body(request)
-        if body.get("type") != "offer" or not isinstance(body.get("sdp"), str):
+        self._check_post(request)
+        self._limit_offers(request.remote)
+        try:
+            body = json.loads(await self._read_body(request))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            raise web.HTTPBadRequest(text="body is not valid JSON") from None
+        if not isinstance(body, dict) or body.get("type") != "offer" or not isinstance(body.get("sdp"), str):
             raise web.HTTPBadRequest(text='expected {"type": "offer", "sdp": "..."}')
         codec = str(body.get("codec") or self.codec).upper()
         if codec not in CODECS:
             raise web.HTTPBadRequest(text=f"codec {codec!r}: accepted are {CODECS}")
-        if len(self._clients) >= self.max_clients:
+        if self.clients >= self.max_clients:
             raise web.HTTPServiceUnavailable(text=f"{self.max_clients} viewers already connected")
+        victim = self._pending_victim()
         pc = RTCPeerConnection(RTCConfiguration(iceServers=self.ice_servers))
         client = Client(uuid.uuid4().hex[:8], pc, request.remote or "?", codec)
-        self._clients[client.id] = client
+        self._clients[client.id] = client  # before any await, so concurrent offers see the slot taken
+        if victim is not None:
+            await self._drop(victim)
         try:
             answer = await self._negotiate(client, body["sdp"])
-        except (ValueError, OperationError, InvalidAccessError, InvalidStateError) as e:  # bad SDP, codec
+        except Exception as e:  # aiortc raises many kinds on a hostile offer; none may leak the slot
             await self._drop(client)
-            raise web.HTTPBadRequest(text=f"cannot use this offer: {e}") from None
+            log.info("offer from %s refused: %s: %s", client.remote, type(e).__name__, e)
+            raise web.HTTPBadRequest(text=f"cannot use this offer ({type(e).__name__}: {e}); accepted is "
+                                          "a browser's RTCPeerConnection offer with a video m-line") from None
+        client.expiry = asyncio.get_running_loop().call_later(self.pending_timeout_s, self._expire, client)
         return web.json_response({"sdp": answer.sdp, "type": answer.type, "id": client.id})
+
+    def _expire(self, client: Client) -> None:
+        log.info("offer %s (%s) did not connect within %g s: dropped", client.id, client.remote,
+                 self.pending_timeout_s)
+        client.expiry = None
+        asyncio.ensure_future(self._drop(client))
+
+    async def _connected(self, client: Client) -> None:
+        if client.expiry is not None:
+            client.expiry.cancel()
+            client.expiry = None
+        if self.clients >= self.max_clients:  # offers that raced past the check in _offer
+            log.info("viewer %s (%s) connected beyond max_clients=%d: dropped", client.id, client.remote,
+                     self.max_clients)
+            await self._drop(client)
+            return
+        client.connected_at = time.time()
 
     async def _negotiate(self, client: Client, sdp: str) -> RTCSessionDescription:
         pc = client.pc
 
         @pc.on("connectionstatechange")
         async def on_state() -> None:
-            if pc.connectionState in ("failed", "closed"):
+            if pc.connectionState == "connected" and client.connected_at is None:
+                await self._connected(client)
+            elif pc.connectionState in ("failed", "closed"):
                 await self._drop(client)
 
         @pc.on("track")
@@ -416,9 +604,11 @@ class StreamServer:
     async def _drop(self, client: Client) -> None:
         if self._clients.pop(client.id, None) is None:
             return
+        if client.expiry is not None:
+            client.expiry.cancel()
         if client.track is not None:
             client.track.stop()
-        await client.pc.close()
+        await _close_peer(client.pc)
 
     async def _consume_upstream(self, client: Client, track: MediaStreamTrack) -> None:
         loop = asyncio.get_running_loop()
@@ -464,10 +654,46 @@ class StreamServer:
         return json.dumps({"ok": True} if error is None else {"ok": False, "error": error})
 
     async def _expression(self, request: web.Request) -> web.Response:
-        error = self._handle_expression(await request.read())
+        self._check_post(request)
+        error = self._handle_expression(await self._read_body(request))
         if error is not None:
             raise web.HTTPBadRequest(text=error)
         return web.json_response({"ok": True})
+
+
+async def _close_peer(pc: RTCPeerConnection) -> None:
+    """pc.close(), also for a connection a hostile offer left half-built: aiortc's close() raises at
+    the first part that is missing, so then stop the ICE and DTLS transports that exist one by one."""
+    try:
+        await pc.close()
+    except Exception as e:
+        log.info("closing a half-built peer connection (%s: %s)", type(e).__name__, e)
+        dtls = [t.receiver.transport for t in pc.getTransceivers()] + [pc.sctp.transport if pc.sctp else None]
+        parts = [part for d in dtls if d is not None for part in (d, d.transport)]
+        await asyncio.gather(*(part.stop() for part in parts), return_exceptions=True)
+
+
+def _rate_key(remote: str | None) -> str:
+    """The address offers are counted under: IPv4 as is, IPv6 per /64 (what one host usually gets)."""
+    try:
+        addr = ipaddress.ip_address((remote or "").split("%")[0])
+    except ValueError:
+        return remote or "?"
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)
+
+
+def _content_security_policy(viewer_html: bytes) -> str:
+    """Scripts only from this server and the page's own inline blocks (by hash): an injected script
+    does not run. frame-ancestors keeps other sites from framing the page (clickjacking)."""
+    hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(block).digest()).decode()}'"
+                      for block in INLINE_SCRIPT.findall(viewer_html))
+    return (f"default-src 'none'; script-src 'self' {hashes}; style-src 'self'; img-src 'self'; "
+            "connect-src 'self'; media-src 'self'; base-uri 'none'; form-action 'none'; "
+            "frame-ancestors 'self'")
 
 
 def _is_number(v) -> bool:
