@@ -24,6 +24,12 @@ PARAMS = (
     Param("port", 8080, "TCP port of the viewer and signalling.", low=0, high=65535),
     Param("token_env", "GAGA_ROS_BRIDGE_TOKEN", "Environment variable holding the token remote "
           "viewers must present (kept out of parameters so it never shows in `ros2 param`)."),
+    Param("token_on_loopback", False, "Require the token from local clients too (a reverse proxy on "
+          "this machine makes every client local); needs the token set."),
+    Param("allowed_hosts", [""], "Names browsers may reach the viewer by besides IP addresses and "
+          "localhost, e.g. robot.local; other Host headers get 403 (DNS rebinding guard)."),
+    Param("allowed_origins", [""], "Page origins allowed besides the bridge's own, e.g. "
+          "https://robot.example when a reverse proxy serves the viewer (empty: none)."),
     Param("codec", "VP8", "Video codec: VP8 or H264."),
     Param("bitrate_kbps", 1000, "Target video bitrate; can change live.", read_only=False, low=50,
           high=50000),
@@ -60,6 +66,9 @@ class BridgeNode(GuardedNode):
             codec=self.p["codec"], bitrate_kbps=self.p["bitrate_kbps"], max_fps=self.p["max_fps"],
             width=size[0], height=size[1], certfile=self.p["certfile"] or None,
             keyfile=self.p["keyfile"] or None, ice_servers=[s for s in self.p["ice_servers"] if s],
+            token_on_loopback=self.p["token_on_loopback"],
+            allowed_hosts=[h for h in self.p["allowed_hosts"] if h],
+            allowed_origins=[o for o in self.p["allowed_origins"] if o],
             on_upstream_frame=self._on_upstream, on_expression=self._on_expression).start()
         self.get_logger().info(f"viewer at {self.server.url} (kiosk: {self.server.url}kiosk)")
         self.create_subscription(Image, self.p["image_topic"], self._on_image, qos.FRAMES)
