@@ -83,7 +83,7 @@ async def csrf_headers(http: aiohttp.ClientSession, base: str) -> dict[str, str]
     """The CSRF header a POST needs, fetched from /config as the viewer page does."""
     async with http.get(base + "config") as r:
         assert r.status == 200, await r.text()
-        return {"X-CSRF-Token": r.headers["X-CSRF-Token"]}
+        return {"X-CSRF-Token": (await r.json())["csrf"]}
 
 
 async def wait_clients(server: StreamServer, n: int, timeout: float) -> None:

@@ -17,7 +17,7 @@ import secrets
 
 from aiohttp import web
 
-#: Header that carries the CSRF token both ways: GET /config hands it out, POSTs send it back.
+#: Header in which POSTs send back the CSRF token GET /config handed out (its "csrf" field).
 CSRF_HEADER = "X-CSRF-Token"
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -150,8 +150,8 @@ def host_origin_middleware(allowed_hosts: list[str], allowed_origins: list[str])
 class CsrfTokens:
     """Stateless CSRF tokens: a random nonce and its HMAC under a key made at start.
 
-    GET /config hands one out (another origin's page cannot read it: no CORS), and POSTs must send
-    it back in CSRF_HEADER. Valid until the server restarts; a restart makes the viewer fetch a new
+    GET /config hands one out as "csrf" (another origin's page cannot read it: no CORS), and POSTs
+    must send it back in CSRF_HEADER. Valid until the server restarts; a restart makes the viewer fetch a new
     one as it reconnects.
     """
 
@@ -170,8 +170,8 @@ class CsrfTokens:
         """Raise 403 unless the request carries a token this server issued."""
         given = request.headers.get(CSRF_HEADER)
         if given is None:
-            raise web.HTTPForbidden(text=f"{CSRF_HEADER} header missing: send the value GET /config "
-                                         f"returned in its {CSRF_HEADER} header")
+            raise web.HTTPForbidden(text=f"{CSRF_HEADER} header missing: send the \"csrf\" value "
+                                         "GET /config returned")
         nonce, _, mac = given.partition(".")
         if not (given.isascii() and hmac.compare_digest(mac.encode(), self._mac(nonce).encode())):
             raise web.HTTPForbidden(text=f"{CSRF_HEADER} is not one this server issued (it restarted?): "

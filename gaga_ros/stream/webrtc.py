@@ -34,7 +34,6 @@ from aiortc.rtcrtpsender import RTCRtpSender
 
 from gaga_ros.expression import Expression, ExpressionError
 from gaga_ros.stream.auth import (
-    CSRF_HEADER,
     CsrfTokens,
     host_origin_middleware,
     is_ip_literal,
@@ -213,7 +212,8 @@ class StreamServer:
                 f"host {host!r} is reachable from other machines but no token is set: pass token= "
                 "(clients then add ?token=...) or listen on 127.0.0.1")
         if token_on_loopback and not token:
-            raise StreamConfigError("token_on_loopback needs a token: pass token= as well")
+            raise StreamConfigError("token_on_loopback needs a token: pass token= (the bridge node reads it "
+                                    "from the environment variable its token_env parameter names)")
         for name in allowed_hosts or []:
             if not name or any(c in name for c in ":/@ *"):
                 raise StreamConfigError(f"allowed_hosts entry {name!r}: accepted is a host name without "
@@ -453,11 +453,11 @@ class StreamServer:
                             headers={"X-Content-Type-Options": "nosniff"})
 
     async def _config(self, request: web.Request) -> web.Response:
-        """The viewer's settings, and in a header the CSRF token its POSTs must carry."""
+        """The viewer's settings and the CSRF token its POSTs must carry (header CSRF_HEADER)."""
         return web.json_response(
             {"codec": self.codec, "iceServers": [_ice_dict(s) for s in self.ice_servers],
-             "idleAfterS": self.idle_after_s, "maxFps": self.max_fps},
-            headers={CSRF_HEADER: self._csrf.issue(), "Cache-Control": "no-store"})
+             "idleAfterS": self.idle_after_s, "maxFps": self.max_fps, "csrf": self._csrf.issue()},
+            headers={"Cache-Control": "no-store"})
 
     def _check_post(self, request: web.Request) -> None:
         """The checks a web page of another origin cannot pass, for state-changing POSTs.
@@ -520,7 +520,6 @@ class StreamServer:
 
     async def _offer(self, request: web.Request) -> web.Response:
         self._check_post(request)
-        self._limit_offers(request.remote)
         try:
             body = json.loads(await self._read_body(request))
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
@@ -530,6 +529,7 @@ class StreamServer:
         codec = str(body.get("codec") or self.codec).upper()
         if codec not in CODECS:
             raise web.HTTPBadRequest(text=f"codec {codec!r}: accepted are {CODECS}")
+        self._limit_offers(request.remote)  # counts offers that would cost a peer connection
         if self.clients >= self.max_clients:
             raise web.HTTPServiceUnavailable(text=f"{self.max_clients} viewers already connected")
         victim = self._pending_victim()

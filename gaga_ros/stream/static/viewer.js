@@ -24,9 +24,6 @@ let retryMs = 500;
 let retryTimer = null;
 let connectingSince = 0;
 let lastFrameAt = 0;
-// The server hands a CSRF token out with /config (header X-CSRF-Token); every POST sends it back,
-// so only pages this server served can change its state.
-let csrfToken = null;
 
 if (kiosk) document.body.classList.add('kiosk');
 if (kiosk || params.get('stats') === '0') $('stats').classList.add('hidden');
@@ -39,10 +36,10 @@ function setStatus(text) {
 
 async function fetchJson(path, options = {}) {
   const headers = { ...authHeaders, ...(options.headers || {}) };
-  if (options.method === 'POST' && csrfToken) headers['X-CSRF-Token'] = csrfToken;
+  // POSTs send back the CSRF token /config handed out: only pages this server served may change state.
+  if (options.method === 'POST') headers['X-CSRF-Token'] = config.csrf;
   const res = await fetch(path, { ...options, headers });
   if (!res.ok) throw new Error(path + ': HTTP ' + res.status + ' ' + (await res.text()));
-  csrfToken = res.headers.get('X-CSRF-Token') || csrfToken;
   return res.json();
 }
 
