@@ -151,8 +151,8 @@ class CsrfTokens:
     """Stateless CSRF tokens: a random nonce and its HMAC under a key made at start.
 
     GET /config hands one out as "csrf" (another origin's page cannot read it: no CORS), and POSTs
-    must send it back in CSRF_HEADER. Valid until the server restarts; a restart makes the viewer fetch a new
-    one as it reconnects.
+    must send it back in CSRF_HEADER. Valid until the server restarts; the viewer then fetches a
+    new one as it reconnects.
     """
 
     def __init__(self) -> None:
