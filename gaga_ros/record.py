@@ -3,21 +3,35 @@
 ROS-free: the nodes serialize with rclpy and hand the bytes here. Each channel carries its schema
 the way rosbag2 writes it (encoding `ros2msg`, the .msg text of the type followed by every type it
 uses, each after a `MSG: pkg/msg/Type` separator), so a recording decodes without the package.
+
+A recording never overwrites a file (`create_new_file`), and a recorder that is killed loses only the
+chunk it was building, about `CHUNK_S`: the reading functions read a file that was never closed up to
+its last complete record, with an `UnclosedRecordingWarning`.
 """
 
 from __future__ import annotations
 
+import io
+import itertools
+import mmap
 import os
 import re
+import struct
 import sys
+import time
+import warnings
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import yaml
-from mcap.exceptions import McapError
+from mcap.exceptions import EndOfFile, McapError
 from mcap.reader import make_reader
-from mcap.writer import CompressionType, Writer
+from mcap.records import Channel, Message, Schema
+from mcap.stream_reader import CRCValidationError, StreamReader
+from mcap.writer import MCAP0_MAGIC, CompressionType, Writer
 
 #: rosbag2's separator between the definitions of a type and of the types it uses.
 SEPARATOR = "=" * 80
@@ -28,8 +42,55 @@ _TYPE_NAME = re.compile(r"^([A-Za-z][\w]*)/(?:msg/)?([A-Z]\w*)$")
 _SOURCE_MSG_DIR = Path(__file__).resolve().parent.parent / "msg"
 
 
+#: Longest time a message waits in the chunk being built before the chunk is written to the file, so
+#: about what a killed recorder loses (chunks are compressed whole: much smaller ones compress worse).
+CHUNK_S = 1.0
+#: Every MCAP record starts with its opcode (uint8) and its length (uint64).
+_RECORD_HEAD = struct.Struct("<BQ")
+
+
 class RecordingError(ValueError):
     """A recording cannot be written or read as asked: the message says what was wrong."""
+
+
+class UnclosedRecordingWarning(UserWarning):
+    """A recording was never closed (its recorder was killed): it is read up to its last complete
+    chunk, and what the recorder still held is lost."""
+
+
+@dataclass(frozen=True)
+class NewFile:
+    """A file just created for a recording: `path`, unbuffered `file`, and the `requested` name,
+    which was taken when the two differ."""
+
+    path: Path
+    requested: Path
+    file: BinaryIO
+
+    def describe(self) -> str:
+        """Where the recording goes, for the log: says so when the requested name was taken."""
+        if self.path == self.requested:
+            return f"recording to {self.path}"
+        return f"{self.requested} exists: recording to {self.path}"
+
+
+def create_new_file(path: str | Path) -> NewFile:
+    """Create `path` (and its folder), or the first free `stem-N.suffix` beside it when it exists, so a
+    recording never overwrites another. Exclusive create (O_EXCL): of two recorders starting at once
+    each gets its own file."""
+    requested = Path(path).expanduser()
+    if requested.is_dir():
+        raise RecordingError(f"recording path {requested} is a folder: give a file name")
+    try:
+        requested.parent.mkdir(parents=True, exist_ok=True)
+        for n in itertools.count():
+            candidate = requested.with_name(f"{requested.stem}-{n}{requested.suffix}") if n else requested
+            try:
+                return NewFile(candidate, requested, open(candidate, "xb", buffering=0))
+            except FileExistsError:
+                continue
+    except OSError as exc:
+        raise RecordingError(f"cannot create a recording at {requested}: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -152,16 +213,17 @@ def message_definition(type_name: str) -> str:
 
 
 class Recorder:
-    """Writes CDR messages to an MCAP file, one channel per topic (ros2 profile, zstd chunks)."""
+    """Writes CDR messages to a new MCAP file (never over an existing one: see `create_new_file`), one
+    channel per topic (ros2 profile, zstd chunks of at most about CHUNK_S)."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path).expanduser()
-        if self.path.is_dir():
-            raise RecordingError(f"recording path {self.path} is a folder: give a file name (*.mcap)")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "wb")  # closed in close()
+        self.new = create_new_file(path)
+        self.path = self.new.path
+        self._file = io.BufferedWriter(self.new.file)  # closed in close(); the writer does not flush it
         self._writer = Writer(self._file, compression=CompressionType.ZSTD)
         self._writer.start(profile="ros2", library="gaga_ros")
+        self._writer.flush()  # the header at once: a recorder killed before its first chunk leaves MCAP
+        self._held_since: float | None = None  # monotonic time of the oldest message not yet in the file
         self._channels: dict[str, int] = {}
         self._schemas: dict[str, int] = {}
         self.counts: dict[str, int] = {}
@@ -191,6 +253,16 @@ class Recorder:
                                  publish_time=log_time_ns if publish_time_ns is None else publish_time_ns,
                                  sequence=self.counts[topic])
         self.counts[topic] += 1
+        if self._held_since is None:
+            self._held_since = time.monotonic()
+        self.flush(CHUNK_S)
+
+    def flush(self, older_than_s: float = 0.0) -> None:
+        """Write the chunk being built to the file if it holds a message at least `older_than_s` old:
+        what is written survives the recorder being killed. Call it when messages stop coming too."""
+        if self._held_since is not None and time.monotonic() - self._held_since >= older_than_s:
+            self._writer.flush()
+            self._held_since = None
 
     def close(self) -> None:
         """Write the summary (so readers can seek) and close the file."""
@@ -213,46 +285,108 @@ def _open(path: str | Path):
     return path.open("rb")
 
 
-def _summary(path: str | Path):
-    with _open(path) as f:
+@contextmanager
+def _readable(path: str | Path) -> Iterator[None]:
+    """Turns the MCAP library's errors about a damaged file into a RecordingError naming it."""
+    try:
+        yield
+    except RecordingError:
+        raise
+    except (McapError, ValueError, EOFError, KeyError, struct.error) as exc:
+        raise RecordingError(f"{path} is not a readable MCAP file: {exc}") from exc
+
+
+def _closed(f: BinaryIO, path: str | Path) -> bool:
+    """Whether the recording was closed (it ends with its footer and the MCAP magic); warns when not."""
+    if f.read(len(MCAP0_MAGIC)) != MCAP0_MAGIC:
+        raise RecordingError(f"{path} is not a readable MCAP file: it does not start with the MCAP magic")
+    size = f.seek(0, os.SEEK_END)
+    f.seek(size - len(MCAP0_MAGIC))
+    closed = size > len(MCAP0_MAGIC) and f.read(len(MCAP0_MAGIC)) == MCAP0_MAGIC
+    f.seek(0)  # where the readers expect to start
+    if closed:
+        return True
+    warnings.warn(f"{path} was not closed (its recorder was killed or lost power): reading it up to its "
+                  "last complete chunk; what the recorder still held is lost", UnclosedRecordingWarning,
+                  stacklevel=3)  # at read()'s caller
+    return False
+
+
+def _unclosed_messages(f: BinaryIO) -> Iterator[tuple[Schema | None, Channel, Message]]:
+    """The messages of a recording that was not closed, in file order, from its complete records only:
+    the last one a killed writer was writing is cut short, and reading stops before it."""
+    size = f.seek(0, os.SEEK_END)
+    end = len(MCAP0_MAGIC)
+    while end + _RECORD_HEAD.size <= size:
+        f.seek(end)
+        _, length = _RECORD_HEAD.unpack(f.read(_RECORD_HEAD.size))
+        if end + _RECORD_HEAD.size + length > size:
+            break
+        end += _RECORD_HEAD.size + length
+    schemas: dict[int, Schema] = {}
+    channels: dict[int, Channel] = {}
+    with mmap.mmap(f.fileno(), end, access=mmap.ACCESS_READ) as data:
         try:
-            summary = make_reader(f).get_summary()
-        except (McapError, ValueError, EOFError) as exc:
-            raise RecordingError(f"{path} is not a readable MCAP file: {exc}") from exc
-    if summary is None:
-        raise RecordingError(f"{path} has no MCAP summary (was the recording closed?)")
-    return summary
+            for record in StreamReader(data, validate_crcs=True).records:  # chunk CRCs: torn writes
+                if isinstance(record, Schema):
+                    schemas[record.id] = record
+                elif isinstance(record, Channel):
+                    channels[record.id] = record
+                elif isinstance(record, Message):
+                    channel = channels[record.channel_id]
+                    yield schemas.get(channel.schema_id), channel, record
+        except (EndOfFile, CRCValidationError):
+            return  # past the last complete record (no footer follows), or at a chunk torn by power loss
+
+
+def _messages(f: BinaryIO, closed: bool,
+              topics: Iterable[str] | None) -> Iterator[tuple[Schema | None, Channel, Message]]:
+    """(schema, channel, message) of the wanted topics in log-time order; an unclosed recording is
+    read whole into memory to sort it."""
+    wanted = None if topics is None else list(topics)
+    if closed:
+        return make_reader(f).iter_messages(topics=wanted, log_time_order=True)
+    return iter(sorted((m for m in _unclosed_messages(f) if wanted is None or m[1].topic in wanted),
+                       key=lambda m: m[2].log_time))
+
+
+def _channels(path: str | Path) -> list[tuple[Channel, str, int]]:
+    """Each channel of a recording with its type and message count: from the summary of a closed
+    recording, else counted by reading the messages."""
+    with _open(path) as f, _readable(path):
+        closed = _closed(f, path)
+        summary = make_reader(f).get_summary() if closed else None
+        if summary is not None:
+            counts = summary.statistics.channel_message_counts if summary.statistics else {}
+            return [(ch, summary.schemas[ch.schema_id].name, counts.get(cid, 0))
+                    for cid, ch in summary.channels.items()]
+        found: dict[int, tuple[Channel, str, int]] = {}
+        for schema, channel, _ in _messages(f, closed, None):
+            count = found[channel.id][2] if channel.id in found else 0
+            found[channel.id] = (channel, schema.name if schema else "", count + 1)
+        return list(found.values())
 
 
 def topics(path: str | Path) -> dict[str, tuple[str, int]]:
-    """Topic -> (message type, message count) of a recording, from its summary."""
-    summary = _summary(path)
-    counts = summary.statistics.channel_message_counts if summary.statistics else {}
-    return {ch.topic: (summary.schemas[ch.schema_id].name, counts.get(cid, 0))
-            for cid, ch in summary.channels.items()}
+    """Topic -> (message type, message count) of a recording."""
+    return {ch.topic: (type_name, count) for ch, type_name, count in _channels(path)}
 
 
 def offered_qos(path: str | Path) -> dict[str, list[OfferedQos]]:
     """Topic -> the QoS its publishers offered when recorded (empty when the recording has none)."""
-    summary = _summary(path)
     return {ch.topic: parse_qos_yaml(ch.metadata["offered_qos_profiles"])
-            if "offered_qos_profiles" in ch.metadata else [] for ch in summary.channels.values()}
+            if "offered_qos_profiles" in ch.metadata else [] for ch, _, _ in _channels(path)}
 
 
 def read(path: str | Path, only: Iterable[str] | None = None) -> Iterator[RecordedMessage]:
     """The CDR messages of a recording in log-time order, optionally only some topics."""
-    with _open(path) as f:
-        try:
-            reader = make_reader(f)
-            for schema, channel, message in reader.iter_messages(
-                    topics=list(only) if only is not None else None, log_time_order=True):
-                if channel.message_encoding != "cdr" or schema is None or schema.encoding != "ros2msg":
-                    raise RecordingError(f"{path}: topic {channel.topic} is {channel.message_encoding} "
-                                         "without a ros2msg schema; only ROS 2 (CDR) recordings replay")
-                yield RecordedMessage(channel.topic, schema.name, message.data, message.log_time,
-                                      message.publish_time, message.sequence)
-        except (McapError, EOFError) as exc:
-            raise RecordingError(f"{path} is not a readable MCAP file: {exc}") from exc
+    with _open(path) as f, _readable(path):
+        for schema, channel, message in _messages(f, _closed(f, path), only):
+            if channel.message_encoding != "cdr" or schema is None or schema.encoding != "ros2msg":
+                raise RecordingError(f"{path}: topic {channel.topic} is {channel.message_encoding} "
+                                     "without a ros2msg schema; only ROS 2 (CDR) recordings replay")
+            yield RecordedMessage(channel.topic, schema.name, message.data, message.log_time,
+                                  message.publish_time, message.sequence)
 
 
 def schedule(log_times_ns: list[int], rate: float = 1.0) -> list[float]:

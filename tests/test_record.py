@@ -1,5 +1,6 @@
 """Recording to MCAP and replaying at the original timing, over real DDS between processes."""
 
+import random
 import subprocess
 import sys
 import time
@@ -273,3 +274,295 @@ def test_offered_qos_text_is_rosbag2s_and_round_trips():
     assert record.parse_qos_yaml(record.qos_yaml([q, q])) == [q, q]
     with pytest.raises(record.RecordingError, match="not a rosbag2 QoS list"):
         record.parse_qos_yaml("- history: keep_last\n")
+
+
+# -- never overwrite, crash survival, bad stamps -------------------------------------------------------
+
+#: Test frames carry their index through lossy H.264 as two flat halves, index % ID_BASE and
+#: index // ID_BASE, in steps of ID_STEP: a step survives YUV rounding and compression with room to spare.
+ID_STEP, ID_BASE = 8, 30
+#: The demo's frame and expression rate.
+RATE_HZ = 30
+
+
+def id_frame(i: int, side: int = 64) -> np.ndarray:
+    frame = np.empty((side, side, 3), np.uint8)
+    frame[: side // 2], frame[side // 2:] = ID_STEP * (i % ID_BASE), ID_STEP * (i // ID_BASE)
+    return frame
+
+
+def mp4_frames(path) -> list[tuple[int, float]]:
+    """(index, presentation time in s) of every frame that PyAV decodes from an mp4; a packet cut
+    short by the end of the file is skipped, as players do."""
+    import av
+
+    out = []
+    with av.open(str(path)) as container:
+        for packet in container.demux(video=0):
+            try:
+                decoded = packet.decode()
+            except av.error.InvalidDataError:
+                continue
+            for frame in decoded:
+                rgb = frame.to_ndarray(format="rgb24")
+                low, high = (round(float(rgb[row].mean()) / ID_STEP) for row in (rgb.shape[0] // 4,
+                                                                                    3 * rgb.shape[0] // 4))
+                out.append((low + ID_BASE * high, float(frame.time)))
+    return out
+
+
+def watch_diagnostics(node) -> dict[str, dict[str, str]]:
+    """Each node's latest /diagnostics values (and its `message`), kept current by a subscription."""
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    latest: dict[str, dict[str, str]] = {}
+    node.create_subscription(DiagnosticArray, "/diagnostics", lambda m: latest.update(
+        {s.name.removeprefix("gaga_ros: "): {"message": s.message, **{v.key: v.value for v in s.values}}
+         for s in m.status}), 50)
+    return latest
+
+
+class FramePublisher:
+    """Publishes frames on /avatar/image at `rate_hz` from a timer of the test node: frame i is
+    `image(i)` (index-carrying by default) stamped `stamp(i)` (ns). Timers are not destroyed while the
+    executor spins (unsafe in rclpy): `running` stops it."""
+
+    def __init__(self, node, rate_hz: float, stamp, image=id_frame) -> None:
+        from sensor_msgs.msg import Image
+
+        from gaga_ros.nodes import qos
+
+        self.sent, self.stamp, self.image, self.running = 0, stamp, image, True
+        self.pub = node.create_publisher(Image, "/avatar/image", qos.FRAMES)
+        node.create_timer(1 / rate_hz, self._tick)
+
+    def _tick(self) -> None:
+        from gaga_ros.nodes import stamps
+        from gaga_ros.nodes.image_msg import to_msg
+
+        if self.running:
+            self.pub.publish(to_msg(self.image(self.sent), stamps.from_ns(self.stamp(self.sent)), "cam"))
+            self.sent += 1
+
+
+def sigkill(proc) -> str:
+    """End a node as a crash would (no cleanup) and return what it printed."""
+    proc.kill()
+    proc.wait(10)
+    return proc.stdout.read()
+
+
+def test_new_files_never_overwrite_even_when_racing(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    target = tmp_path / "out" / "demo.mp4"
+    target.parent.mkdir()
+    target.write_bytes(b"earlier")
+    with ThreadPoolExecutor(8) as pool:  # exclusive create: each racer gets its own name
+        created = list(pool.map(lambda _: record.create_new_file(target), range(8)))
+    for new in created:
+        new.file.write(new.path.name.encode())
+        new.file.close()
+    assert sorted(new.path.name for new in created) == sorted(f"demo-{n}.mp4" for n in range(1, 9))
+    assert target.read_bytes() == b"earlier"
+    assert all(new.path.read_bytes() == new.path.name.encode() for new in created)
+    assert created[0].describe() == f"{target} exists: recording to {created[0].path}"
+    fresh = record.create_new_file(tmp_path / "new" / "x.mcap")
+    fresh.file.close()
+    assert fresh.describe() == f"recording to {tmp_path / 'new' / 'x.mcap'}"
+    with pytest.raises(record.RecordingError, match="is a folder"):
+        record.create_new_file(tmp_path)
+
+
+def test_unclosed_mcap_reads_up_to_its_last_complete_chunk(tmp_path):
+    """Every prefix of a file whose writer never finished reads as the messages of its complete
+    chunks: a killed recorder's file, cut at any byte."""
+    path = tmp_path / "killed.mcap"
+    rec = record.Recorder(path)
+    rec.add_topic("/a", "std_msgs/String", definition="string data\n")
+    for i in range(30):
+        rec.write("/a", bytes([0, 1, 0, 0, i]), log_time_ns=1000 + i)
+        if i % 10 == 9:
+            rec.flush()  # three complete chunks, as CHUNK_S would make them
+    data = path.read_bytes()  # the writer never finished: no summary, no footer
+    counts = []
+    for end in range(8, len(data) + 1, 5):
+        cut = tmp_path / f"cut{end}.mcap"
+        cut.write_bytes(data[:end])
+        with pytest.warns(record.UnclosedRecordingWarning, match="was not closed"):
+            got = [m.data[-1] for m in record.read(cut)]
+        assert got == list(range(len(got))), end
+        with pytest.warns(record.UnclosedRecordingWarning):
+            assert record.topics(cut) == ({"/a": ("std_msgs/msg/String", len(got))} if got else {})
+        counts.append(len(got))
+    assert counts == sorted(counts) and set(counts) == {0, 10, 20, 30}
+    rec.close()
+    assert [m.sequence for m in record.read(path)] == list(range(30))  # closed: no warning
+
+
+def test_mp4_recorder_keeps_existing_file_and_survives_sigkill(ros_node, tmp_path):
+    """The recorder killed mid-run leaves a playable mp4 that lacks about the last second, written
+    beside the file that was there, which it leaves alone. Prints the measured loss (README)."""
+    from gaga_ros.nodes.recorder import KEYFRAME_S
+
+    earlier = tmp_path / "demo.mp4"
+    earlier.write_bytes(b"an earlier recording")
+    status = watch_diagnostics(ros_node)
+    t0 = time.time_ns()
+    frames = FramePublisher(ros_node, RATE_HZ, lambda i: t0 + i * 10**9 // RATE_HZ)
+    proc = start_node("recorder", params={"path": str(earlier)}, tmp_path=tmp_path)
+    try:
+        assert wait_for(lambda: int(status.get("recorder", {}).get("frames", 0)) >= 3 * RATE_HZ, timeout=60)
+        at = frames.sent + random.randrange(RATE_HZ)  # at any point of a fragment
+        assert wait_for(lambda: frames.sent >= at, timeout=10)
+    finally:
+        sent = frames.sent
+        out = sigkill(proc)
+        frames.running = False
+    assert f"{earlier} exists: recording to {tmp_path / 'demo-1.mp4'}" in out, out
+    assert status["recorder"]["path"] == str(tmp_path / "demo-1.mp4")
+    assert earlier.read_bytes() == b"an earlier recording"
+    ids = [i for i, _ in mp4_frames(tmp_path / "demo-1.mp4")]
+    assert ids == sorted(set(ids)) and len(ids) >= 0.9 * (ids[-1] - ids[0] + 1), ids  # best effort: few drops
+    lost = sent - 1 - ids[-1]
+    print(f"\nmp4 killed after {sent} frames at {RATE_HZ} Hz: {len(ids)} survive, the last {lost} "
+          f"({lost / RATE_HZ:.2f} s) are lost")
+    assert lost / RATE_HZ < KEYFRAME_S + 0.8, lost  # a fragment, the encoder's 6 frames, delivery
+
+
+def test_mp4_timeline_survives_bad_stamps(ros_node, tmp_path):
+    """A negative first stamp and a one-hour leap mid-run: every frame after them is still recorded,
+    in order, on a timeline of the frames' real spacing."""
+    status = watch_diagnostics(ros_node)
+    t0 = time.time_ns()
+    good_from: list[int] = []  # index of the first good frame, set once the recorder has frames
+
+    def stamp(i: int) -> int:
+        if not good_from:  # negative stamps (clock not set yet) until the recorder has one of them
+            return -100 * 10**9 + i * 50_000_000
+        k = i - good_from[0]
+        return t0 + k * 50_000_000 + (3600 * 10**9 if k == 20 else 0)
+
+    frames = FramePublisher(ros_node, 20, stamp)
+    proc = start_node("recorder", params={"path": str(tmp_path / "bad.mp4"), "max_seconds": 60.0},
+                      tmp_path=tmp_path)
+    try:
+        assert wait_for(lambda: int(status.get("recorder", {}).get("frames", 0)) >= 1, timeout=60)
+        good_from.append(frames.sent)
+        # past the leap and back, then 20 more frames
+        assert wait_for(lambda: status["recorder"].get("discontinuities") == "3", timeout=30), status
+        done = int(status["recorder"]["frames"]) + 20
+        assert wait_for(lambda: int(status["recorder"]["frames"]) >= done, timeout=30), status
+    finally:
+        frames.running = False
+        out = stop_process(proc)
+    assert proc.returncode == 0, out
+    found = mp4_frames(tmp_path / "bad.mp4")
+    ids, times = [i for i, _ in found], [t for _, t in found]
+    written = int(out.split("wrote ")[1].split(" frames")[0])
+    assert "(3 stamp discontinuities, 0 frames failed to encode)" in out, out
+    assert ids[0] < good_from[0] and len(ids) == written  # a negative stamp first, nothing left out
+    assert ids == list(range(ids[0], ids[0] + len(ids))), ids  # every frame after it, in order
+    assert good_from[0] + 20 in ids and ids[-1] >= good_from[0] + 40  # the leap's frame and 20 after
+    assert np.allclose(np.diff(times), 0.05, atol=0.002), times  # the real 50 ms spacing throughout
+
+
+def test_mp4_recorder_carries_on_when_writing_fails(ros_node, tmp_path):
+    """A full disk (here a file size limit) fails every frame's write: each failure is counted and
+    logged (throttled), the node keeps running and stops cleanly, the file plays up to the limit."""
+    import os
+    import resource
+    import signal
+    import subprocess
+
+    limit = 100_000
+
+    def limited() -> None:  # in the child: writes past `limit` fail with EFBIG instead of killing it
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    # UDP only: Fast DDS's shared-memory segments are files too, far larger than the limit
+    env = {k: v for k, v in os.environ.items() if k != "FASTRTPS_DEFAULT_PROFILES_FILE"}
+    env["FASTDDS_BUILTIN_TRANSPORTS"] = "UDPv4"
+    status = watch_diagnostics(ros_node)
+    rng = np.random.default_rng(0)
+    noise = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(RATE_HZ)]
+    t0 = time.time_ns()
+    # noise: the limit is reached in about 2 s
+    FramePublisher(ros_node, RATE_HZ, lambda i: t0 + i * 10**9 // RATE_HZ, lambda i: noise[i % len(noise)])
+    path = tmp_path / "full.mp4"
+    proc = subprocess.Popen([sys.executable, "-m", "gaga_ros.nodes.recorder", "--ros-args", "-p",
+                             f"path:={path}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, preexec_fn=limited)
+    try:
+        assert wait_for(lambda: int(status.get("recorder", {}).get("encode_errors", 0)) >= 2 * RATE_HZ,
+                        timeout=60), status
+        assert proc.poll() is None
+    finally:
+        out = stop_process(proc)
+    assert proc.returncode == 0, out
+    assert path.stat().st_size == limit
+    assert "failed to encode" in status["recorder"]["message"]
+    assert 1 <= out.count("frame not recorded") <= 3, out  # throttled, not one line per frame
+    assert len(mp4_frames(path)) >= RATE_HZ  # the fragments written before the limit play
+
+
+def test_bag_recorder_keeps_existing_file_and_survives_sigkill(ros_node, tmp_path):
+    """The bag node killed mid-run leaves an MCAP without summary or footer that reads (with a
+    warning) up to its last complete chunk, about the last CHUNK_S lost, written beside the file
+    that was there; replay plays it. Prints the measured loss (README)."""
+    from rclpy.serialization import deserialize_message
+
+    from gaga_ros.msg import Expression
+    from gaga_ros.nodes import qos
+
+    earlier = tmp_path / "session.mcap"
+    earlier.write_bytes(b"an earlier recording")
+    status = watch_diagnostics(ros_node)
+    expressions = ros_node.create_publisher(Expression, "/avatar/expression", qos.EXPRESSIONS)
+    sent, sending = [0], [True]
+
+    def publish() -> None:  # each expression carries its index
+        if sending[0]:
+            expressions.publish(Expression(face_model=Expression.FACE_MODEL_MESH,
+                                           vertices=[float(sent[0])] * 1434))
+            sent[0] += 1
+
+    ros_node.create_timer(1 / RATE_HZ, publish)
+    t0 = time.time_ns()
+    images = FramePublisher(ros_node, RATE_HZ, lambda i: t0 + i * 10**9 // RATE_HZ)
+    bag = start_bag(f"path:={earlier}")
+    try:
+        assert wait_for(lambda: status.get("bag", {}).get("message", "").endswith(": recording"), timeout=60)
+        at = sent[0] + 3 * RATE_HZ + random.randrange(RATE_HZ)  # at any point of a chunk
+        assert wait_for(lambda: sent[0] >= at, timeout=30)
+    finally:
+        at_kill, kill_ns = sent[0], time.time_ns()
+        out = sigkill(bag)
+        sending[0], images.running = False, False
+    path = tmp_path / "session-1.mcap"
+    assert f"{earlier} exists: recording to {path}" in out, out
+    assert status["bag"]["message"] == f"record {path}: recording"
+    assert earlier.read_bytes() == b"an earlier recording"
+    with pytest.warns(record.UnclosedRecordingWarning, match="was not closed"):
+        found = record.topics(path)
+    with pytest.warns(record.UnclosedRecordingWarning):
+        kept = list(record.read(path, only=["/avatar/expression"]))
+    ids = [int(deserialize_message(m.data, Expression).vertices[0]) for m in kept]
+    assert ids == list(range(ids[0], ids[0] + len(ids))), ids  # reliable: a gapless run up to the kill
+    assert found["/avatar/expression"] == ("gaga_ros/msg/Expression", len(ids))
+    assert found["/avatar/image"][1] > RATE_HZ
+    lost_s = (kill_ns - kept[-1].log_time_ns) * 1e-9
+    print(f"\nMCAP killed after {at_kill} expressions at {RATE_HZ} Hz (+ images): {len(ids)} survive, the "
+          f"last {at_kill - 1 - ids[-1]} ({lost_s:.2f} s) are lost; {found['/avatar/image'][1]} images kept")
+    assert lost_s < record.CHUNK_S + 0.8, lost_s  # the chunk being built, the flush timer, delivery
+
+    got: list[bytes] = []
+    ros_node.create_subscription(Expression, "/avatar/expression", got.append, 100, raw=True)
+    replay = start_bag("mode:=replay", f"path:={path}", "topics:=['/avatar/expression']", "rate:=4.0",
+                       "restamp:=false", "wait_for_subscribers:=1")
+    try:
+        assert wait_for(lambda: len(got) >= len(kept), timeout=30)
+    finally:
+        replay_out = stop_process(replay)
+    assert got == [m.data for m in kept] and "was not closed" in replay_out, replay_out

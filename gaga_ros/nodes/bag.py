@@ -7,6 +7,10 @@ under use_sim_time). Replay publishes each message at its recorded log time, rel
 (times `rate`), with fresh header stamps by default so latency tracing downstream still measures
 this run; `restamp: false` keeps the recorded stamps; `clock_hz` publishes the recording's time on
 /clock for nodes started with use_sim_time:=true.
+
+Record never overwrites a file (an existing `path` makes it write `name-N.mcap` beside it) and writes
+a chunk at least every record.CHUNK_S, so a killed recorder loses about that much; replay reads such
+an unclosed recording up to its last complete chunk and says so.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import importlib
 import threading
 import time
+import warnings
 
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
@@ -28,7 +33,8 @@ from gaga_ros.nodes.parameters import Param, declare
 MODES = ("record", "replay")
 PARAMS = (
     Param("mode", "record", "record: write `topics` to `path`; replay: publish `path` at its timing."),
-    Param("path", "out/avatar.mcap", "MCAP file to write (overwritten) or to replay."),
+    Param("path", "out/avatar.mcap", "MCAP file to replay, or to write: an existing file is never "
+          "overwritten, the recording then goes to the first free name-N.mcap beside it."),
     Param("topics", ["/avatar/expression", "/avatar/image"],
           "Topics to record (any type, found on the graph); replay: the recorded topics to publish."),
     Param("compressed", False, "Record /avatar/image/compressed too (makes the render node encode JPEG)."),
@@ -96,6 +102,7 @@ class BagNode(Node):
         self.state = "starting"
         self.error = ""
         self.recorder: record.Recorder | None = None
+        self.path = self.p["path"]  # record: the file actually written
         self.worker: threading.Thread | None = None
         self.stopping = threading.Event()
         if self.p["mode"] == "record":
@@ -104,7 +111,7 @@ class BagNode(Node):
             self._start_replay()
         self.diagnostics = Diagnostics(self, lambda: (
             ERROR if self.error else OK if self.state != "waiting" else WARN,
-            self.error or f"{self.p['mode']} {self.p['path']}: {self.state}",
+            self.error or f"{self.p['mode']} {self.path}: {self.state}",
             {"messages": self.meter.count, "message_rate": self.meter.rate}))
 
     # -- record ---------------------------------------------------------------------------------
@@ -113,13 +120,22 @@ class BagNode(Node):
         if self.p["compressed"] and "/avatar/image/compressed" not in self.pending:
             self.pending.append("/avatar/image/compressed")
         self.recorder = record.Recorder(self.p["path"])
+        self.path = str(self.recorder.path)
+        self.get_logger().info(self.recorder.new.describe())
         self.lock = threading.Lock()
         self.t_first: int | None = None
         self.subs = []
         self.state = "waiting"
         self._discover()
         self.discovery = self.create_timer(0.2, self._discover)
-        self.get_logger().info(f"recording {', '.join(self.pending)} to {self.recorder.path}")
+        # quiet topics bring no write() that would write out the chunk in progress
+        self.flusher = self.create_timer(record.CHUNK_S / 2, self._flush)
+        self.get_logger().info(f"recording {', '.join(self.pending)} to {self.path}")
+
+    def _flush(self) -> None:
+        with self.lock:
+            if self.recorder is not None:
+                self.recorder.flush(record.CHUNK_S)
 
     def _discover(self) -> None:
         """Subscribe to each wanted topic once a publisher shows its type (and QoS) on the graph."""
@@ -158,14 +174,18 @@ class BagNode(Node):
     # -- replay ---------------------------------------------------------------------------------
     def _start_replay(self) -> None:
         wanted = set(self.p["topics"])
-        found = record.topics(self.p["path"])
-        self.replayed = {t: v[0] for t, v in found.items() if t in wanted} or {
-            t: v[0] for t, v in found.items()}
+        with warnings.catch_warnings(record=True) as caught:  # to the node's log, once
+            warnings.simplefilter("always", record.UnclosedRecordingWarning)
+            found = record.topics(self.p["path"])
+            recorded_qos = record.offered_qos(self.p["path"])
+            self.replayed = {t: v[0] for t, v in found.items() if t in wanted} or {
+                t: v[0] for t, v in found.items()}
+            self.messages = list(record.read(self.p["path"], only=self.replayed))
+        for message in dict.fromkeys(str(w.message) for w in caught):
+            self.get_logger().warning(message)
         self.classes = {t: message_class(ty) for t, ty in self.replayed.items()}
-        recorded_qos = record.offered_qos(self.p["path"])
         self.pubs = {t: self.create_publisher(cls, t, replay_qos(recorded_qos.get(t, []), _type_qos(cls)))
                      for t, cls in self.classes.items()}
-        self.messages = list(record.read(self.p["path"], only=self.replayed))
         if not self.messages:
             raise record.RecordingError(f"{self.p['path']} holds no messages on {sorted(self.replayed)}")
         self.offsets = record.schedule([m.log_time_ns for m in self.messages], self.p["rate"])
@@ -233,7 +253,7 @@ class BagNode(Node):
                 self.recorder.close()
                 counts = self.recorder.counts
                 self.recorder = None
-            self.get_logger().info(f"wrote {sum(counts.values())} messages to {self.p['path']}: {counts}")
+            self.get_logger().info(f"wrote {sum(counts.values())} messages to {self.path}: {counts}")
 
 
 def main(args: list[str] | None = None) -> None:
