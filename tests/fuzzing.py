@@ -362,12 +362,20 @@ def fuzz_http(graph, examples: int, tally: Tally, csrf_headers) -> None:
 
 
 def bridge_json(graph, path: str, body: dict | None = None, headers: dict | None = None) -> dict:
-    """GET (body None) or POST a JSON request to the bridge and return the JSON answer."""
+    """GET (body None) or POST a JSON request to the bridge and return the JSON answer; a 429 or 503
+    (offer rate or pending offers: the fuzzer's own offers) is retried after its Retry-After."""
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(graph.url.rstrip("/") + path, data=data,
-                                 headers={"Content-Type": "application/json", **(headers or {})})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
+    for _ in range(10):
+        req = urllib.request.Request(graph.url.rstrip("/") + path, data=data,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            if e.code not in (429, 503):
+                raise
+            time.sleep(float(e.headers.get("Retry-After", "1")))
+    raise TimeoutError(f"{path}: the bridge kept answering 429/503")
 
 
 def fuzz_data_channel(graph, examples: int, tally: Tally, csrf_headers) -> None:

@@ -469,7 +469,10 @@ def http_get(url: str) -> tuple[int, bytes]:
 
 
 def http_post(url: str, body: bytes) -> tuple[int, str]:
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    """POST as the viewer page does: JSON, with the CSRF token that the bridge's /config hands out."""
+    csrf = json.loads(http_get(url.rsplit("/", 1)[0] + "/config")[1])["csrf"]
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json",
+                                                          "X-CSRF-Token": csrf})
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             return r.status, r.read().decode()
@@ -560,7 +563,7 @@ def test_no_endpoint_reveals_files_or_environment(running):
         if "passwd" in path or path.endswith(".py") or "env" in path:
             assert code == 404, f"/{path} answered {code}"
     config = json.loads(http_get(g.url + "config")[1])
-    assert set(config) <= {"codec", "iceServers", "idleAfterS", "maxFps"}, config
+    assert set(config) <= {"codec", "iceServers", "idleAfterS", "maxFps", "csrf"}, config
 
 
 def test_remote_bridge_needs_a_token(tmp_path):

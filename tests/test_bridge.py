@@ -75,7 +75,9 @@ def test_browser_decodes_avatar_stream_from_graph(ros_node, tmp_path):
                 kiosk = await browser.new_page(url + "kiosk")
                 await kiosk.wait_for("gaga.stats.framesDecoded >= 10", timeout=60)
                 body = {"face_model": 0, "jaw_pose": [0.2, 0, 0], "confidence": 1.0}
-                async with http.post(url + "expression", json=body) as r:
+                async with http.get(url + "config") as r:  # the page's CSRF token, as viewer.js reads it
+                    csrf = (await r.json())["csrf"]
+                async with http.post(url + "expression", json=body, headers={"X-CSRF-Token": csrf}) as r:
                     assert r.status == 200, await r.text()
                 return mean
 
