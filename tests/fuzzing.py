@@ -254,7 +254,9 @@ def fuzz_topics(graph, obs, media_dir, examples: int, tally: Tally) -> None:
         deadline = time.monotonic() + 20
         while pub.get_subscription_count() == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
-        before = {n: int(obs.status(n)[2].get("refused_inputs", 0)) for n in readers}
+        assert all("refused_inputs" in obs.status(n)[2] for n in readers), \
+            {n: obs.status(n) for n in readers}  # every reader is a guarded node
+        before = {n: int(obs.status(n)[2]["refused_inputs"]) for n in readers}
         reasons: set[str] = set()
 
         def send(msg, pub=pub, pause=pause, readers=readers, reasons=reasons) -> None:

@@ -77,6 +77,26 @@ def test_finite_but_absurd_expressions_are_refused_with_the_range(case):
     mesh_expression()  # the valid neighbour still passes
 
 
+def test_every_node_is_guarded():
+    """Each node executable's class runs its callbacks under a Guard (gaga_ros/nodes/guard.py)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import gaga_ros.nodes
+    from gaga_ros.nodes.guard import Guarded
+
+    nodes = {}
+    for info in pkgutil.iter_modules(gaga_ros.nodes.__path__):
+        module = importlib.import_module(f"gaga_ros.nodes.{info.name}")
+        if hasattr(module, "main"):
+            nodes[info.name] = [c for _, c in inspect.getmembers(module, inspect.isclass)
+                                if c.__module__ == module.__name__ and c.__name__.endswith("Node")]
+    assert len(nodes) >= 8, nodes
+    for name, classes in nodes.items():
+        assert classes and all(issubclass(c, Guarded) for c in classes), (name, classes)
+
+
 # ---- one message ------------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -153,6 +173,7 @@ def test_transitions_that_are_not_allowed_are_refused_and_the_state_kept(graph):
     from lifecycle_msgs.msg import Transition
 
     g, obs = graph
+    refused = int(obs.status("render")[2].get("refused_inputs", 0))
     resp = change_state(obs, "render", label="activate")  # already active
     assert resp is not None and not resp.success
     assert obs.serving(timeout=20), "render stopped serving after a refused activate"
@@ -166,7 +187,9 @@ def test_transitions_that_are_not_allowed_are_refused_and_the_state_kept(graph):
     assert sorted(results) == [False, True], results  # one deactivates, the other is refused
     assert change_state(obs, "render", label="activate").success
     assert obs.serving(timeout=30)
-    assert "not allowed while inactive" in g.log("render"), g.log("render")[-2000:]
+    assert "activate is not allowed while active" in g.log("render"), g.log("render")[-2000:]
+    assert wait_for(lambda: int(obs.status("render")[2].get("refused_inputs", 0)) >= refused + 2,
+                    timeout=10), obs.status("render")  # the refused activate and deactivate
     assert not alive(g)
 
 

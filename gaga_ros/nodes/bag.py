@@ -20,7 +20,6 @@ import threading
 import time
 import warnings
 
-from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.serialization import deserialize_message
 from rosgraph_msgs.msg import Clock
@@ -28,6 +27,7 @@ from rosgraph_msgs.msg import Clock
 from gaga_ros import record
 from gaga_ros.nodes import qos, stamps
 from gaga_ros.nodes.diagnostics import ERROR, OK, WARN, Diagnostics, RateMeter
+from gaga_ros.nodes.guard import GuardedNode
 from gaga_ros.nodes.parameters import Param, declare
 
 MODES = ("record", "replay")
@@ -90,7 +90,7 @@ def _type_qos(cls) -> QoSProfile:
     return qos.FRAMES if cls.__name__ in ("Image", "CompressedImage") else qos.EXPRESSIONS
 
 
-class BagNode(Node):
+class BagNode(GuardedNode):
     """Records topics to MCAP or replays an MCAP recording, by the `mode` parameter."""
 
     def __init__(self) -> None:
@@ -192,8 +192,7 @@ class BagNode(Node):
         self.clock_pub = self.create_publisher(Clock, "/clock", qos.CLOCK) if self.p["clock_hz"] > 0 else None
         self.get_logger().info(f"replaying {len(self.messages)} messages on {sorted(self.replayed)} "
                                f"({self.offsets[-1]:.1f} s at rate {self.p['rate']})")
-        self.worker = threading.Thread(target=self._replay, name="replay", daemon=True)
-        self.worker.start()
+        self.worker = self.guard.worker("replay", self._replay)
 
     def _subscribers(self) -> int:
         return sum(pub.get_subscription_count() for pub in self.pubs.values())

@@ -12,13 +12,13 @@ import threading
 from fractions import Fraction
 
 import av
-from rclpy.node import Node
 from sensor_msgs.msg import Image
 
 from gaga_ros import record
 from gaga_ros.nodes import qos, stamps
 from gaga_ros.nodes.diagnostics import ERROR, OK, WARN, Diagnostics, RateMeter
-from gaga_ros.nodes.image_msg import ImageMessageError, from_msg
+from gaga_ros.nodes.guard import GuardedNode
+from gaga_ros.nodes.image_msg import from_msg
 from gaga_ros.nodes.parameters import Param, declare
 
 PARAMS = (
@@ -84,7 +84,7 @@ class Timeline:
         return pts
 
 
-class RecorderNode(Node):
+class RecorderNode(GuardedNode):
     """Encodes every received frame, timed by its header stamp (variable frame rate)."""
 
     def __init__(self) -> None:
@@ -117,11 +117,7 @@ class RecorderNode(Node):
             "discontinuities": self.timeline.discontinuities, "encode_errors": self.encode_errors}
 
     def _on_image(self, msg: Image) -> None:
-        try:
-            rgb = from_msg(msg)
-        except ImageMessageError as exc:
-            self.error = str(exc)
-            return
+        rgb = from_msg(msg)  # an unreadable frame raises: the guard refuses it, the recording goes on
         with self.lock:
             if self.container is None:
                 return
