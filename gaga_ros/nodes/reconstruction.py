@@ -25,6 +25,8 @@ from gaga_ros.nodes.parameters import Param
 from gaga_ros.source import default_source, load_image
 from gaga_ros.srv import SetSource
 
+SOURCE_TOPIC, SET_SOURCE = "/avatar/source_image", "/avatar/set_source"
+
 PARAMS = (
     Param("backend", "auto", "Avatar backend: auto (gagavatar when its weights and FLAME are in "
           "models_dir, else geometric), geometric (asset-free) or gagavatar."),
@@ -65,8 +67,8 @@ class ReconstructionNode(ManagedNode):
         self._lock = threading.Lock()
         self.pub = self.create_publisher(GaussianAvatar, "/avatar/model", qos.LATCHED)
         group = MutuallyExclusiveCallbackGroup()
-        self.create_subscription(Image, "/avatar/source_image", self._on_image, 1, callback_group=group)
-        self.create_service(SetSource, "/avatar/set_source", self._on_service, callback_group=group)
+        self.create_subscription(Image, SOURCE_TOPIC, self._on_image, 1, callback_group=group)
+        self.create_service(SetSource, SET_SOURCE, self._on_service, callback_group=group)
         self.diagnostics = Diagnostics(self, self._report)
         self.start()
 
@@ -131,30 +133,33 @@ class ReconstructionNode(ManagedNode):
         if self.active and self.avatar is not None:
             self.pub.publish(to_msg(self.avatar, self.get_clock().now().to_msg()))
 
-    def _try_build(self, load, label: str) -> tuple[bool, str]:
+    def _try_build(self, load, label: str, source: str) -> tuple[bool, str]:
+        """Build from `load()`; (ok, what happened). `source` names the input (topic or service) for
+        the guard's counts, `label` the photo for the messages."""
         if not self.active:  # an inactive node publishes nothing: building now would be lost work
             name = self.get_fully_qualified_name()
             reason = (f"{name} is not active, so it would publish nothing: activate it "
                       f"(ros2 lifecycle set {name} activate) and send the photo again")
-            self.guard.refuse(label, reason)
+            self.guard.refuse(source, reason)
             return False, reason
         try:
             avatar = self.build(load(), label)
         except (ValueError, OSError, RuntimeError) as exc:
             self.error = f"{label}: {exc}"
-            self.get_logger().error(f"{self.error}; keeping the previous avatar")
+            self.guard.refuse(source, f"{self.error}; keeping the previous avatar")
             return False, str(exc)
         notes = "".join(f"; {note}" for note in avatar.warnings)
         return True, f"avatar {avatar.avatar_id} built from {label}{notes}"
 
     def _on_image(self, msg: Image) -> None:
-        self._try_build(lambda: image_from_msg(msg), "/avatar/source_image")
+        self._try_build(lambda: image_from_msg(msg), SOURCE_TOPIC, SOURCE_TOPIC)
 
     def _on_service(self, req: SetSource.Request, resp: SetSource.Response) -> SetSource.Response:
         if req.path:
-            ok, message = self._try_build(lambda: load_image(self.confined(req.path)), req.path)
+            ok, message = self._try_build(lambda: load_image(self.confined(req.path)), req.path,
+                                          SET_SOURCE)
         else:
-            ok, message = self._try_build(lambda: image_from_msg(req.image), "service image")
+            ok, message = self._try_build(lambda: image_from_msg(req.image), "service image", SET_SOURCE)
         resp.success, resp.message = ok, message
         resp.avatar_id = self.avatar.avatar_id if self.avatar is not None else ""
         return resp
