@@ -1,8 +1,8 @@
 """A built-in scripted driver: a deterministic looping performance as MESH-mode expressions.
 
-Lets the avatar move with no camera (demos, tests, a robot idling). Each action is a smooth
-displacement field on the canonical FaceMesh, built from the named regions with a Gaussian falloff
-around the landmarks that move; head motion is a rotation of frontal_transform().
+Lets the avatar move with no camera (demos, tests, a robot idling). Each action is a named
+displacement field of gaga_ros.blendshapes (the ones robots command by name); head motion is a
+rotation of frontal_transform().
 """
 
 from __future__ import annotations
@@ -12,81 +12,16 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from gaga_ros.blendshapes import JAW_OPEN, displacement, head_rotation
 from gaga_ros.expression import Expression, FaceModel, frontal_transform
-from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES, REGIONS
+from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES
 
 #: Seconds of each scripted segment, in loop order.
 SEGMENTS = (("speak", 3.0), ("smile", 2.0), ("nod", 2.0), ("turn", 3.0), ("speak_turn", 3.0))
 PERIOD = sum(d for _, d in SEGMENTS)
-#: Falloff radius of the displacement fields around moving landmarks, canonical units.
-FALLOFF = 0.06
-#: Largest jaw opening, radians about the jaw hinge.
-JAW_OPEN = 0.28
-#: Jaw hinge (canonical frame): below the ears, behind the face.
-JAW_PIVOT = np.array([0.0, -0.12, -0.25])
+#: Head motion of the nod and turn segments, radians.
 NOD_PITCH = np.radians(12.0)
 TURN_YAW = np.radians(30.0)
-
-
-def _falloff_field(handles: np.ndarray, displacement: np.ndarray, radius: float = FALLOFF,
-                   exclude: np.ndarray | None = None) -> np.ndarray:
-    """(478,3) displacement that moves `handles` by `displacement` (K,3) and their surroundings
-    with a Gaussian falloff of `radius`; `exclude` vertices stay put."""
-    v = CANONICAL_VERTICES
-    d2 = ((v[:, None] - v[handles][None]) ** 2).sum(-1)
-    w = np.exp(-d2 / (2 * radius**2))
-    field = (w @ displacement) / np.maximum(w.sum(1, keepdims=True), 1e-12)
-    field *= w.max(1, keepdims=True)
-    field[handles] = displacement
-    if exclude is not None:
-        field[exclude] = 0.0
-    return field.astype(np.float32)
-
-
-def _rotation(axis: str, angle: float) -> np.ndarray:
-    c, s = np.cos(angle), np.sin(angle)
-    if axis == "x":
-        return np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
-    return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
-
-
-def _jaw_field() -> np.ndarray:
-    """Displacement per radian of jaw opening: the lower face turns about the jaw hinge."""
-    v = CANONICAL_VERTICES.astype(np.float64)
-    lower = np.union1d(REGIONS["lower_face"], REGIONS["lips_lower"])
-    inner = REGIONS["mouth_inner"]
-    lower = np.setdiff1d(lower, inner[:11])  # the upper inner lip stays with the upper face
-    small = 0.05
-    moved = (v - JAW_PIVOT) @ _rotation("x", small).T + JAW_PIVOT - v
-    weight = np.zeros(len(v))
-    weight[lower] = 1.0
-    # Blend the rest smoothly by distance to the moving set (cheeks follow partly).
-    d2 = ((v[:, None] - v[lower][None]) ** 2).sum(-1).min(1)
-    weight = np.maximum(weight, np.exp(-d2 / (2 * FALLOFF**2)))
-    weight[inner[:11]] = 0.0
-    weight[REGIONS["lips_upper"]] = np.minimum(weight[REGIONS["lips_upper"]], 0.15)
-    return (moved * weight[:, None] / small).astype(np.float32)
-
-
-def _smile_field() -> np.ndarray:
-    """Displacement of a full smile: mouth corners up and out, cheeks lifted a little."""
-    corners = np.array([61, 291, 78, 308])
-    side = np.sign(CANONICAL_VERTICES[corners, 0])[:, None]
-    disp = np.concatenate([side * 0.045, np.full((4, 1), 0.035), np.full((4, 1), -0.01)], 1)
-    return _falloff_field(corners, disp)
-
-
-def _blink_field() -> np.ndarray:
-    """Displacement of closed eyes: each upper-lid landmark moves onto the lower lid."""
-    v = CANONICAL_VERTICES
-    handles, disp = [], []
-    for side in ("left", "right"):
-        upper, lower = REGIONS[f"{side}_eye_upper"], REGIONS[f"{side}_eye_lower"]
-        for k, idx in enumerate(upper[1:-1], start=1):
-            handles.append(idx)
-            disp.append(v[lower[k]] - v[idx])
-    exclude = np.concatenate([REGIONS[f"{s}_eye_lower"] for s in ("left", "right")])
-    return _falloff_field(np.array(handles), np.array(disp), 0.03, exclude)
 
 
 class ScriptedDriver:
@@ -102,7 +37,6 @@ class ScriptedDriver:
         self._speech_freq = np.array([3.1, 4.7, 1.9]) * rng.uniform(0.85, 1.15, 3)
         self._speech_phase = rng.uniform(0, 2 * np.pi, 3)
         self._blink_times = np.sort(rng.uniform(0, PERIOD, 5))
-        self._jaw, self._smile, self._blink = _jaw_field(), _smile_field(), _blink_field()
 
     @property
     def period(self) -> float:
@@ -135,9 +69,10 @@ class ScriptedDriver:
     def expression_at(self, t: float) -> Expression:
         """The MESH-mode expression at time t seconds (looping every `period`)."""
         w = self.weights(t)
-        vertices = (CANONICAL_VERTICES + w["jaw"] * self._jaw + w["smile"] * self._smile
-                    + w["blink"] * self._blink)
-        head = _rotation("y", w["yaw"]) @ _rotation("x", -w["pitch"])  # column-vector rotation
+        vertices = CANONICAL_VERTICES + displacement({
+            "jawOpen": w["jaw"] / JAW_OPEN, "mouthSmileLeft": w["smile"], "mouthSmileRight": w["smile"],
+            "eyeBlinkLeft": w["blink"], "eyeBlinkRight": w["blink"]})
+        head = head_rotation(w["yaw"], w["pitch"])  # column-vector rotation
         transform = frontal_transform()
         transform[:, :3] = head.T @ transform[:, :3]  # row-vector convention: x_cam = (x head^T) R
         return Expression(FaceModel.MESH, transform=transform.astype(np.float32),

@@ -15,6 +15,7 @@ import math
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 from hypothesis import strategies as st
@@ -380,10 +381,27 @@ def bridge_json(graph, path: str, body: dict | None = None, headers: dict | None
     raise TimeoutError(f"{path}: the bridge kept answering 429/503")
 
 
-def fuzz_data_channel(graph, examples: int, tally: Tally, csrf_headers) -> None:
-    """Expressions over a real WebRTC data channel (aiortc as the page): every reply ok or explained."""
+async def expression_channel(post_offer: Callable[[dict], Awaitable[dict]]):
+    """An open "expression" data channel to the bridge, as the page makes it (aiortc): the peer
+    connection, the channel and a queue of its replies; post_offer sends the offer, gives the answer."""
     from aiortc import RTCPeerConnection, RTCSessionDescription
 
+    pc = RTCPeerConnection()
+    pc.addTransceiver("video", direction="recvonly")
+    channel = pc.createDataChannel("expression")
+    replies: asyncio.Queue = asyncio.Queue()
+    opened = asyncio.Event()
+    channel.on("open", opened.set)
+    channel.on("message", replies.put_nowait)
+    await pc.setLocalDescription(await pc.createOffer())
+    answer = await post_offer({"sdp": pc.localDescription.sdp, "type": "offer"})
+    await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+    await asyncio.wait_for(opened.wait(), 60)
+    return pc, channel, replies
+
+
+def fuzz_data_channel(graph, examples: int, tally: Tally, csrf_headers) -> None:
+    """Expressions over a real WebRTC data channel (aiortc as the page): every reply ok or explained."""
     from gaga_ros.driver import ScriptedDriver
 
     expr = ScriptedDriver().expression_at(1.0)
@@ -393,19 +411,9 @@ def fuzz_data_channel(graph, examples: int, tally: Tally, csrf_headers) -> None:
           examples, payloads.append)
 
     async def session() -> None:
-        pc = RTCPeerConnection()
-        pc.addTransceiver("video", direction="recvonly")
-        channel = pc.createDataChannel("expression")
-        replies: asyncio.Queue = asyncio.Queue()
-        opened = asyncio.Event()
-        channel.on("open", opened.set)
-        channel.on("message", replies.put_nowait)
-        await pc.setLocalDescription(await pc.createOffer())
         loop = asyncio.get_running_loop()
-        answer = await loop.run_in_executor(None, lambda: bridge_json(
-            graph, "/offer", {"sdp": pc.localDescription.sdp, "type": "offer"}, csrf_headers()))
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
-        await asyncio.wait_for(opened.wait(), 60)
+        pc, channel, replies = await expression_channel(lambda offer: loop.run_in_executor(
+            None, lambda: bridge_json(graph, "/offer", offer, csrf_headers())))
         try:
             for payload in payloads:
                 channel.send(payload)

@@ -10,9 +10,10 @@ from skimage.metrics import peak_signal_noise_ratio
 from gaga_ros.avatar.base import CAMERA_FIXED, Avatar, AvatarError, NoFaceError
 from gaga_ros.avatar.deform import deform, quat_to_matrix
 from gaga_ros.avatar.geometric import AVATAR_TRIANGLES, GeometricAvatar, rebase_transform
+from gaga_ros.blendshapes import displacement
 from gaga_ros.camera import Camera
 from gaga_ros.crop import crop_head, head_box
-from gaga_ros.driver import JAW_OPEN, ScriptedDriver
+from gaga_ros.driver import ScriptedDriver
 from gaga_ros.expression import Expression, ExpressionError, FaceModel, frontal_transform
 from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES, FACE_LANDMARKS, REGIONS, TRIANGLES
 from gaga_ros.source import default_source
@@ -89,9 +90,8 @@ def test_neutral_expression_reproduces_source_crop(backend, avatar):
 
 
 def test_open_mouth_moves_mouth_not_eyes(backend, avatar):
-    driver = ScriptedDriver()
     base = backend.render(avatar, neutral(), SIZE).astype(np.float64)
-    open_mouth = Expression(FaceModel.MESH, vertices=CANONICAL_VERTICES + JAW_OPEN * driver._jaw)
+    open_mouth = Expression(FaceModel.MESH, vertices=CANONICAL_VERTICES + displacement({"jawOpen": 1.0}))
     moved = backend.render(avatar, open_mouth, SIZE).astype(np.float64)
     diff = np.abs(moved - base).mean(2)
     mouth = region_mask(avatar, REGIONS["mouth_inner"], grow=4)
@@ -104,8 +104,8 @@ def test_open_mouth_moves_mouth_not_eyes(backend, avatar):
 
 
 def test_closed_eyes_cover_the_eyes(backend, avatar):
-    driver = ScriptedDriver()
-    closed = Expression(FaceModel.MESH, vertices=CANONICAL_VERTICES + driver._blink)
+    closed = Expression(FaceModel.MESH, vertices=CANONICAL_VERTICES + displacement(
+        {"eyeBlinkLeft": 1.0, "eyeBlinkRight": 1.0}))
     base = backend.render(avatar, neutral(), SIZE).astype(np.float64)
     blink = backend.render(avatar, closed, SIZE).astype(np.float64)
     iris = (region_mask(avatar, REGIONS["left_iris"], grow=1)

@@ -141,7 +141,7 @@ def test_launch_file_loads_with_launch_ros():
 ROSDEP_KEYS = {"numpy": "python3-numpy", "yaml": "python3-yaml", "aiohttp": "python3-aiohttp",
                "cv2": "python3-opencv", "PIL": "python3-pil", "scipy": "python3-scipy",
                "skimage": "python3-skimage", "rclpy": "rclpy", "sensor_msgs": "sensor_msgs",
-               "std_msgs": "std_msgs", "diagnostic_msgs": "diagnostic_msgs",
+               "std_msgs": "std_msgs", "diagnostic_msgs": "diagnostic_msgs", "geometry_msgs": "geometry_msgs",
                "rcl_interfaces": "rcl_interfaces",
                "std_srvs": "std_srvs", "lifecycle_msgs": "lifecycle_msgs", "rosgraph_msgs": "rosgraph_msgs",
                "builtin_interfaces": "builtin_interfaces",

@@ -1,18 +1,24 @@
 """WebRTC bridge node: /avatar/image -> browsers and face displays; operator webcam and JSON
-expressions from the page -> ROS topics. The streaming itself lives in gaga_ros.stream."""
+expressions from the page -> ROS topics (raw ones on /avatar/expression, named ones on
+/avatar/named_expression, look_at targets on /avatar/look_at or /avatar/look_at_display). The
+streaming itself lives in gaga_ros.stream."""
 
 from __future__ import annotations
 
 import os
 
 import numpy as np
+from geometry_msgs.msg import PointStamped
 from rcl_interfaces.msg import SetParametersResult
 from sensor_msgs.msg import Image
 
 from gaga_ros.expression import Expression
+from gaga_ros.msg import DisplayPoint, NamedExpression
 from gaga_ros.msg import Expression as ExpressionMsg
+from gaga_ros.named import LookAt, NamedCommand
 from gaga_ros.nodes import qos, rosout, stamps
 from gaga_ros.nodes.diagnostics import OK, WARN, Diagnostics, RateMeter
+from gaga_ros.nodes.expression_msg import named_to_msg
 from gaga_ros.nodes.expression_msg import to_msg as expression_to_msg
 from gaga_ros.nodes.guard import GuardedNode
 from gaga_ros.nodes.image_msg import from_msg, to_msg
@@ -59,6 +65,11 @@ class BridgeNode(GuardedNode):
         self.expressions_in = 0
         self.pub_upstream = self.create_publisher(Image, self.p["upstream_topic"], qos.FRAMES)
         self.pub_expr = self.create_publisher(ExpressionMsg, "/avatar/expression", qos.EXPRESSIONS)
+        self.pub_named = self.create_publisher(NamedExpression, "/avatar/named_expression",
+                                               qos.EXPRESSIONS)
+        self.pub_look = self.create_publisher(PointStamped, "/avatar/look_at", qos.EXPRESSIONS)
+        self.pub_look_display = self.create_publisher(DisplayPoint, "/avatar/look_at_display",
+                                                      qos.EXPRESSIONS)
         size = (self.p["width"], self.p["height"]) if self.p["width"] and self.p["height"] else (None,
                                                                                               None)
         self.server = StreamServer(
@@ -69,7 +80,8 @@ class BridgeNode(GuardedNode):
             token_on_loopback=self.p["token_on_loopback"],
             allowed_hosts=[h for h in self.p["allowed_hosts"] if h],
             allowed_origins=[o for o in self.p["allowed_origins"] if o],
-            on_upstream_frame=self._on_upstream, on_expression=self._on_expression).start()
+            on_upstream_frame=self._on_upstream, on_expression=self._on_expression,
+            on_named=self._on_named).start()
         self.get_logger().info(f"viewer at {self.server.url} (kiosk: {self.server.url}kiosk)")
         self.create_subscription(Image, self.p["image_topic"], self._on_image, qos.FRAMES)
         self.add_on_set_parameters_callback(self._on_params)
@@ -91,6 +103,21 @@ class BridgeNode(GuardedNode):
 
     def _on_expression(self, expr: Expression) -> None:
         self.pub_expr.publish(expression_to_msg(expr, self.get_clock().now().to_msg()))
+        self.expressions_in += 1
+
+    def _on_named(self, command: NamedCommand | None, look: LookAt | None) -> None:
+        stamp = self.get_clock().now().to_msg()
+        if command is not None:
+            self.pub_named.publish(named_to_msg(command, stamp))
+        if look is not None and look.uv is not None:
+            msg = DisplayPoint(u=look.uv[0], v=look.uv[1])
+            msg.header.stamp = stamp
+            self.pub_look_display.publish(msg)
+        elif look is not None:
+            msg = PointStamped()
+            msg.header.stamp = stamp  # empty frame_id: the display frame (README)
+            msg.point.x, msg.point.y, msg.point.z = look.point
+            self.pub_look.publish(msg)
         self.expressions_in += 1
 
     def _report(self):

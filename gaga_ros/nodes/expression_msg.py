@@ -1,4 +1,4 @@
-"""gaga_ros/Expression message <-> the core Expression value (validated on the way in)."""
+"""gaga_ros/Expression and NamedExpression messages <-> their core values (validated on the way in)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import numpy as np
 
 from gaga_ros.expression import Expression, FaceModel
 from gaga_ros.msg import Expression as ExpressionMsg
+from gaga_ros.msg import NamedExpression
+from gaga_ros.named import NamedCommand
 from gaga_ros.nodes.stamps import to_ns
 
 
@@ -38,3 +40,17 @@ def from_msg(msg: ExpressionMsg) -> Expression:
         vertices=np.asarray(msg.vertices, np.float32) if len(msg.vertices) else None,
         confidence=float(msg.confidence),
     )
+
+
+def named_to_msg(command: NamedCommand, stamp) -> NamedExpression:
+    """A NamedExpression message for a validated command (its hold resolved, weights clamped)."""
+    pose = command.pose
+    msg = NamedExpression(names=list(pose.weights), weights=[float(w) for w in pose.weights.values()],
+                          yaw=pose.yaw, pitch=pose.pitch, roll=pose.roll, hold_s=command.hold_s)
+    msg.header.stamp = stamp
+    return msg
+
+
+def named_from_msg(msg: NamedExpression) -> NamedCommand:
+    """The validated command; raises NamedError saying what is wrong and what is accepted."""
+    return NamedCommand.from_lists(msg.names, msg.weights, msg.yaw, msg.pitch, msg.roll, msg.hold_s)

@@ -33,6 +33,8 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcrtpsender import RTCRtpSender
 
 from gaga_ros.expression import Expression, ExpressionError
+from gaga_ros.named import JSON_FIELDS as NAMED_FIELDS
+from gaga_ros.named import LookAt, NamedCommand, NamedError, parse_json
 from gaga_ros.stream.auth import (
     CsrfTokens,
     host_origin_middleware,
@@ -88,10 +90,24 @@ EXPRESSION_FIELDS = ("face_model", "expression", "jaw_pose", "neck_pose", "eye_p
 
 UpstreamCallback = Callable[[np.ndarray, int], None]
 ExpressionCallback = Callable[[Expression], None]
+NamedCallback = Callable[[NamedCommand | None, LookAt | None], None]
 
 
 class StreamConfigError(ValueError):
     """A StreamServer setting that cannot work; the message says what is accepted."""
+
+
+def load_json(payload: str | bytes | dict):
+    """The JSON value of a POST body or data-channel message (a dict passes through)."""
+    if isinstance(payload, (str, bytes)):
+        try:
+            return json.loads(payload)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ExpressionError(f"expression is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ExpressionError("expression JSON is nested too deeply: accepted is an object of "
+                                  "flat or 3x4 number arrays") from None
+    return payload
 
 
 def parse_expression(payload: str | bytes | dict) -> Expression:
@@ -100,14 +116,7 @@ def parse_expression(payload: str | bytes | dict) -> Expression:
     face_model is 0/1 or "FLAME"/"MESH"; transform is 12 numbers or 3x4; stamp_ns and frame_id
     stand in for the message header. Raises ExpressionError naming what is wrong.
     """
-    if isinstance(payload, (str, bytes)):
-        try:
-            payload = json.loads(payload)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ExpressionError(f"expression is not valid JSON: {e}") from None
-        except RecursionError:
-            raise ExpressionError("expression JSON is nested too deeply: accepted is an object of "
-                                  "flat or 3x4 number arrays") from None
+    payload = load_json(payload)
     if not isinstance(payload, dict):
         raise ExpressionError("expression must be a JSON object with the fields of Expression.msg")
     unknown = sorted(set(payload) - set(EXPRESSION_FIELDS))
@@ -176,7 +185,9 @@ class StreamServer:
     Encoding: one shared encode per codec for all viewers (see gaga_ros.stream.tracks for why and
     what it costs). Callbacks run on the server's threads and must return quickly:
     on_upstream_frame(rgb, stamp_ns) gets each operator webcam frame (on one worker thread; frames
-    arriving while it is busy are dropped), on_expression(Expression) each valid expression.
+    arriving while it is busy are dropped), on_expression(Expression) each valid expression, and
+    on_named(command, look_at) each valid named expression (gaga_ros.named.parse_json: a JSON object
+    with any of "named", "head", "hold_s", "look_at"; either part may be None).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8080, token: str | None = None,
@@ -186,6 +197,7 @@ class StreamServer:
                  ice_servers: list[str | dict] | None = None, static_dir: str | Path = STATIC_DIR,
                  on_upstream_frame: UpstreamCallback | None = None,
                  on_expression: ExpressionCallback | None = None,
+                 on_named: NamedCallback | None = None,
                  max_clients: int = 16, max_body_bytes: int = 256 * 1024,
                  idle_after_s: float = 3.0, keyframe_interval_s: float = 2.0,
                  peer_timeout_s: float = 10.0, allowed_hosts: list[str] | None = None,
@@ -241,6 +253,7 @@ class StreamServer:
         self.certfile, self.keyfile = certfile, keyfile
         self.ice_servers = [_ice_server(s) for s in (ice_servers or [])]
         self.on_upstream_frame, self.on_expression = on_upstream_frame, on_expression
+        self.on_named = on_named
         self.max_clients, self.max_body_bytes = max_clients, max_body_bytes
         self.idle_after_s, self.keyframe_interval_s = idle_after_s, keyframe_interval_s
         self.peer_timeout_s = peer_timeout_s
@@ -636,16 +649,20 @@ class StreamServer:
             self._upstream_busy = False
 
     def _handle_expression(self, payload) -> str | None:
-        """Validate and deliver one expression; the error message, or None when accepted."""
+        """Validate and deliver one expression, raw or named; the error message, or None when accepted."""
         try:
-            expr = parse_expression(payload)
-        except ExpressionError as e:
+            value = load_json(payload)
+            if isinstance(value, dict) and any(k in value for k in NAMED_FIELDS):
+                callback, args = self.on_named, parse_json(value)
+            else:
+                callback, args = self.on_expression, (parse_expression(value),)
+        except (ExpressionError, NamedError) as e:
             return str(e)
-        if self.on_expression is not None:
+        if callback is not None:
             try:
-                self.on_expression(expr)
+                callback(*args)
             except Exception:
-                log.exception("on_expression failed")
+                log.exception("expression delivery failed")
                 return "the server could not deliver this expression"
         return None
 
