@@ -31,6 +31,9 @@ ARGUMENTS = {
                "camera driver of yours publishes /camera/image_raw; tracking only)."),
     "camera_transport": ("raw", "driver:=topic: raw (sensor_msgs/Image on /camera/image_raw) or "
                          "compressed (JPEG/PNG CompressedImage on /camera/image_raw/compressed)."),
+    "tracking": ("auto", "Face model of camera tracking: mesh (mediapipe, no assets), flame (needs a "
+                 "FLAME model, see `gaga-ros assets`) or auto (flame when it is present, else mesh). "
+                 "Every avatar backend renders both."),
     "video": ("", "Video file for driver:=video."),
     "camera": ("0", "Webcam device index for driver:=webcam."),
     "source": ("", "Source photo (inside the reconstruction node's source_dir); empty: built-in."),
@@ -45,6 +48,7 @@ RESPAWN_DELAY_S = 2.0
 
 DRIVERS = ("scripted", "video", "webcam", "topic")
 TRANSPORTS = ("raw", "compressed")
+TRACKING_MODES = ("mesh", "flame", "auto")
 
 #: Fast DDS reads a default profile from this variable (the FASTDDS_ name is not honoured by the
 #: Jazzy wheels' Fast DDS 2.14, seen).
@@ -88,6 +92,8 @@ def telepresence(args: dict[str, str] | None = None) -> list[NodeSpec]:
         raise ValueError(f"driver {a['driver']!r} is not one of {', '.join(DRIVERS)}")
     if a["camera_transport"] not in TRANSPORTS:
         raise ValueError(f"camera_transport {a['camera_transport']!r} is not one of {', '.join(TRANSPORTS)}")
+    if a["tracking"] not in TRACKING_MODES:
+        raise ValueError(f"tracking {a['tracking']!r} is not one of {', '.join(TRACKING_MODES)}")
     if a["camera_transport"] != "raw" and a["driver"] != "topic":
         raise ValueError("camera_transport:=compressed reads a camera driver's compressed topic: use it "
                          "with driver:=topic (the built-in capture publishes raw images)")
@@ -95,13 +101,14 @@ def telepresence(args: dict[str, str] | None = None) -> list[NodeSpec]:
     if a["driver"] == "scripted":
         nodes.append(NodeSpec("driver", "driver"))
     elif a["driver"] == "topic":
-        nodes.append(NodeSpec("tracking", "tracking", {"camera_transport": a["camera_transport"]}))
+        nodes.append(NodeSpec("tracking", "tracking", {"camera_transport": a["camera_transport"],
+                                                       "mode": a["tracking"]}))
     else:
         src = a["video"] if a["driver"] == "video" else a["camera"]
         if not src:
             raise ValueError("driver:=video needs video:=<file>")
         nodes.append(NodeSpec("capture", "capture", {"source": src}))
-        nodes.append(NodeSpec("tracking", "tracking"))
+        nodes.append(NodeSpec("tracking", "tracking", {"mode": a["tracking"]}))
     recon = {"source_path": a["source"]} if a["source"] else {}
     nodes.append(NodeSpec("reconstruction", "reconstruction", recon, lifecycle=True))
     nodes.append(NodeSpec("render", "render", lifecycle=True))

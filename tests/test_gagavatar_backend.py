@@ -10,7 +10,7 @@ from gaga_ros.avatar.base import Avatar
 from gaga_ros.avatar.gagavatar.backend import GagaAvatarBackend
 from gaga_ros.avatar.gagavatar.config import TINY
 from gaga_ros.avatar.gagavatar.model import GAGAvatar
-from gaga_ros.expression import Expression, ExpressionError, FaceModel
+from gaga_ros.expression import Expression, FaceModel
 from gaga_ros.faces.synthetic_flame import write_synthetic_flame
 
 
@@ -49,8 +49,19 @@ def test_reconstruct_and_render_flame_expressions(backend, avatar):
                      expression=np.full(20, 1.5, np.float32))
     moved = (backend.frame(avatar, jaw).splat - backend.frame(avatar, neutral).splat).abs().mean()
     assert moved > 1e-4, "expression must move the expression Gaussians"
-    with pytest.raises(ExpressionError, match="FLAME-mode"):
-        backend.render(avatar, Expression(FaceModel.MESH, vertices=np.zeros((478, 3))), size=128)
+
+def test_mesh_expressions_are_converted_to_flame(backend, avatar):
+    """The scripted driver and mesh tracking send MESH mode: the backend fits FLAME to it."""
+    from test_conversion import open_jaw_mesh
+
+    from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES
+
+    neutral = Expression(FaceModel.MESH, vertices=CANONICAL_VERTICES)
+    opened = Expression(FaceModel.MESH, vertices=open_jaw_mesh(0.1))
+    image = backend.render(avatar, neutral, size=128)
+    assert image.shape == (128, 128, 3) and image.std() > 0
+    moved = (backend.frame(avatar, opened).splat - backend.frame(avatar, neutral).splat).abs().mean()
+    assert moved > 1e-4, "a mesh-mode jaw opening must move the expression Gaussians"
 
 
 def test_message_arrays_round_trip_renders_the_same(backend, avatar):

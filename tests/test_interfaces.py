@@ -108,7 +108,12 @@ def test_graph_description_is_valid():
         graph.telepresence({"driver": "telepathy"})
     topic = graph.telepresence({"driver": "topic", "camera_transport": "compressed"})
     assert "capture" not in [s.name for s in topic]
-    assert next(s for s in topic if s.name == "tracking").parameters == {"camera_transport": "compressed"}
+    assert next(s for s in topic if s.name == "tracking").parameters == {"camera_transport": "compressed",
+                                                                          "mode": "auto"}
+    video = graph.telepresence({"driver": "video", "video": "x.mp4", "tracking": "flame"})
+    assert next(s for s in video if s.name == "tracking").parameters == {"mode": "flame"}
+    with pytest.raises(ValueError, match="tracking 'landmarks' is not one of mesh, flame, auto"):
+        graph.telepresence({"driver": "webcam", "tracking": "landmarks"})
     with pytest.raises(ValueError, match="driver:=topic"):
         graph.telepresence({"driver": "video", "video": "x.mp4", "camera_transport": "compressed"})
     for profile in ("demo", "gpu", "kiosk"):

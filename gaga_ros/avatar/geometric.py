@@ -21,6 +21,7 @@ from gaga_ros.avatar.deform import anchors, deform, matrix_to_quat, quat_to_matr
 from gaga_ros.camera import Camera
 from gaga_ros.config import CROP_SCALE, CROP_SIZE
 from gaga_ros.expression import Expression, ExpressionError, FaceModel, frontal_transform
+from gaga_ros.faces.conversion import FaceConverter
 from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES, FACE_LANDMARKS, REGIONS, TRIANGLES
 from gaga_ros.gaussians import Gaussians
 from gaga_ros.source import as_rgb
@@ -111,18 +112,25 @@ def rebase_transform(driver: np.ndarray, source: np.ndarray) -> np.ndarray:
 
 
 class GeometricAvatar:
-    """Photo -> mesh-bound RGB Gaussian head; renders MESH-mode expressions (AvatarBackend)."""
+    """Photo -> mesh-bound RGB Gaussian head (AvatarBackend).
+
+    FLAME-mode expressions are converted to MESH mode through the FLAME model in `models_dir`
+    (None: $GAGA_ROS_MODELS or ./models); without one they are refused, saying how to get it.
+    """
 
     name = "geometric"
 
     def __init__(self, grid: int = 192, device: torch.device | str = "cpu",
-                 raster_backend: str = "auto", background: tuple[float, float, float] = (0, 0, 0)):
+                 raster_backend: str = "auto", background: tuple[float, float, float] = (0, 0, 0),
+                 models_dir: str | None = None):
         if not 32 <= int(grid) <= CROP_SIZE:
             raise ValueError(f"grid {grid!r}: accepted is 32..{CROP_SIZE} lifted pixels per side")
         self.grid = int(grid)
         self.device = torch.device(device)
         self.raster_backend = raster_backend
         self.background = torch.tensor(background, dtype=torch.float32)
+        self.models_dir = models_dir
+        self._converter: FaceConverter | None = None  # built on the first FLAME-mode expression (~1 s)
         self._landmarker = None
         self._segmenter = None
 
@@ -181,11 +189,21 @@ class GeometricAvatar:
 
     # ---- rendering ------------------------------------------------------------------------------
 
+    def to_mesh(self, expression: Expression) -> Expression:
+        """The expression in MESH mode: FLAME-mode ones through the FLAME model's landmarks."""
+        if expression.face_model is FaceModel.MESH:
+            return expression
+        if self._converter is None:
+            try:
+                self._converter = FaceConverter.from_models(self.models_dir)
+            except FileNotFoundError as exc:
+                raise ExpressionError(f"the geometric backend renders FLAME-mode expressions through "
+                                      f"a FLAME model: {exc}") from None
+        return self._converter.to_mesh(expression)
+
     def driven_vertices(self, avatar: Avatar, expression: Expression) -> torch.Tensor:
         """The source's mesh moved by the expression's motion (never its shape), canonical frame."""
-        if expression.face_model is not FaceModel.MESH:
-            raise ExpressionError("the geometric backend renders MESH-mode expressions (vertices); "
-                                  "got a FLAME-mode one: use the gagavatar backend for FLAME")
+        expression = self.to_mesh(expression)
         scale = avatar.cache.get("delta_scale")
         if scale is None:
             scale = face_size(avatar.neutral_vertices.cpu().numpy()) / face_size(CANONICAL_VERTICES)
@@ -198,6 +216,7 @@ class GeometricAvatar:
         """The deformed Gaussians and the camera that show `avatar` driven by `expression`."""
         if not 16 <= int(size) <= 4096:
             raise ValueError(f"render size {size!r}: accepted is 16..4096 pixels per side")
+        expression = self.to_mesh(expression)
         means, quats, growth = deform(avatar, self.driven_vertices(avatar, expression))
         transform = rebase_transform(expression.transform, avatar.source_transform)
         fixed = avatar.binding.triangle == CAMERA_FIXED

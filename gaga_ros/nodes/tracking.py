@@ -1,4 +1,4 @@
-"""Tracking node: /camera/image_raw -> /avatar/expression (mesh mode) and /tracking/status.
+"""Tracking node: /camera/image_raw -> /avatar/expression (mesh or FLAME mode) and /tracking/status.
 
 Each expression carries the capture stamp of its camera frame. Tracking runs on a worker over a
 one-slot mailbox, so a slow frame skips stale camera frames instead of queueing them.
@@ -10,6 +10,7 @@ from rcl_interfaces.msg import SetParametersResult
 from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import Trigger
 
+from gaga_ros.graph import TRACKING_MODES
 from gaga_ros.mailbox import Mailbox
 from gaga_ros.msg import Expression as ExpressionMsg
 from gaga_ros.msg import TrackingStatus
@@ -28,8 +29,8 @@ CAMERA_TOPICS = {"raw": ("/camera/image_raw", Image),
 PARAMS = (
     Param("camera_transport", "raw", "Camera input: raw (sensor_msgs/Image on /camera/image_raw) or "
           "compressed (JPEG/PNG CompressedImage on /camera/image_raw/compressed)."),
-    Param("mode", "mesh", "Face model: mesh (mediapipe, no assets) or flame (needs a FLAME model in "
-          "models_dir; see `gaga-ros assets`)."),
+    Param("mode", "auto", "Face model: mesh (mediapipe, no assets), flame (needs a FLAME model in "
+          "models_dir; see `gaga-ros assets`) or auto (flame when that model is present, else mesh)."),
     Param("models_dir", "", "Folder of the licensed model files (empty: $GAGA_ROS_MODELS or ./models)."),
     Param("flame_steps", 3, "FLAME mode: most Levenberg-Marquardt iterations per frame (it stops "
           "early once converged; more only cost time).", low=1, high=500),
@@ -72,10 +73,18 @@ class TrackingNode(GuardedNode):
         self.worker = self.guard.serve("tracking", self.camera_topic, self.mailbox, self._track)
 
     def _make_tracker(self):
-        if self.p["mode"] == "flame":
+        from gaga_ros.assets import find_assets
+
+        mode = self.p["mode"]
+        if mode not in TRACKING_MODES:
+            raise ValueError(f"mode {mode!r}: accepted are {', '.join(TRACKING_MODES)}")
+        if mode == "auto":
+            mode = "flame" if find_assets(self.p["models_dir"] or None).flame else "mesh"
+            self.get_logger().info(f"tracking mode auto: {mode} (FLAME model "
+                                   f"{'found' if mode == 'flame' else 'not found'})")
+        if mode == "flame":
             import torch
 
-            from gaga_ros.assets import find_assets
             from gaga_ros.faces.flame_assets import load_flame_assets
             from gaga_ros.tracking.flame_fitter import MediapipeEmbedding
             from gaga_ros.tracking.flame_tracker import FlameTracker
@@ -88,8 +97,6 @@ class TrackingNode(GuardedNode):
                          if status.mediapipe_embedding else None)
             return FlameTracker(load_flame_assets(status.flame, status.flame_landmarks), embedding,
                                 min_confidence=self.p["min_confidence"], steps=self.p["flame_steps"])
-        if self.p["mode"] != "mesh":
-            raise ValueError(f"mode {self.p['mode']!r}: accepted are mesh and flame")
         return MeshTracker(min_cutoff=self.p["min_cutoff"], beta=self.p["beta"],
                            d_cutoff=self.p["d_cutoff"], reference_frames=self.p["reference_frames"],
                            min_confidence=self.p["min_confidence"])

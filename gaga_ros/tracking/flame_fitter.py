@@ -201,14 +201,18 @@ class FlameFitter:
         sizes = [self.n_exp] + [w for _, w in _BLOCKS]
         sigmas = [EXPRESSION_SIGMA, JAW_SIGMA, EYE_SIGMA, float("inf"), float("inf")]
         prior = torch.cat([torch.full((k,), s ** -2, **dev) for k, s in zip(sizes, sigmas, strict=True)])
-        self._prior = torch.diag(prior)
-        self._prior[:self.n_exp, :self.n_exp] += self._gauge(self._lmk_lin[:, 0, :, :self.n_exp])
+        # with the camera held no expression can pass for head motion: the gauge term is then lifted
+        self._plain_prior = torch.diag(prior)
+        self._gauged_prior = self._plain_prior.clone()
+        self._gauged_prior[:self.n_exp, :self.n_exp] += self._gauge(self._lmk_lin[:, 0, :, :self.n_exp])
+        self._prior = self._gauged_prior
         self._shape_prior = (torch.eye(flame.n_shape, **dev) * SHAPE_SIGMA ** -2
                              + self._gauge(self._lmk_shape[:, 0]))
         names = ["expression"] + [name for name, _ in _BLOCKS]
         self._temporal = torch.cat([torch.full((k,), TEMPORAL_SIGMA[name] ** -2, **dev)
                                     for k, name in zip(sizes, names, strict=True)])
         self._frontal = _FRONTAL.to(**dev)
+        self._camera: torch.Tensor | None = None  # head rotation and translation, when held
         self.reset()
 
     def _build_tables(self) -> None:
@@ -274,6 +278,32 @@ class FlameFitter:
         self.identity_held = False
         self._last: torch.Tensor | None = None
         self._seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # (target, fit) until identity is held
+
+    def hold_camera(self, transform: np.ndarray | None) -> None:
+        """Keep every frame's camera at a known [R | T] (3x4) instead of fitting it; None fits it again.
+
+        For landmarks whose head pose is known, e.g. a MESH-mode expression's, so that no expression
+        motion is mistaken for head motion."""
+        if transform is None:
+            self._camera, self._prior = None, self._gauged_prior
+            return
+        from scipy.spatial.transform import Rotation
+
+        t = np.asarray(transform, np.float64).reshape(3, 4)
+        head = Rotation.from_matrix(_FRONTAL.double().numpy() @ t[:, :3].T).as_rotvec()
+        like = self._joint_shape
+        self._camera = torch.tensor(np.r_[head, t[:, 3]], dtype=like.dtype, device=like.device)
+        self._prior = self._plain_prior
+
+    def hold_identity(self, shapecode: np.ndarray) -> None:
+        """Fit only per-frame parameters from now on, for a known identity (its leading n_shape
+        coefficients); the next frame starts cold."""
+        like = self._joint_shape
+        shape = torch.zeros(self.flame.n_shape, dtype=like.dtype, device=like.device)
+        known = torch.as_tensor(np.asarray(shapecode, np.float64)[:self.flame.n_shape])
+        shape[:known.shape[0]] = known.to(shape)
+        self._hold_identity(shape)
+        self.identity_held, self._last, self._seen = True, None, []
 
     def _hold_identity(self, shape: torch.Tensor) -> None:
         """Fix the identity and fold it into the tables used per frame."""
@@ -470,18 +500,26 @@ class FlameFitter:
         target = target[:, self.mediapipe_index.to(device)]
         batch = target.shape[0]
         with torch.no_grad():
-            if self.shape is None:
-                # the mean shape first: camera alone, then all per-frame parameters, then identity too
-                self._hold_identity(torch.zeros_like(self._joint_shape[0, 0]))
-                rigid = torch.zeros(self.n_params, dtype=torch.bool, device=device)
-                rigid[-6:] = True
-                x, _ = self._solve_frames(self._initial(target), target, None, 5, active=rigid)
-                x, _ = self._solve_frames(x, target, None, 5)
-                x, shape, residual = self._solve_identity(x, target, self.identity_steps)
-                self._hold_identity(shape)
+            rigid = torch.zeros(self.n_params, dtype=torch.bool, device=device)
+            rigid[-6:] = True
+            free = None if self._camera is None else ~rigid
+            if self._last is None:
+                # a cold start: camera alone, then all per-frame parameters, then identity too unless
+                # it is held (the mean shape until then)
+                if self.shape is None:
+                    self._hold_identity(torch.zeros_like(self._joint_shape[0, 0]))
+                x = self._initial(target)
+                if self._camera is None:
+                    x, _ = self._solve_frames(x, target, None, 5, active=rigid)
+                else:
+                    x[:, -6:] = self._camera
+                x, residual = self._solve_frames(x, target, None, 5, active=free)
+                if not self.identity_held:
+                    x, shape, residual = self._solve_identity(x, target, self.identity_steps)
+                    self._hold_identity(shape)
             else:
                 prev = self._last.expand(batch, -1)
-                x, residual = self._solve_frames(prev.clone(), target, prev, self.steps)
+                x, residual = self._solve_frames(prev.clone(), target, prev, self.steps, active=free)
             if not self.identity_held:
                 self._seen.append((target, x))
                 if sum(t.shape[0] for t, _ in self._seen) >= self.identity_frames:

@@ -20,21 +20,28 @@ from gaga_ros.avatar.gagavatar.checkpoint import load_state_dict_strict, read_st
 from gaga_ros.avatar.gagavatar.config import FULL, TINY
 from gaga_ros.avatar.gagavatar.model import GagaFrame, GagaSource, GAGAvatar, source_image
 from gaga_ros.config import CROP_SCALE, CROP_SIZE, FLAME_VERTICES
-from gaga_ros.expression import Expression, ExpressionError, FaceModel
+from gaga_ros.expression import Expression, FaceModel
+from gaga_ros.faces.conversion import FaceConverter
 from gaga_ros.faces.flame import Flame
 from gaga_ros.faces.flame_assets import FlameAssets, load_flame_assets
 from gaga_ros.gaussians import Gaussians
+from gaga_ros.tracking.flame_fitter import MediapipeEmbedding
 
 CONFIGS = {"full": FULL, "tiny": TINY}
 
 
 class GagaAvatarBackend:
-    """Photo -> GAGAvatar source (cached on the device); FLAME-mode expression -> refined image."""
+    """Photo -> GAGAvatar source (cached on the device); expression -> refined image.
+
+    MESH-mode expressions (the scripted driver, mesh tracking) are converted to FLAME first by the
+    backend's own converter, whose warm start follows the one stream the backend renders.
+    """
 
     name = "gagavatar"
 
     def __init__(self, model: GAGAvatar, flame_assets: FlameAssets, device: str | torch.device = "cpu",
-                 fast: bool = True, compile_mode: str | None = None):
+                 fast: bool = True, compile_mode: str | None = None,
+                 mediapipe_embedding: MediapipeEmbedding | None = None):
         self.device = torch.device(device)
         #: On CUDA, render through FastRenderer (CUDA graphs, fp16 refiner); False: the reference path.
         self.fast = fast and self.device.type == "cuda"
@@ -42,6 +49,8 @@ class GagaAvatarBackend:
         self.model = model.to(self.device).eval()
         self.flame_assets = flame_assets
         self.flame = Flame(flame_assets).to(self.device)
+        self.mediapipe_embedding = mediapipe_embedding
+        self._converter: FaceConverter | None = None  # built on the first MESH-mode expression (~1 s)
         self._landmarker = None
 
     @classmethod
@@ -56,7 +65,10 @@ class GagaAvatarBackend:
             raise FileNotFoundError(status.explain())
         model = GAGAvatar(CONFIGS[config])
         load_state_dict_strict(model, read_state_dict(weights))
-        return cls(model, load_flame_assets(status.flame, status.flame_landmarks), device, fast)
+        embedding = (MediapipeEmbedding.load(status.mediapipe_embedding) if status.mediapipe_embedding
+                     else None)
+        return cls(model, load_flame_assets(status.flame, status.flame_landmarks), device, fast,
+                   mediapipe_embedding=embedding)
 
     # ---- reconstruction -------------------------------------------------------------------------
 
@@ -115,14 +127,20 @@ class GagaAvatarBackend:
     def frame(self, avatar: Avatar, expression: Expression) -> GagaFrame:
         """The model's outputs (splat, coarse, refined) for the source's identity with the driver's
         FLAME expression, jaw, eyes and camera (the driver's shape never enters)."""
+        expression = self.to_flame(expression)
         return self.model.render(self._source(avatar)[0], self._vertices(avatar, expression),
                                  expression.transform)
 
+    def to_flame(self, expression: Expression) -> Expression:
+        """The expression in FLAME mode: MESH-mode ones are fitted (see gaga_ros.faces.conversion)."""
+        if expression.face_model is FaceModel.FLAME:
+            return expression
+        if self._converter is None:
+            self._converter = FaceConverter(self.flame_assets, self.mediapipe_embedding)
+        return self._converter.to_flame(expression)
+
     def _vertices(self, avatar: Avatar, expression: Expression) -> torch.Tensor:
-        """FLAME (5023, 3) with the source's shape and the driver's expression, jaw and eyes."""
-        if expression.face_model is not FaceModel.FLAME:
-            raise ExpressionError("the gagavatar backend renders FLAME-mode expressions; got a mesh-"
-                                  "mode one: use the geometric backend or track in FLAME mode")
+        """FLAME (5023, 3) with the source's shape and a FLAME-mode expression's jaw and eyes."""
         shape = self._source(avatar)[1]
         t = lambda a: torch.as_tensor(a, device=self.device)[None]  # noqa: E731
         return self.flame(shape=shape, expression=t(expression.expression_padded(self.flame.n_exp)),
@@ -140,6 +158,7 @@ class GagaAvatarBackend:
 
     def render(self, avatar: Avatar, expression: Expression, size: int = CROP_SIZE) -> np.ndarray:
         """RGB uint8 (size, size, 3) of the refined frame."""
+        expression = self.to_flame(expression)
         if self.fast and size == self.model.cfg.render_size:
             return self._fast(avatar).render(self._vertices(avatar, expression),
                                              expression.transform)[0].copy()
