@@ -218,12 +218,13 @@ def _check_alive(graph) -> None:
 
 def topic_targets(obs, media_dir) -> list[tuple]:
     """(name, topic, message class, QoS, valid example, nodes that read it, pause s) per subscription."""
+    from geometry_msgs.msg import Point, PointStamped
     from sensor_msgs.msg import Image
 
     from gaga_ros.avatar.geometric import GeometricAvatar
     from gaga_ros.driver import ScriptedDriver
+    from gaga_ros.msg import DisplayPoint, GaussianAvatar, NamedExpression, TrackingStatus
     from gaga_ros.msg import Expression as ExpressionMsg
-    from gaga_ros.msg import GaussianAvatar, TrackingStatus
     from gaga_ros.nodes import qos
     from gaga_ros.nodes.avatar_msg import to_msg as avatar_to_msg
     from gaga_ros.nodes.expression_msg import to_msg as expression_to_msg
@@ -238,6 +239,13 @@ def topic_targets(obs, media_dir) -> list[tuple]:
         ("expression", "/avatar/expression", ExpressionMsg, qos.EXPRESSIONS,
          expression_to_msg(ScriptedDriver().expression_at(1.0), now), ("render",), 0.02),
         ("avatar", "/avatar/model", GaussianAvatar, qos.LATCHED, avatar, ("render",), 0.05),
+        ("named expression", "/avatar/named_expression", NamedExpression, qos.EXPRESSIONS,
+         NamedExpression(yaw=0.1, hold_s=0.2),  # a nod (the mutator changes numbers, not names)
+         ("render",), 0.02),
+        ("look_at", "/avatar/look_at", PointStamped, qos.EXPRESSIONS,
+         PointStamped(point=Point(x=0.1, y=0.0, z=0.5)), ("render",), 0.02),
+        ("look_at display", "/avatar/look_at_display", DisplayPoint, qos.EXPRESSIONS,
+         DisplayPoint(u=0.3, v=0.6), ("render",), 0.02),
         ("tracking status", "/tracking/status", TrackingStatus, qos.LATCHED,
          TrackingStatus(face_found=True, confidence=0.9, message="tracking"), ("render",), 0.02),
         ("avatar image", "/avatar/image", Image, qos.FRAMES, image_to_msg(face[:64, :64], now, "avatar"),
