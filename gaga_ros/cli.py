@@ -29,7 +29,10 @@ def run_node(name: str, ros_args: list[str]) -> None:
     """Run one node in this process."""
     if name not in NODES:
         sys.exit(f"gaga-ros node: unknown node {name!r}; known are {', '.join(NODES)}")
-    module = importlib.import_module(f"gaga_ros.nodes.{name}")
+    try:
+        module = importlib.import_module(f"gaga_ros.nodes.{name}")
+    except KeyboardInterrupt:  # Ctrl-C while torch & co. load: stop as quietly as after loading
+        sys.exit(0)
     module.main(["gaga-ros", *ros_args])
 
 
@@ -80,11 +83,13 @@ class Supervisor:
             print(f"[gaga-ros] started {spec.name} (pid {self.procs[spec.name].pid})", flush=True)
 
     def poll(self) -> None:
+        from gaga_ros.nodes.runtime import EXIT_CANNOT_START
+
         for spec in self.specs:
             code = self.procs[spec.name].poll()
             if code is None:
                 continue
-            if code == 2 or not self.restart:  # could not start: restarting would fail the same way
+            if code == EXIT_CANNOT_START or not self.restart:
                 raise SystemExit(f"[gaga-ros] {spec.name} exited with code {code}")
             n = self.restarts[spec.name] = self.restarts.get(spec.name, 0) + 1
             print(f"[gaga-ros] {spec.name} exited with code {code}; restarting ({n})", flush=True)

@@ -42,7 +42,7 @@ ARGUMENTS = {
     "bridge": ("true", "Start the WebRTC bridge."),
 }
 
-#: ros2 launch starts a node again this long after it exited (a crash, or a worker that died and
+#: ros2 launch starts a node again this long after it failed (a crash, or a worker that died and
 #: ended its process: gaga_ros.nodes.guard); `gaga-ros launch` restarts at once.
 RESPAWN_DELAY_S = 2.0
 

@@ -6,11 +6,20 @@ Reads the same graph description (gaga_ros.graph) as `gaga-ros launch telepresen
 import os
 
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
+from launch.actions import (
+    DeclareLaunchArgument,
+    LogInfo,
+    OpaqueFunction,
+    RegisterEventHandler,
+    SetEnvironmentVariable,
+    TimerAction,
+)
+from launch.event_handlers import OnProcessExit
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import LifecycleNode, Node
 
 from gaga_ros import graph
+from gaga_ros.nodes.runtime import EXIT_CANNOT_START
 
 
 def _nodes(context):
@@ -24,12 +33,34 @@ def _nodes(context):
     params_file = str(graph.profile_file(args["profile"]))
     actions = [SetEnvironmentVariable(k, v) for k, v in graph.dds_environment(dict(os.environ)).items()]
     for spec in graph.telepresence(args):
-        kind = LifecycleNode if spec.lifecycle else Node
-        extra = {"namespace": ""} if spec.lifecycle else {}
-        actions.append(kind(package="gaga_ros", executable=spec.module, name=spec.name, output="screen",
-                            parameters=[params_file, spec.parameters], respawn=True,
-                            respawn_delay=graph.RESPAWN_DELAY_S, **extra))
+        actions += _node(spec, params_file)
     return actions
+
+
+def _node(spec: graph.NodeSpec, params_file: str) -> list:
+    """One node, started again RESPAWN_DELAY_S after it fails while launch runs.
+
+    Not launch's own `respawn`: that also restarts a node which the terminal's Ctrl-C stopped before
+    launch handled the Ctrl-C itself, and the restarted node then never gets a SIGINT (launch expects
+    the terminal's to have reached it). Here a clean exit (0) and one that cannot start (2, which would
+    only fail again) are final, as in `gaga-ros launch`.
+    """
+    kind = LifecycleNode if spec.lifecycle else Node
+    extra = {"namespace": ""} if spec.lifecycle else {}
+    action = kind(package="gaga_ros", executable=spec.module, name=spec.name, output="screen",
+                  parameters=[params_file, spec.parameters], **extra)
+
+    def again(context):
+        return None if context.is_shutdown else _node(spec, params_file)
+
+    def on_exit(event, context):
+        if context.is_shutdown or event.returncode in (0, EXIT_CANNOT_START):
+            return None
+        return [LogInfo(msg=f"{spec.name} exited with code {event.returncode}; starting it again in "
+                            f"{graph.RESPAWN_DELAY_S:.0f} s"),
+                TimerAction(period=graph.RESPAWN_DELAY_S, actions=[OpaqueFunction(function=again)])]
+
+    return [action, RegisterEventHandler(OnProcessExit(target_action=action, on_exit=on_exit))]
 
 
 def generate_launch_description():

@@ -3,7 +3,9 @@ them): colcon build in a workspace with the Python install on, `ros2 launch`, `r
 `ros2 run`, `ros2 param describe`, `ros2 lifecycle get`, one Ctrl-C. The static launch-file check for
 machines without the tools is tests/test_interfaces.py."""
 
+import os
 import re
+import signal
 
 import pytest
 from conftest import wait_for
@@ -76,6 +78,16 @@ def test_ros2_launch_runs_the_graph_and_stops_on_one_ctrl_c(workspace, tmp_path)
         finally:
             assert interrupt(driver) == 0, run_log.read_text()
         assert "Traceback" not in run_log.read_text()
+
+        # a node that dies (here: killed) is started again; one stopped by Ctrl-C is not
+        started = re.search(r"\[driver-1\]: process started with pid \[(\d+)\]", log.read_text())
+        assert started, log.read_text()[-4000:]
+        os.kill(int(started.group(1)), signal.SIGKILL)
+        assert wait_for_line(log, "driver exited with code -9; starting it again", timeout=60, proc=launch)
+        assert wait_for(lambda: len(re.findall(r"\[driver-\d+\]: process started", log.read_text())) == 2,
+                        timeout=60), log.read_text()[-3000:]  # launch numbers its processes in one series
+        assert wait_for(lambda: "/driver" in workspace.run("ros2 node list --spin-time 5").stdout.split(),
+                        timeout=180, interval=1.0), log.read_text()[-3000:]
     finally:
         code = interrupt(launch)
     text = log.read_text()
@@ -83,5 +95,6 @@ def test_ros2_launch_runs_the_graph_and_stops_on_one_ctrl_c(workspace, tmp_path)
     for spec in graph.telepresence({"bridge": "false"}):
         finished = rf"\[{spec.module}-\d+\]: process has finished cleanly"
         assert re.search(finished, text), (spec.name, text[-4000:])
-    assert "process has died" not in text and "Traceback" not in text, text[-4000:]
+    died = re.findall(r"\[([a-z_]+-\d+)\]: process has died", text)
+    assert died == ["driver-1"] and "Traceback" not in text, text[-4000:]  # only the killed one
     assert "SIGTERM" not in text, "a node needed launch's escalation to stop"

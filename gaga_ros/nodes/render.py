@@ -68,7 +68,7 @@ def make_backend(name: str, device: str, models_dir: str, config: str, fast: boo
     if name == "geometric":
         from gaga_ros.avatar.geometric import GeometricAvatar
 
-        return GeometricAvatar(device=device)
+        return GeometricAvatar(device=device, models_dir=models_dir or None)
     if name == "gagavatar":
         from gaga_ros.avatar.gagavatar.backend import GagaAvatarBackend
 

@@ -25,6 +25,9 @@ from rclpy.signals import SignalHandlerOptions
 #: Longest wait of the spin loop: how late a stop request may be noticed when nothing else happens.
 POLL_S = 0.1
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: Exit status of a node that cannot start (bad parameters, missing files): launchers do not restart
+#: it, since it would fail the same way.
+EXIT_CANNOT_START = 2
 
 #: The running spin loop's stop flag and the exit status it ends with (one node per process).
 _stop: threading.Event | None = None
@@ -70,7 +73,7 @@ def spin(make_node: Callable[[], Node], args: list[str] | None = None) -> None:
     except Exception as exc:  # a node that cannot start says why in one line, not a traceback
         if node is None:
             print(f"[gaga_ros] cannot start: {exc}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(EXIT_CANNOT_START)
         raise
     finally:
         stop.set()  # from here a signal ends the process at once
