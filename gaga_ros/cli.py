@@ -31,8 +31,8 @@ def run_node(name: str, ros_args: list[str]) -> None:
         sys.exit(f"gaga-ros node: unknown node {name!r}; known are {', '.join(NODES)}")
     try:
         module = importlib.import_module(f"gaga_ros.nodes.{name}")
-    except KeyboardInterrupt:  # Ctrl-C while torch & co. load: stop as quietly as after loading
-        sys.exit(0)
+    except KeyboardInterrupt:  # Ctrl-C while torch & co. load: stop as quietly as after loading,
+        os._exit(0)  # without waiting on threads that a half-imported library may have started
     module.main(["gaga-ros", *ros_args])
 
 
