@@ -20,8 +20,21 @@ class NoFaceError(ValueError):
     """A source photo without one usable face; the message says what was found and what is needed."""
 
 
+#: Largest |coordinate| of a Gaussian centre accepted: the head spans about one unit around the
+#: origin and the camera sits 9 away, so anything beyond 20 is no part of a head in view.
+MAX_EXTENT = 20.0
+#: Largest Gaussian standard deviation accepted: five head sizes (geometric avatars stay below 0.1).
+MAX_SCALE = 5.0
+
+
 class AvatarError(ValueError):
     """Avatar arrays that do not describe a consistent avatar (e.g. a malformed message)."""
+
+
+def _within(name: str, values: np.ndarray, low: float, high: float, what: str) -> None:
+    if values.size and (values.min() < low or values.max() > high):
+        raise AvatarError(f"{name} spans [{values.min():.3g}, {values.max():.3g}]: accepted are {what} "
+                          f"within [{low}, {high}]")
 
 
 @dataclass
@@ -123,6 +136,12 @@ class Avatar:
         quats = arr("quats", np.float32, 4).reshape(n, 4)
         scales = arr("scales", np.float32, 3).reshape(n, 3)
         opacities = arr("opacities", np.float32, 1)
+        _within("means", means, -MAX_EXTENT, MAX_EXTENT, "world units (the camera sits 9 from the head)")
+        _within("scales", scales, 0.0, MAX_SCALE, "linear standard deviations")
+        _within("opacities", opacities, 0.0, 1.0, "opacities")
+        if n and np.min(np.einsum("ij,ij->i", quats, quats)) < 1e-12:
+            raise AvatarError("quats holds a zero quaternion: accepted are rotations (w, x, y, z) of "
+                              "non-zero length")
         features = arr("features", np.float32, c).reshape(n, c)
         tri = arr("binding_triangle", np.int64, 1, allow_empty=True)
         bary = arr("binding_barycentric", np.float32, 3, allow_empty=True)
