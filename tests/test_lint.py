@@ -107,3 +107,24 @@ def test_every_imported_ros_package_is_declared(manifest):
     missing = {pkg: sorted(files) for pkg, files in imports.items() if pkg not in have}
     assert not missing, "package.xml lacks <exec_depend> (or <depend>) for: " + "; ".join(
         f"{pkg} (imported in {', '.join(files)})" for pkg, files in sorted(missing.items()))
+
+
+#: The adapters to ROS: the nodes and the process entry that runs them. Everything else is the core,
+#: which tests and benchmarks call directly and which must load without ROS installed.
+ADAPTERS = ("gaga_ros/nodes/", "gaga_ros/cli.py")
+
+
+def test_the_core_imports_no_ros_module():
+    modules = sorted(
+        ".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        for p in REPO.glob("gaga_ros/**/*.py")
+        if not str(p.relative_to(REPO)).startswith(ADAPTERS) and p.name != "__main__.py")
+    assert "gaga_ros.named" in modules and "gaga_ros.render.rasterize" in modules  # the scan works
+    probe = ("import importlib, sys\n"
+             f"for m in {modules!r}: importlib.import_module(m)\n"
+             f"ros = {sorted(ROS_PACKAGES | {'gaga_ros.msg', 'gaga_ros.srv', 'gaga_ros.nodes'})!r}\n"
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ros or m in ros"
+             " or any(m.startswith(r + '.') for r in ros)))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", f"the core loaded ROS modules: {out.stdout[-2000:]}"
