@@ -431,8 +431,10 @@ def test_mp4_recorder_keeps_existing_file_and_survives_sigkill(ros_node, tmp_pat
 
 
 def test_mp4_timeline_survives_bad_stamps(ros_node, tmp_path):
-    """A negative first stamp and a one-hour leap mid-run: every frame after them is still recorded,
-    in order, on a timeline of the frames' real spacing."""
+    """A negative first stamp and a one-hour clock leap mid-run: every frame the recorder receives
+    after them is recorded, in order, on a timeline of the frames' real spacing. (/avatar/image is
+    best effort, newest only: a loaded machine may drop a frame on the way, which the timeline must
+    show as a gap of its real length.)"""
     status = watch_diagnostics(ros_node)
     t0 = time.time_ns()
     good_from: list[int] = []  # index of the first good frame, set once the recorder has frames
@@ -441,7 +443,7 @@ def test_mp4_timeline_survives_bad_stamps(ros_node, tmp_path):
         if not good_from:  # negative stamps (clock not set yet) until the recorder has one of them
             return -100 * 10**9 + i * 50_000_000
         k = i - good_from[0]
-        return t0 + k * 50_000_000 + (3600 * 10**9 if k == 20 else 0)
+        return t0 + k * 50_000_000 + (3600 * 10**9 if k >= 20 else 0)  # the clock leaps and stays
 
     frames = FramePublisher(ros_node, 20, stamp)
     proc = start_node("recorder", params={"path": str(tmp_path / "bad.mp4"), "max_seconds": 60.0},
@@ -449,8 +451,8 @@ def test_mp4_timeline_survives_bad_stamps(ros_node, tmp_path):
     try:
         assert wait_for(lambda: int(status.get("recorder", {}).get("frames", 0)) >= 1, timeout=60)
         good_from.append(frames.sent)
-        # past the leap and back, then 20 more frames
-        assert wait_for(lambda: status["recorder"].get("discontinuities") == "3", timeout=30), status
+        # past the leap, then 20 more frames
+        assert wait_for(lambda: status["recorder"].get("discontinuities") == "2", timeout=30), status
         done = int(status["recorder"]["frames"]) + 20
         assert wait_for(lambda: int(status["recorder"]["frames"]) >= done, timeout=30), status
     finally:
@@ -460,11 +462,16 @@ def test_mp4_timeline_survives_bad_stamps(ros_node, tmp_path):
     found = mp4_frames(tmp_path / "bad.mp4")
     ids, times = [i for i, _ in found], [t for _, t in found]
     written = int(out.split("wrote ")[1].split(" frames")[0])
-    assert "(3 stamp discontinuities, 0 frames failed to encode)" in out, out
+    assert "(2 stamp discontinuities, 0 frames failed to encode)" in out, out
     assert ids[0] < good_from[0] and len(ids) == written  # a negative stamp first, nothing left out
-    assert ids == list(range(ids[0], ids[0] + len(ids))), ids  # every frame after it, in order
-    assert good_from[0] + 20 in ids and ids[-1] >= good_from[0] + 40  # the leap's frame and 20 after
-    assert np.allclose(np.diff(times), 0.05, atol=0.002), times  # the real 50 ms spacing throughout
+    assert ids[-1] >= good_from[0] + 40  # past the leap, and 20 frames after it
+    gaps, dts = np.diff(ids), np.diff(times)
+    assert (gaps > 0).all(), ids  # in order
+    assert len(ids) >= 0.9 * (ids[-1] - ids[0] + 1), ids  # transport may drop a few, not the recorder
+    real = np.isclose(dts, 0.05 * gaps, atol=0.002)  # the real spacing, a dropped frame's gap included
+    # at the two discontinuities a frame is placed one (the last) interval after the previous one
+    placed = [j for j in np.flatnonzero(~real) if j > 0 and np.isclose(dts[j], dts[j - 1], atol=0.002)]
+    assert len(placed) == (~real).sum() <= 2, (ids, times)
 
 
 def test_mp4_recorder_carries_on_when_writing_fails(ros_node, tmp_path):
