@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from gaga_ros.nodes import names
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 
 
@@ -133,7 +135,7 @@ def replay(args: dict[str, str] | None = None) -> list[NodeSpec]:
     if not a["path"]:
         raise ValueError("replay needs path:=<recording.mcap>")
     bag = {"mode": "replay", "path": a["path"], "rate": float(a["rate"]),
-           "loop": a["loop"].lower() in ("1", "true", "yes"), "topics": ["/avatar/expression"]}
+           "loop": a["loop"].lower() in ("1", "true", "yes"), "topics": [names.EXPRESSION]}
     nodes = [NodeSpec("bag", "bag", bag), NodeSpec("reconstruction", "reconstruction", lifecycle=True),
              NodeSpec("render", "render", lifecycle=True)]
     if a["bridge"].lower() in ("1", "true", "yes"):

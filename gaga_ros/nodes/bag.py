@@ -25,7 +25,7 @@ from rclpy.serialization import deserialize_message
 from rosgraph_msgs.msg import Clock
 
 from gaga_ros import record
-from gaga_ros.nodes import qos, stamps
+from gaga_ros.nodes import names, qos, stamps
 from gaga_ros.nodes.diagnostics import ERROR, OK, WARN, Diagnostics, RateMeter
 from gaga_ros.nodes.guard import GuardedNode
 from gaga_ros.nodes.parameters import Param, declare
@@ -35,7 +35,7 @@ PARAMS = (
     Param("mode", "record", "record: write `topics` to `path`; replay: publish `path` at its timing."),
     Param("path", "out/avatar.mcap", "MCAP file to replay, or to write: an existing file is never "
           "overwritten, the recording then goes to the first free name-N.mcap beside it."),
-    Param("topics", ["/avatar/expression", "/avatar/image"],
+    Param("topics", [names.EXPRESSION, names.IMAGE],
           "Topics to record (any type, found on the graph); replay: the recorded topics to publish."),
     Param("compressed", False, "Record /avatar/image/compressed too (makes the render node encode JPEG)."),
     Param("max_seconds", 600.0, "Record: stop writing after this long (bounds the file).", low=1.0,
@@ -116,9 +116,8 @@ class BagNode(GuardedNode):
 
     # -- record ---------------------------------------------------------------------------------
     def _start_recording(self) -> None:
-        self.pending = list(dict.fromkeys(self.p["topics"]))
-        if self.p["compressed"] and "/avatar/image/compressed" not in self.pending:
-            self.pending.append("/avatar/image/compressed")
+        wanted = self.p["topics"] + ([names.IMAGE_COMPRESSED] if self.p["compressed"] else [])
+        self.pending = list(dict.fromkeys(self.resolve_topic_name(t) for t in wanted))
         self.recorder = record.Recorder(self.p["path"])
         self.path = str(self.recorder.path)
         self.get_logger().info(self.recorder.new.describe())
@@ -173,7 +172,7 @@ class BagNode(GuardedNode):
 
     # -- replay ---------------------------------------------------------------------------------
     def _start_replay(self) -> None:
-        wanted = set(self.p["topics"])
+        wanted = {self.resolve_topic_name(t) for t in self.p["topics"]}
         with warnings.catch_warnings(record=True) as caught:  # to the node's log, once
             warnings.simplefilter("always", record.UnclosedRecordingWarning)
             found = record.topics(self.p["path"])
@@ -189,7 +188,8 @@ class BagNode(GuardedNode):
         if not self.messages:
             raise record.RecordingError(f"{self.p['path']} holds no messages on {sorted(self.replayed)}")
         self.offsets = record.schedule([m.log_time_ns for m in self.messages], self.p["rate"])
-        self.clock_pub = self.create_publisher(Clock, "/clock", qos.CLOCK) if self.p["clock_hz"] > 0 else None
+        self.clock_pub = (self.create_publisher(Clock, names.CLOCK, qos.CLOCK) if self.p["clock_hz"] > 0
+                          else None)
         self.get_logger().info(f"replaying {len(self.messages)} messages on {sorted(self.replayed)} "
                                f"({self.offsets[-1]:.1f} s at rate {self.p['rate']})")
         self.worker = self.guard.worker("replay", self._replay)

@@ -16,7 +16,7 @@ from gaga_ros.expression import Expression
 from gaga_ros.msg import DisplayPoint, NamedExpression
 from gaga_ros.msg import Expression as ExpressionMsg
 from gaga_ros.named import LookAt, NamedCommand
-from gaga_ros.nodes import qos, rosout, stamps
+from gaga_ros.nodes import names, qos, rosout, stamps
 from gaga_ros.nodes.diagnostics import OK, WARN, Diagnostics, RateMeter
 from gaga_ros.nodes.expression_msg import named_to_msg
 from gaga_ros.nodes.expression_msg import to_msg as expression_to_msg
@@ -45,8 +45,8 @@ PARAMS = (
     Param("certfile", "", "TLS certificate (PEM); with keyfile the bridge serves HTTPS."),
     Param("keyfile", "", "TLS private key (PEM)."),
     Param("ice_servers", [""], "STUN/TURN URLs, e.g. stun:stun.example.org:3478 (empty: none)."),
-    Param("image_topic", "/avatar/image", "Frames to stream."),
-    Param("upstream_topic", "/operator/image_raw", "Where the operator's webcam is republished."),
+    Param("image_topic", names.IMAGE, "Frames to stream."),
+    Param("upstream_topic", names.OPERATOR_IMAGE, "Where the operator's webcam is republished."),
 )
 
 #: The stream server's logger (gaga_ros.stream logs with the standard library); forwarded to /rosout.
@@ -64,11 +64,11 @@ class BridgeNode(GuardedNode):
         self.upstream_in = RateMeter()
         self.expressions_in = 0
         self.pub_upstream = self.create_publisher(Image, self.p["upstream_topic"], qos.FRAMES)
-        self.pub_expr = self.create_publisher(ExpressionMsg, "/avatar/expression", qos.EXPRESSIONS)
-        self.pub_named = self.create_publisher(NamedExpression, "/avatar/named_expression",
+        self.pub_expr = self.create_publisher(ExpressionMsg, names.EXPRESSION, qos.EXPRESSIONS)
+        self.pub_named = self.create_publisher(NamedExpression, names.NAMED_EXPRESSION,
                                                qos.EXPRESSIONS)
-        self.pub_look = self.create_publisher(PointStamped, "/avatar/look_at", qos.EXPRESSIONS)
-        self.pub_look_display = self.create_publisher(DisplayPoint, "/avatar/look_at_display",
+        self.pub_look = self.create_publisher(PointStamped, names.LOOK_AT, qos.EXPRESSIONS)
+        self.pub_look_display = self.create_publisher(DisplayPoint, names.LOOK_AT_DISPLAY,
                                                       qos.EXPRESSIONS)
         size = (self.p["width"], self.p["height"]) if self.p["width"] and self.p["height"] else (None,
                                                                                               None)
@@ -125,7 +125,7 @@ class BridgeNode(GuardedNode):
         values = {"clients": stats["clients"], "frame_rate_in": self.frames_in.rate,
                   "frames_encoded": stats["frames_encoded"], "encode_ms": stats["encode_ms_mean"],
                   "upstream_fps": self.upstream_in.rate, "expressions_in": self.expressions_in,
-                  "refused_frames": self.guard.counts[self.p["image_topic"]]}
+                  "refused_frames": self.guard.counts[self.resolve_topic_name(self.p["image_topic"])]}
         if self.frames_in.rate == 0.0:
             return WARN, f"no frames on {self.p['image_topic']}", values
         return OK, f"streaming to {stats['clients']} clients", values

@@ -8,7 +8,7 @@ import time
 from sensor_msgs.msg import Image
 
 from gaga_ros.capture import CaptureError, FrameSource, RateLimiter
-from gaga_ros.nodes import qos
+from gaga_ros.nodes import names, qos
 from gaga_ros.nodes.diagnostics import ERROR, OK, WARN, Diagnostics, RateMeter
 from gaga_ros.nodes.guard import GuardedNode
 from gaga_ros.nodes.image_msg import to_msg
@@ -32,7 +32,7 @@ class CaptureNode(GuardedNode):
     def __init__(self) -> None:
         super().__init__("capture")
         self.p = declare(self, PARAMS)
-        self.pub = self.create_publisher(Image, "/camera/image_raw", qos.FRAMES)
+        self.pub = self.create_publisher(Image, names.CAMERA_IMAGE, qos.FRAMES)
         self.meter = RateMeter()
         self.error = ""
         self.source = FrameSource(self.p["source"], loop=self.p["loop"], width=self.p["width"],

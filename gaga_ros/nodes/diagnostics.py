@@ -9,6 +9,8 @@ from collections.abc import Callable
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.node import Node
 
+from gaga_ros.nodes import names
+
 OK, WARN, ERROR = DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.ERROR
 
 
@@ -48,7 +50,7 @@ class Diagnostics:
     def __init__(self, node: Node, report: Callable[[], Report], period_s: float = 1.0) -> None:
         self._node = node
         self._report = report
-        self._pub = node.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._pub = node.create_publisher(DiagnosticArray, names.DIAGNOSTICS, 10)
         self._timer = node.create_timer(period_s, self._publish)
         self._guard = getattr(node, "guard", None)
         if self._guard is not None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from gaga_ros.driver import ScriptedDriver
 from gaga_ros.msg import Expression as ExpressionMsg
-from gaga_ros.nodes import qos
+from gaga_ros.nodes import names, qos
 from gaga_ros.nodes.diagnostics import OK, Diagnostics, RateMeter
 from gaga_ros.nodes.expression_msg import to_msg
 from gaga_ros.nodes.guard import GuardedNode
@@ -28,7 +28,7 @@ class DriverNode(GuardedNode):
         super().__init__("driver")
         self.p = declare(self, PARAMS)
         self.driver = ScriptedDriver(fps=self.p["rate"], seed=self.p["seed"])
-        self.pub = self.create_publisher(ExpressionMsg, "/avatar/expression", qos.EXPRESSIONS)
+        self.pub = self.create_publisher(ExpressionMsg, names.EXPRESSION, qos.EXPRESSIONS)
         self.meter = RateMeter()
         self.t0: int | None = None  # the node clock (ns) at the first tick: /clock's under use_sim_time
         self.timer = self.create_timer(1.0 / self.p["rate"], self._tick)

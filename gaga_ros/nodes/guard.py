@@ -167,12 +167,14 @@ class Guarded:
         self.guard = Guard(self)  # first: rclpy's constructor creates the parameter services
         super().__init__(node_name, **kwargs)
 
+    # Inputs are named as the graph names them (namespace and remapping applied), in logs and counts.
     def create_subscription(self, msg_type, topic: str, callback: Callable, qos_profile, **kwargs):
-        return super().create_subscription(msg_type, topic, self.guard.wrap(topic, callback),
-                                           qos_profile, **kwargs)
+        wrapped = self.guard.wrap(self.resolve_topic_name(topic), callback)
+        return super().create_subscription(msg_type, topic, wrapped, qos_profile, **kwargs)
 
     def create_service(self, srv_type, srv_name: str, callback: Callable, **kwargs):
-        return super().create_service(srv_type, srv_name, self.guard.wrap(srv_name, callback), **kwargs)
+        wrapped = self.guard.wrap(self.resolve_service_name(srv_name), callback)
+        return super().create_service(srv_type, srv_name, wrapped, **kwargs)
 
     def create_timer(self, timer_period_sec: float, callback: Callable, *args, **kwargs):
         name = getattr(callback, "__name__", "timer").strip("_<>")

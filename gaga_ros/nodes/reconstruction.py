@@ -16,7 +16,7 @@ from sensor_msgs.msg import Image
 
 from gaga_ros.avatar.base import Avatar
 from gaga_ros.msg import GaussianAvatar
-from gaga_ros.nodes import qos
+from gaga_ros.nodes import names, qos
 from gaga_ros.nodes.avatar_msg import to_msg
 from gaga_ros.nodes.diagnostics import ERROR, OK, WARN, Diagnostics
 from gaga_ros.nodes.image_msg import from_msg as image_from_msg
@@ -24,8 +24,6 @@ from gaga_ros.nodes.managed import ManagedNode
 from gaga_ros.nodes.parameters import Param
 from gaga_ros.source import default_source, load_image
 from gaga_ros.srv import SetSource
-
-SOURCE_TOPIC, SET_SOURCE = "/avatar/source_image", "/avatar/set_source"
 
 PARAMS = (
     Param("backend", "auto", "Avatar backend: auto (gagavatar when its weights and FLAME are in "
@@ -65,10 +63,10 @@ class ReconstructionNode(ManagedNode):
         self.avatar: Avatar | None = None
         self.error = ""
         self._lock = threading.Lock()
-        self.pub = self.create_publisher(GaussianAvatar, "/avatar/model", qos.LATCHED)
+        self.pub = self.create_publisher(GaussianAvatar, names.MODEL, qos.LATCHED)
         group = MutuallyExclusiveCallbackGroup()
-        self.create_subscription(Image, SOURCE_TOPIC, self._on_image, 1, callback_group=group)
-        self.create_service(SetSource, SET_SOURCE, self._on_service, callback_group=group)
+        self.create_subscription(Image, names.SOURCE_IMAGE, self._on_image, 1, callback_group=group)
+        self.create_service(SetSource, names.SET_SOURCE, self._on_service, callback_group=group)
         self.diagnostics = Diagnostics(self, self._report)
         self.start()
 
@@ -152,14 +150,15 @@ class ReconstructionNode(ManagedNode):
         return True, f"avatar {avatar.avatar_id} built from {label}{notes}"
 
     def _on_image(self, msg: Image) -> None:
-        self._try_build(lambda: image_from_msg(msg), SOURCE_TOPIC, SOURCE_TOPIC)
+        topic = self.resolve_topic_name(names.SOURCE_IMAGE)
+        self._try_build(lambda: image_from_msg(msg), topic, topic)
 
     def _on_service(self, req: SetSource.Request, resp: SetSource.Response) -> SetSource.Response:
+        service = self.resolve_service_name(names.SET_SOURCE)
         if req.path:
-            ok, message = self._try_build(lambda: load_image(self.confined(req.path)), req.path,
-                                          SET_SOURCE)
+            ok, message = self._try_build(lambda: load_image(self.confined(req.path)), req.path, service)
         else:
-            ok, message = self._try_build(lambda: image_from_msg(req.image), "service image", SET_SOURCE)
+            ok, message = self._try_build(lambda: image_from_msg(req.image), "service image", service)
         resp.success, resp.message = ok, message
         resp.avatar_id = self.avatar.avatar_id if self.avatar is not None else ""
         return resp

@@ -15,7 +15,7 @@ import av
 from sensor_msgs.msg import Image
 
 from gaga_ros import record
-from gaga_ros.nodes import qos, stamps
+from gaga_ros.nodes import names, qos, stamps
 from gaga_ros.nodes.diagnostics import ERROR, OK, WARN, Diagnostics, RateMeter
 from gaga_ros.nodes.guard import GuardedNode
 from gaga_ros.nodes.image_msg import from_msg
@@ -24,7 +24,7 @@ from gaga_ros.nodes.parameters import Param, declare
 PARAMS = (
     Param("path", "out/avatar.mp4", "mp4 file to write; its folder is created. An existing file is never "
           "overwritten: the recording then goes to the first free name-N.mp4 beside it."),
-    Param("topic", "/avatar/image", "Image topic to record."),
+    Param("topic", names.IMAGE, "Image topic to record."),
     Param("max_seconds", 600.0, "Stop writing after this much recorded time (bounds the file).",
           low=1.0, high=86400.0),
 )

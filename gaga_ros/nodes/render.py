@@ -23,7 +23,7 @@ from gaga_ros.mailbox import Mailbox
 from gaga_ros.msg import DisplayPoint, GaussianAvatar, NamedExpression, TrackingStatus
 from gaga_ros.msg import Expression as ExpressionMsg
 from gaga_ros.named import Display, FaceMixer, LookAt, check_frame
-from gaga_ros.nodes import qos, stamps
+from gaga_ros.nodes import names, qos, stamps
 from gaga_ros.nodes.avatar_msg import from_msg as avatar_from_msg
 from gaga_ros.nodes.diagnostics import ERROR, OK, WARN, Diagnostics, RateMeter
 from gaga_ros.nodes.expression_msg import from_msg as expression_from_msg
@@ -32,10 +32,6 @@ from gaga_ros.nodes.image_msg import to_msg as image_to_msg
 from gaga_ros.nodes.managed import ManagedNode
 from gaga_ros.nodes.parameters import Param
 
-EXPRESSION_TOPIC = "/avatar/expression"
-NAMED_TOPIC = "/avatar/named_expression"
-LOOK_AT_TOPIC = "/avatar/look_at"
-LOOK_AT_DISPLAY_TOPIC = "/avatar/look_at_display"
 #: Frames per second of the neutral face showing a named command while no driver is live (the
 #: scripted driver's rate); the mailbox drops what the renderer cannot keep up with.
 IDLE_FPS = 30.0
@@ -95,21 +91,21 @@ class RenderNode(ManagedNode):
         self.render_ms = 0.0
         self.error = ""
         self.tracking: TrackingStatus | None = None
-        self.pub = self.create_publisher(Image, "/avatar/image", qos.FRAMES)
-        self.pub_jpeg = self.create_publisher(CompressedImage, "/avatar/image/compressed", qos.FRAMES)
+        self.pub = self.create_publisher(Image, names.IMAGE, qos.FRAMES)
+        self.pub_jpeg = self.create_publisher(CompressedImage, names.IMAGE_COMPRESSED, qos.FRAMES)
         self.avatar_sub = None  # made on configure: a fresh transient-local reader gets the avatar back
         self.mixer = FaceMixer(lambda: self.get_clock().now().nanoseconds * 1e-9,
                                Display(self.p["display_width_m"], self.p["display_height_m"],
                                        self.p["eye_depth_m"]), self.p["look_hold_s"])
         self.named_in = 0
-        self.create_subscription(ExpressionMsg, EXPRESSION_TOPIC, self._on_expression,
+        self.create_subscription(ExpressionMsg, names.EXPRESSION, self._on_expression,
                                  qos.EXPRESSIONS)
-        self.create_subscription(NamedExpression, NAMED_TOPIC, self._on_named, qos.EXPRESSIONS)
-        self.create_subscription(PointStamped, LOOK_AT_TOPIC, self._on_look_at, qos.EXPRESSIONS)
-        self.create_subscription(DisplayPoint, LOOK_AT_DISPLAY_TOPIC, self._on_look_at_display,
+        self.create_subscription(NamedExpression, names.NAMED_EXPRESSION, self._on_named, qos.EXPRESSIONS)
+        self.create_subscription(PointStamped, names.LOOK_AT, self._on_look_at, qos.EXPRESSIONS)
+        self.create_subscription(DisplayPoint, names.LOOK_AT_DISPLAY, self._on_look_at_display,
                                  qos.EXPRESSIONS)
         self.create_timer(1.0 / IDLE_FPS, self._idle_frame)
-        self.create_subscription(TrackingStatus, "/tracking/status",
+        self.create_subscription(TrackingStatus, names.TRACKING_STATUS,
                                  lambda m: setattr(self, "tracking", m), qos.LATCHED)
         self.diagnostics = Diagnostics(self, self._report)
         self.start()
@@ -126,12 +122,13 @@ class RenderNode(ManagedNode):
             # The per-frame torch work is many small ops: extra threads only contend with numba's.
             torch.set_num_threads(1)
         self.device = device
-        self.avatar_sub = self.create_subscription(GaussianAvatar, "/avatar/model", self._on_avatar,
+        self.avatar_sub = self.create_subscription(GaussianAvatar, names.MODEL, self._on_avatar,
                                                    qos.LATCHED)
 
     def activate(self) -> None:
         self.mailbox.reopen()
-        self.worker = self.guard.serve("render", EXPRESSION_TOPIC, self.mailbox, self._render_newest)
+        self.worker = self.guard.serve("render", self.resolve_topic_name(names.EXPRESSION), self.mailbox,
+                                       self._render_newest)
 
     def deactivate(self) -> None:
         self.mailbox.close()
@@ -217,13 +214,14 @@ class RenderNode(ManagedNode):
             self.pub_jpeg.publish(msg)
 
     def _report(self):
+        refused = {t: self.guard.counts[self.resolve_topic_name(t)] for t in (
+            names.EXPRESSION, names.NAMED_EXPRESSION, names.LOOK_AT, names.LOOK_AT_DISPLAY)}
         values = {"frame_rate": self.meter.rate, "frames": self.meter.count,
                   "latency_ms": self.latency_ms, "render_ms": self.render_ms,
                   "dropped_expressions": self.mailbox.dropped,
-                  "rejected_expressions": self.guard.counts[EXPRESSION_TOPIC],
+                  "rejected_expressions": refused.pop(names.EXPRESSION),
                   "named_commands": self.named_in,
-                  "rejected_named": sum(self.guard.counts[t] for t in (NAMED_TOPIC, LOOK_AT_TOPIC,
-                                                                         LOOK_AT_DISPLAY_TOPIC)),
+                  "rejected_named": sum(refused.values()),
                   "device": self.device}
         if self.device == "cuda":
             import torch

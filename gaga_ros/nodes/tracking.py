@@ -14,7 +14,7 @@ from gaga_ros.graph import TRACKING_MODES
 from gaga_ros.mailbox import Mailbox
 from gaga_ros.msg import Expression as ExpressionMsg
 from gaga_ros.msg import TrackingStatus
-from gaga_ros.nodes import qos, stamps
+from gaga_ros.nodes import names, qos, stamps
 from gaga_ros.nodes.diagnostics import OK, WARN, Diagnostics, RateMeter
 from gaga_ros.nodes.expression_msg import to_msg as expression_to_msg
 from gaga_ros.nodes.guard import GuardedNode
@@ -23,8 +23,8 @@ from gaga_ros.nodes.parameters import Param, declare
 from gaga_ros.tracking.mesh_tracker import MeshTracker
 
 #: image_transport's names: raw images on the camera topic, JPEG/PNG on its /compressed sub-topic.
-CAMERA_TOPICS = {"raw": ("/camera/image_raw", Image),
-                 "compressed": ("/camera/image_raw/compressed", CompressedImage)}
+CAMERA_TOPICS = {"raw": (names.CAMERA_IMAGE, Image),
+                 "compressed": (names.CAMERA_IMAGE_COMPRESSED, CompressedImage)}
 
 PARAMS = (
     Param("camera_transport", "raw", "Camera input: raw (sensor_msgs/Image on /camera/image_raw) or "
@@ -61,16 +61,17 @@ class TrackingNode(GuardedNode):
                              f"{', '.join(CAMERA_TOPICS)}")
         self.mailbox: Mailbox[Image | CompressedImage] = Mailbox()
         self.meter = RateMeter()
-        self.pub = self.create_publisher(ExpressionMsg, "/avatar/expression", qos.EXPRESSIONS)
-        self.pub_status = self.create_publisher(TrackingStatus, "/tracking/status", qos.LATCHED)
+        self.pub = self.create_publisher(ExpressionMsg, names.EXPRESSION, qos.EXPRESSIONS)
+        self.pub_status = self.create_publisher(TrackingStatus, names.TRACKING_STATUS, qos.LATCHED)
         self.camera_topic, msg_type = CAMERA_TOPICS[self.p["camera_transport"]]
         self.create_subscription(msg_type, self.camera_topic, self.mailbox.put, qos.FRAMES)
-        self.create_service(Trigger, "/tracking/reset_reference", self._on_reset)
+        self.create_service(Trigger, names.RESET_REFERENCE, self._on_reset)
         self.add_on_set_parameters_callback(self._on_params)
         self.diagnostics = Diagnostics(self, self._report)
         self.create_timer(1.0, self._publish_status)
         self._last_found: bool | None = None
-        self.worker = self.guard.serve("tracking", self.camera_topic, self.mailbox, self._track)
+        self.worker = self.guard.serve("tracking", self.resolve_topic_name(self.camera_topic), self.mailbox,
+                                       self._track)
 
     def _make_tracker(self):
         from gaga_ros.assets import find_assets
@@ -138,7 +139,7 @@ class TrackingNode(GuardedNode):
         values = {"frame_rate": self.meter.rate, "expressions": self.meter.count,
                   "confidence": s.confidence, "face_lost_seconds": s.face_lost_seconds,
                   "dropped_frames": self.mailbox.dropped,
-                  "refused_images": self.guard.counts[self.camera_topic]}
+                  "refused_images": self.guard.counts[self.resolve_topic_name(self.camera_topic)]}
         if not s.face_found:
             return WARN, s.message, values
         return OK, "tracking", values
