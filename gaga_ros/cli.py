@@ -4,6 +4,7 @@
     gaga-ros launch telepresence [arg:=value]   the same graph as telepresence.launch.py
     gaga-ros node <name> [--ros-args ...]       one node (what launch files execute)
     gaga-ros launch replay path:=rec.mcap       drive the avatar from a recording (record:=rec.mcap)
+    gaga-ros demo namespace:=robot1 port:=8081  the demo under /robot1 (one more beside it)
     gaga-ros assets                             which licensed model files are present
     gaga-ros fetch-assets                       download GAGAvatar weights + FLAME (asks first)
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-NODES = ("capture", "tracking", "reconstruction", "render", "bridge", "driver", "recorder", "bag")
+NODES = ("capture", "tracking", "reconstruction", "render", "bridge", "driver", "recorder", "bag", "fleet")
 
 
 def run_node(name: str, ros_args: list[str]) -> None:
@@ -65,10 +66,12 @@ class Supervisor:
         self.restarts: dict[str, int] = {}
 
     def _command(self, spec) -> list[str]:
-        overrides = Path(self.tmp.name) / f"{spec.name}.yaml"
-        overrides.write_text(yaml.safe_dump({spec.name: {"ros__parameters": spec.parameters}}))
+        overrides = Path(self.tmp.name) / f"{spec.qualified.strip('/').replace('/', '.')}.yaml"
+        overrides.write_text(yaml.safe_dump({spec.qualified: {"ros__parameters": spec.parameters}}))
         cmd = [sys.executable, "-m", "gaga_ros.cli", "node", spec.module, "--ros-args",
                "-r", f"__node:={spec.name}", "--params-file", str(self.params_file)]
+        if spec.namespace:
+            cmd[-2:-2] = ["-r", f"__ns:={spec.namespace}"]
         if spec.parameters:
             cmd += ["--params-file", str(overrides)]
         return cmd
@@ -79,21 +82,22 @@ class Supervisor:
 
     def start(self) -> None:
         for spec in self.specs:
-            self.procs[spec.name] = self._spawn(spec)
-            print(f"[gaga-ros] started {spec.name} (pid {self.procs[spec.name].pid})", flush=True)
+            self.procs[spec.qualified] = self._spawn(spec)
+            print(f"[gaga-ros] started {spec.qualified} (pid {self.procs[spec.qualified].pid})", flush=True)
 
     def poll(self) -> None:
         from gaga_ros.nodes.runtime import EXIT_CANNOT_START
 
         for spec in self.specs:
-            code = self.procs[spec.name].poll()
+            key = spec.qualified
+            code = self.procs[key].poll()
             if code is None:
                 continue
             if code == EXIT_CANNOT_START or not self.restart:
-                raise SystemExit(f"[gaga-ros] {spec.name} exited with code {code}")
-            n = self.restarts[spec.name] = self.restarts.get(spec.name, 0) + 1
-            print(f"[gaga-ros] {spec.name} exited with code {code}; restarting ({n})", flush=True)
-            self.procs[spec.name] = self._spawn(spec)
+                raise SystemExit(f"[gaga-ros] {key} exited with code {code}")
+            n = self.restarts[key] = self.restarts.get(key, 0) + 1
+            print(f"[gaga-ros] {key} exited with code {code}; restarting ({n})", flush=True)
+            self.procs[key] = self._spawn(spec)
 
     def stop(self) -> None:
         """One SIGINT to each node, SIGKILL to those still running after 5 s or a second Ctrl-C."""

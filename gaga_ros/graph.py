@@ -2,6 +2,9 @@
 
 Data flow: capture -> tracking -> /avatar/expression -> render (avatar cached on the device)
 -> /avatar/image -> bridge; source photo -> reconstruction -> /avatar/model (latched) -> render.
+Node names say what they are (gaga_render, ...), so they read clearly beside a robot's own nodes;
+with `namespace:=robot1` every node and topic of the graph moves under /robot1, and a second graph
+in another namespace (with its own bridge `port:=`) runs beside it in the same ROS graph.
 """
 
 from __future__ import annotations
@@ -18,12 +21,19 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 
 @dataclass(frozen=True)
 class NodeSpec:
-    """One node of a graph: its ROS name, the module under gaga_ros.nodes, extra parameters."""
+    """One node of a graph: its ROS name, the module under gaga_ros.nodes, extra parameters, and
+    its namespace ("" or "/robot1")."""
 
     name: str
     module: str
     parameters: dict = field(default_factory=dict)
     lifecycle: bool = False
+    namespace: str = ""
+
+    @property
+    def qualified(self) -> str:
+        """The node's fully qualified name, e.g. /robot1/gaga_render."""
+        return f"{self.namespace}/{self.name}"
 
 
 #: Launch arguments of the telepresence graph, with defaults and meaning.
@@ -42,6 +52,10 @@ ARGUMENTS = {
     "record": ("", "Record as well: an .mp4 gets /avatar/image as video, an .mcap gets the expression "
                "and image topics for ROS 2 tools, Foxglove and replay (empty: do not record)."),
     "bridge": ("true", "Start the WebRTC bridge."),
+    "namespace": ("", "ROS namespace of every node and topic, e.g. robot1: /robot1/avatar/image, "
+                  "/robot1/gaga_render. Two graphs in two namespaces share one ROS graph (give each "
+                  "bridge its own port:=)."),
+    "port": ("", "TCP port of the bridge's viewer and kiosk page (empty: the profile's, 8080)."),
 }
 
 #: ros2 launch starts a node again this long after it failed (a crash, or a worker that died and
@@ -101,46 +115,73 @@ def telepresence(args: dict[str, str] | None = None) -> list[NodeSpec]:
                          "with driver:=topic (the built-in capture publishes raw images)")
     nodes: list[NodeSpec] = []
     if a["driver"] == "scripted":
-        nodes.append(NodeSpec("driver", "driver"))
+        nodes.append(_spec("driver"))
     elif a["driver"] == "topic":
-        nodes.append(NodeSpec("tracking", "tracking", {"camera_transport": a["camera_transport"],
-                                                       "mode": a["tracking"]}))
+        nodes.append(_spec("tracking", {"camera_transport": a["camera_transport"], "mode": a["tracking"]}))
     else:
         src = a["video"] if a["driver"] == "video" else a["camera"]
         if not src:
             raise ValueError("driver:=video needs video:=<file>")
-        nodes.append(NodeSpec("capture", "capture", {"source": src}))
-        nodes.append(NodeSpec("tracking", "tracking", {"mode": a["tracking"]}))
+        nodes.append(_spec("capture", {"source": src}))
+        nodes.append(_spec("tracking", {"mode": a["tracking"]}))
     recon = {"source_path": a["source"]} if a["source"] else {}
-    nodes.append(NodeSpec("reconstruction", "reconstruction", recon, lifecycle=True))
-    nodes.append(NodeSpec("render", "render", lifecycle=True))
+    nodes.append(_spec("reconstruction", recon, lifecycle=True))
+    nodes.append(_spec("render", lifecycle=True))
     if a["record"].endswith(".mcap"):
-        nodes.append(NodeSpec("bag", "bag", {"mode": "record", "path": a["record"]}))
+        nodes.append(_spec("bag", {"mode": "record", "path": a["record"]}))
     elif a["record"]:
-        nodes.append(NodeSpec("recorder", "recorder", {"path": a["record"]}))
-    if a["bridge"].lower() in ("1", "true", "yes"):
-        nodes.append(NodeSpec("bridge", "bridge"))
-    return nodes
+        nodes.append(_spec("recorder", {"path": a["record"]}))
+    if _true(a["bridge"]):
+        nodes.append(_spec("bridge", _port(a["port"])))
+    return _placed(nodes, a["namespace"])
+
+
+def node_name(module: str) -> str:
+    """The ROS name of the node that module gaga_ros.nodes.<module> runs: gaga_<module>."""
+    return f"gaga_{module}"
+
+
+def _spec(module: str, parameters: dict | None = None, lifecycle: bool = False) -> NodeSpec:
+    return NodeSpec(node_name(module), module, parameters or {}, lifecycle)
+
+
+def _true(value: str) -> bool:
+    return value.lower() in ("1", "true", "yes")
+
+
+def _port(port: str) -> dict:
+    """The bridge's port parameter for launch argument `port` ("" keeps the profile's)."""
+    if not port:
+        return {}
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"port {port!r}: accepted is a TCP port number 1..65535")
+    return {"port": int(port)}
+
+
+def _placed(nodes: list[NodeSpec], namespace: str) -> list[NodeSpec]:
+    """The nodes inside `namespace` (ValueError saying what is accepted when it is no ROS namespace)."""
+    ns = names.namespace(namespace)
+    return [NodeSpec(n.name, n.module, n.parameters, n.lifecycle, ns) for n in nodes]
 
 
 def capture_only(args: dict[str, str] | None = None) -> list[NodeSpec]:
     """Just the capture node (for checking a camera or video)."""
-    a = {"source": "0", **(args or {})}
-    return [NodeSpec("capture", "capture", {"source": a["source"]})]
+    a = {"source": "0", "namespace": "", **(args or {})}
+    return _placed([_spec("capture", {"source": a["source"]})], a["namespace"])
 
 
 def replay(args: dict[str, str] | None = None) -> list[NodeSpec]:
     """Drive the avatar from an MCAP recording at its original timing (path:=, rate:=, loop:=)."""
-    a = {"path": "", "rate": "1.0", "loop": "false", "bridge": "true", **(args or {})}
+    a = {"path": "", "rate": "1.0", "loop": "false", "bridge": "true", "namespace": "", "port": "",
+         **(args or {})}
     if not a["path"]:
         raise ValueError("replay needs path:=<recording.mcap>")
     bag = {"mode": "replay", "path": a["path"], "rate": float(a["rate"]),
-           "loop": a["loop"].lower() in ("1", "true", "yes"), "topics": [names.EXPRESSION]}
-    nodes = [NodeSpec("bag", "bag", bag), NodeSpec("reconstruction", "reconstruction", lifecycle=True),
-             NodeSpec("render", "render", lifecycle=True)]
-    if a["bridge"].lower() in ("1", "true", "yes"):
-        nodes.append(NodeSpec("bridge", "bridge"))
-    return nodes
+           "loop": _true(a["loop"]), "topics": [names.EXPRESSION]}
+    nodes = [_spec("bag", bag), _spec("reconstruction", lifecycle=True), _spec("render", lifecycle=True)]
+    if _true(a["bridge"]):
+        nodes.append(_spec("bridge", _port(a["port"])))
+    return _placed(nodes, a["namespace"])
 
 
 GRAPHS = {"telepresence": telepresence, "capture": capture_only, "replay": replay}

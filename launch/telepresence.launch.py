@@ -1,6 +1,16 @@
 """ros2 launch gaga_ros telepresence.launch.py [profile:=demo] [driver:=scripted|video|webcam] ...
 
-Reads the same graph description (gaga_ros.graph) as `gaga-ros launch telepresence`.
+Reads the same graph description (gaga_ros.graph) as `gaga-ros launch telepresence`; `--show-args`
+lists every argument. Nodes are named gaga_<what> (gaga_render, gaga_bridge, ...). With
+`namespace:=robot1` every node and topic moves under /robot1 (/robot1/avatar/image,
+/robot1/gaga_render); a second launch with another namespace and bridge `port:=` runs a second
+avatar beside it in the same ROS graph, each with its own source, driver and kiosk page:
+
+    ros2 launch gaga_ros telepresence.launch.py namespace:=robot1 port:=8081
+    ros2 launch gaga_ros telepresence.launch.py namespace:=robot2 port:=8082 source:=/photos/b.jpg
+
+The profiles in config/ set parameters by node name in any namespace (`/**/gaga_render`); remap
+topics as usual with `--ros-args -r` on a node, or with launch_ros' SetRemap around an include.
 """
 
 import os
@@ -46,9 +56,8 @@ def _node(spec: graph.NodeSpec, params_file: str) -> list:
     only fail again) are final, as in `gaga-ros launch`.
     """
     kind = LifecycleNode if spec.lifecycle else Node
-    extra = {"namespace": ""} if spec.lifecycle else {}
-    action = kind(package="gaga_ros", executable=spec.module, name=spec.name, output="screen",
-                  parameters=[params_file, spec.parameters], **extra)
+    action = kind(package="gaga_ros", executable=spec.module, name=spec.name, namespace=spec.namespace,
+                  output="screen", parameters=[params_file, spec.parameters])
 
     def again(context):
         return None if context.is_shutdown else _node(spec, params_file)
@@ -56,7 +65,7 @@ def _node(spec: graph.NodeSpec, params_file: str) -> list:
     def on_exit(event, context):
         if context.is_shutdown or event.returncode in (0, EXIT_CANNOT_START):
             return None
-        return [LogInfo(msg=f"{spec.name} exited with code {event.returncode}; starting it again in "
+        return [LogInfo(msg=f"{spec.qualified} exited with code {event.returncode}; starting it again in "
                             f"{graph.RESPAWN_DELAY_S:.0f} s"),
                 TimerAction(period=graph.RESPAWN_DELAY_S, actions=[OpaqueFunction(function=again)])]
 

@@ -106,7 +106,7 @@ def test_stream_server_logs_reach_rosout(ros_node, tmp_path):
     try:
         def forwarded() -> bool:
             wanted = "gaga_ros.stream.webrtc: avatar stream at"
-            return any(m.name == "bridge" and wanted in m.msg for m in logs)
+            return any(m.name == "gaga_bridge" and wanted in m.msg for m in logs)
 
         assert wait_for(forwarded, timeout=120), stop_process(bridge)
     finally:

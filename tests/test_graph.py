@@ -73,13 +73,14 @@ def test_render_node_gets_latched_avatar_after_restart(ros_node, tmp_path):
     try:
         assert wait_for(lambda: models, timeout=120), stop_process(recon)
         render = start_node("render", params={"device": "cpu", "size": 128}, tmp_path=tmp_path)
-        assert wait_for(lambda: status.get("gaga_ros: render") == "rendering"
-                        or "waiting" not in status.get("gaga_ros: render", "waiting"), timeout=60), status
+        name = "gaga_ros: gaga_render"
+        assert wait_for(lambda: status.get(name) == "rendering"
+                        or "waiting" not in status.get(name, "waiting"), timeout=60), status
         stop_process(render)
         status.clear()
         render = start_node("render", params={"device": "cpu", "size": 128}, tmp_path=tmp_path)
-        assert wait_for(lambda: "gaga_ros: render" in status
-                        and "waiting" not in status["gaga_ros: render"], timeout=60), status
+        assert wait_for(lambda: "gaga_ros: gaga_render" in status
+                        and "waiting" not in status["gaga_ros: gaga_render"], timeout=60), status
     finally:
         if render is not None:
             stop_process(render)
@@ -114,3 +115,63 @@ def test_replay_graph_drives_avatar_from_recording(ros_node, tmp_path):
         proc.send_signal(signal.SIGINT)
         out = proc.communicate(timeout=30)[0]
     assert ok, out[-3000:]
+
+
+def test_two_namespaced_graphs_side_by_side(ros_node, media_dir):
+    """Two telepresence graphs in one ROS graph (namespace:=, port:=): each has its own avatar, topics
+    and page, and nothing crosses between them."""
+    from sensor_msgs.msg import Image
+    from test_bad_input import http_get, http_post
+    from test_faults import free_port
+
+    from gaga_ros.msg import GaussianAvatar, NamedExpression
+    from gaga_ros.nodes import qos
+    from gaga_ros.nodes.image_msg import from_msg
+
+    spaces = {"r1": free_port(), "r2": free_port()}
+    frames = {ns: [] for ns in (*spaces, "")}
+    models = {ns: [] for ns in spaces}
+    named = {ns: [] for ns in spaces}
+    for ns in frames:
+        ros_node.create_subscription(Image, f"{'/' + ns if ns else ''}/avatar/image", frames[ns].append,
+                                     qos.FRAMES)
+    for ns in spaces:
+        ros_node.create_subscription(GaussianAvatar, f"/{ns}/avatar/model", models[ns].append, qos.LATCHED)
+        ros_node.create_subscription(NamedExpression, f"/{ns}/avatar/named_expression", named[ns].append,
+                                     qos.EXPRESSIONS)
+    sources = {"r1": [], "r2": [f"source:={media_dir / 'monroe.jpg'}"]}
+    procs = {ns: subprocess.Popen([sys.executable, "-m", "gaga_ros.cli", "launch", "telepresence",
+                                   f"namespace:={ns}", f"port:={port}", *sources[ns]],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for ns, port in spaces.items()}
+    outs = {}
+    try:
+        def pages_up() -> bool:
+            return all(http_get(f"http://127.0.0.1:{port}/kiosk")[0] == 200 for port in spaces.values())
+
+        ok = wait_for(lambda: all(len(frames[ns]) >= 3 and models[ns] for ns in spaces), 300, 0.2)
+        ok = ok and wait_for(lambda: _quietly(pages_up), 120, 0.5)
+        if ok:
+            for ns, port in spaces.items():  # each page publishes into its own namespace only
+                body = b'{"named": {"jawOpen": 1.0}, "hold_s": 0.5}'
+                assert http_post(f"http://127.0.0.1:{port}/expression", body)[0] == 200
+                assert wait_for(lambda ns=ns: len(named[ns]) == 1, 30), named
+            assert {ns: len(v) for ns, v in named.items()} == {"r1": 1, "r2": 1}
+    finally:
+        for ns, proc in procs.items():
+            proc.send_signal(signal.SIGINT)
+            outs[ns] = proc.communicate(timeout=30)[0]
+    assert ok, {ns: out[-2000:] for ns, out in outs.items()}
+    assert all(p.returncode == 0 for p in procs.values()), {ns: out[-2000:] for ns, out in outs.items()}
+    assert not frames[""], "nothing is published outside the namespaces"
+    assert models["r1"][0].avatar_id != models["r2"][0].avatar_id  # two people, one avatar each
+    r1, r2 = (from_msg(frames[ns][-1]).astype(np.float32) for ns in spaces)
+    assert np.abs(r1 - r2).mean() > 10, "each namespace shows its own face"
+
+
+def _quietly(predicate) -> bool:
+    """predicate(), False while the server is not up yet (connection refused)."""
+    try:
+        return predicate()
+    except OSError:
+        return False

@@ -98,24 +98,33 @@ def test_graph_description_is_valid():
         specs = graph.telepresence(args)
         names = [s.name for s in specs]
         assert len(names) == len(set(names))
-        assert {"reconstruction", "render"} <= set(names)
+        assert {"gaga_reconstruction", "gaga_render"} <= set(names)
         for spec in specs:
             assert importlib.util.find_spec(f"gaga_ros.nodes.{spec.module}") is not None, spec.module
-    assert [s.name for s in graph.telepresence()][0] == "driver"
+    assert [s.name for s in graph.telepresence()][0] == "gaga_driver"
+    assert all(s.name == f"gaga_{s.module}" and s.namespace == "" for s in graph.telepresence())
     with pytest.raises(ValueError, match="unknown launch arguments"):
         graph.telepresence({"bogus": "1"})
     with pytest.raises(ValueError, match="driver"):
         graph.telepresence({"driver": "telepathy"})
     topic = graph.telepresence({"driver": "topic", "camera_transport": "compressed"})
-    assert "capture" not in [s.name for s in topic]
-    assert next(s for s in topic if s.name == "tracking").parameters == {"camera_transport": "compressed",
-                                                                          "mode": "auto"}
+    assert "gaga_capture" not in [s.name for s in topic]
+    assert next(s for s in topic if s.name == "gaga_tracking").parameters == {
+        "camera_transport": "compressed", "mode": "auto"}
     video = graph.telepresence({"driver": "video", "video": "x.mp4", "tracking": "flame"})
-    assert next(s for s in video if s.name == "tracking").parameters == {"mode": "flame"}
+    assert next(s for s in video if s.name == "gaga_tracking").parameters == {"mode": "flame"}
     with pytest.raises(ValueError, match="tracking 'landmarks' is not one of mesh, flame, auto"):
         graph.telepresence({"driver": "webcam", "tracking": "landmarks"})
     with pytest.raises(ValueError, match="driver:=topic"):
         graph.telepresence({"driver": "video", "video": "x.mp4", "camera_transport": "compressed"})
+    placed = graph.telepresence({"namespace": "/robot1/", "port": "8081"})
+    assert {s.qualified for s in placed} >= {"/robot1/gaga_render", "/robot1/gaga_bridge"}
+    assert next(s for s in placed if s.module == "bridge").parameters == {"port": 8081}
+    assert "port" not in next(s for s in graph.telepresence() if s.module == "bridge").parameters
+    with pytest.raises(ValueError, match="namespace '1robot': accepted are names"):
+        graph.telepresence({"namespace": "1robot"})
+    with pytest.raises(ValueError, match="port 'http': accepted is a TCP port"):
+        graph.telepresence({"port": "http"})
     for profile in ("demo", "gpu", "kiosk"):
         assert graph.profile_file(profile).is_file()
     with pytest.raises(ValueError, match="known are"):

@@ -128,7 +128,8 @@ def test_record_live_stream_then_replay_at_original_timing(ros_node, tmp_path):
     bag = start_bag(f"path:={path}")
     try:
         assert wait_for(lambda: len(live) > 5, timeout=30), stop_process(driver)
-        assert wait_for(lambda: status.get("gaga_ros: bag", "").endswith(": recording"), timeout=30), status
+        assert wait_for(lambda: status.get("gaga_ros: gaga_bag", "").endswith(": recording"), timeout=30), \
+            status
         time.sleep(3.0)
     finally:
         bag_out = stop_process(bag)
@@ -215,7 +216,7 @@ def test_replay_restamps_and_honours_rate(ros_node, tmp_path):
     try:
         assert wait_for(lambda: len(got) >= 11, timeout=20, interval=0.1)
         offers = [i.qos_profile for i in ros_node.get_publishers_info_by_topic("/avatar/expression")
-                  if i.node_name == "bag"]
+                  if i.node_name == "gaga_bag"]
     finally:
         out = stop_process(replay)
     # republished with the QoS the recording says its publisher offered (discovery shows no depth)
@@ -412,7 +413,8 @@ def test_mp4_recorder_keeps_existing_file_and_survives_sigkill(ros_node, tmp_pat
     frames = FramePublisher(ros_node, RATE_HZ, lambda i: t0 + i * 10**9 // RATE_HZ)
     proc = start_node("recorder", params={"path": str(earlier)}, tmp_path=tmp_path)
     try:
-        assert wait_for(lambda: int(status.get("recorder", {}).get("frames", 0)) >= 3 * RATE_HZ, timeout=60)
+        assert wait_for(lambda: int(status.get("gaga_recorder", {}).get("frames", 0)) >= 3 * RATE_HZ,
+                        timeout=60)
         at = frames.sent + random.randrange(RATE_HZ)  # at any point of a fragment
         assert wait_for(lambda: frames.sent >= at, timeout=10)
     finally:
@@ -420,7 +422,7 @@ def test_mp4_recorder_keeps_existing_file_and_survives_sigkill(ros_node, tmp_pat
         out = sigkill(proc)
         frames.running = False
     assert f"{earlier} exists: recording to {tmp_path / 'demo-1.mp4'}" in out, out
-    assert status["recorder"]["path"] == str(tmp_path / "demo-1.mp4")
+    assert status["gaga_recorder"]["path"] == str(tmp_path / "demo-1.mp4")
     assert earlier.read_bytes() == b"an earlier recording"
     ids = [i for i, _ in mp4_frames(tmp_path / "demo-1.mp4")]
     assert ids == sorted(set(ids)) and len(ids) >= 0.9 * (ids[-1] - ids[0] + 1), ids  # best effort: few drops
@@ -449,12 +451,12 @@ def test_mp4_timeline_survives_bad_stamps(ros_node, tmp_path):
     proc = start_node("recorder", params={"path": str(tmp_path / "bad.mp4"), "max_seconds": 60.0},
                       tmp_path=tmp_path)
     try:
-        assert wait_for(lambda: int(status.get("recorder", {}).get("frames", 0)) >= 1, timeout=60)
+        assert wait_for(lambda: int(status.get("gaga_recorder", {}).get("frames", 0)) >= 1, timeout=60)
         good_from.append(frames.sent)
         # past the leap, then 20 more frames
-        assert wait_for(lambda: status["recorder"].get("discontinuities") == "2", timeout=30), status
-        done = int(status["recorder"]["frames"]) + 20
-        assert wait_for(lambda: int(status["recorder"]["frames"]) >= done, timeout=30), status
+        assert wait_for(lambda: status["gaga_recorder"].get("discontinuities") == "2", timeout=30), status
+        done = int(status["gaga_recorder"]["frames"]) + 20
+        assert wait_for(lambda: int(status["gaga_recorder"]["frames"]) >= done, timeout=30), status
     finally:
         frames.running = False
         out = stop_process(proc)
@@ -502,14 +504,14 @@ def test_mp4_recorder_carries_on_when_writing_fails(ros_node, tmp_path):
                              f"path:={path}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, preexec_fn=limited)
     try:
-        assert wait_for(lambda: int(status.get("recorder", {}).get("encode_errors", 0)) >= 2 * RATE_HZ,
+        assert wait_for(lambda: int(status.get("gaga_recorder", {}).get("encode_errors", 0)) >= 2 * RATE_HZ,
                         timeout=60), status
         assert proc.poll() is None
     finally:
         out = stop_process(proc)
     assert proc.returncode == 0, out
     assert path.stat().st_size == limit
-    assert "failed to encode" in status["recorder"]["message"]
+    assert "failed to encode" in status["gaga_recorder"]["message"]
     assert 1 <= out.count("frame not recorded") <= 3, out  # throttled, not one line per frame
     assert len(mp4_frames(path)) >= RATE_HZ  # the fragments written before the limit play
 
@@ -540,7 +542,8 @@ def test_bag_recorder_keeps_existing_file_and_survives_sigkill(ros_node, tmp_pat
     images = FramePublisher(ros_node, RATE_HZ, lambda i: t0 + i * 10**9 // RATE_HZ)
     bag = start_bag(f"path:={earlier}")
     try:
-        assert wait_for(lambda: status.get("bag", {}).get("message", "").endswith(": recording"), timeout=60)
+        assert wait_for(lambda: status.get("gaga_bag", {}).get("message", "").endswith(": recording"),
+                        timeout=60)
         at = sent[0] + 3 * RATE_HZ + random.randrange(RATE_HZ)  # at any point of a chunk
         assert wait_for(lambda: sent[0] >= at, timeout=30)
     finally:
@@ -549,7 +552,7 @@ def test_bag_recorder_keeps_existing_file_and_survives_sigkill(ros_node, tmp_pat
         sending[0], images.running = False, False
     path = tmp_path / "session-1.mcap"
     assert f"{earlier} exists: recording to {path}" in out, out
-    assert status["bag"]["message"] == f"record {path}: recording"
+    assert status["gaga_bag"]["message"] == f"record {path}: recording"
     assert earlier.read_bytes() == b"an earlier recording"
     with pytest.warns(record.UnclosedRecordingWarning, match="was not closed"):
         found = record.topics(path)

@@ -52,21 +52,26 @@ def test_launch_arguments_are_described_and_unknown_ones_refused(workspace):
 
 
 def test_ros2_launch_runs_the_graph_and_stops_on_one_ctrl_c(workspace, tmp_path):
+    """In a namespace: every node and topic under /robot1, the profile still applied."""
     log = tmp_path / "launch.log"
-    launch = workspace.start(f"{LAUNCH} bridge:=false", log)
+    launch = workspace.start(f"{LAUNCH} bridge:=false namespace:=robot1", log)
     try:
         hz_log = tmp_path / "hz.log"
-        hz = workspace.start("ros2 topic hz /avatar/image --window 5", hz_log)
+        hz = workspace.start("ros2 topic hz /robot1/avatar/image --window 5", hz_log)
         try:
             assert wait_for_line(hz_log, "average rate", timeout=300, proc=launch), (
                 f"no /avatar/image rate:\n{hz_log.read_text()[-2000:]}\n{log.read_text()[-4000:]}")
         finally:
             interrupt(hz)
-        state = workspace.run("ros2 lifecycle get /render --spin-time 10")
+        state = workspace.run("ros2 lifecycle get /robot1/gaga_render --spin-time 10")
         assert state.stdout.startswith("active"), state.stdout + state.stderr
         size = next(p for p in RENDER_PARAMS if p.name == "size")
-        described = workspace.run("ros2 param describe /render size --spin-time 10")
+        described = workspace.run("ros2 param describe /robot1/gaga_render size --spin-time 10")
         assert "Type: integer" in described.stdout and size.description in described.stdout, described.stdout
+        profiled = workspace.run("ros2 param get /robot1/gaga_render size --spin-time 10")
+        assert "Integer value is: 256" in profiled.stdout, profiled.stdout  # config/demo.yaml's, via /**
+        topics = workspace.run("ros2 topic list --spin-time 5").stdout.split()
+        assert "/robot1/avatar/model" in topics and "/avatar/image" not in topics, topics
 
         run_log = tmp_path / "run.log"
         driver = workspace.start("ros2 run gaga_ros driver --ros-args -r __node:=second_driver -p rate:=5.0",
@@ -84,13 +89,15 @@ def test_ros2_launch_runs_the_graph_and_stops_on_one_ctrl_c(workspace, tmp_path)
         started = re.search(r"\[driver-1\]: process started with pid \[(\d+)\]", log.read_text())
         assert started, log.read_text()[-4000:]
         os.kill(int(started.group(1)), signal.SIGKILL)
-        assert wait_for_line(log, "driver exited with code -9; starting it again", timeout=60, proc=launch)
+        assert wait_for_line(log, "/robot1/gaga_driver exited with code -9; starting it again", timeout=60,
+                             proc=launch)
         assert wait_for(lambda: len(re.findall(r"\[driver-\d+\]: process started", log.read_text())) == 2,
                         timeout=60), log.read_text()[-3000:]  # launch numbers its processes in one series
         def answers() -> bool:  # the new process serves its parameters (a killed one's discovery
             # entry can linger in `ros2 node list`, but it answers no service)
             try:
-                return "Double value is" in workspace.run("ros2 param get /driver rate", timeout=60).stdout
+                got = workspace.run("ros2 param get /robot1/gaga_driver rate", timeout=60)
+                return "Double value is" in got.stdout
             except subprocess.TimeoutExpired:
                 return False
 

@@ -94,7 +94,7 @@ class BagNode(GuardedNode):
     """Records topics to MCAP or replays an MCAP recording, by the `mode` parameter."""
 
     def __init__(self) -> None:
-        super().__init__("bag")
+        super().__init__("gaga_bag")
         self.p = declare(self, PARAMS)
         if self.p["mode"] not in MODES:
             raise ValueError(f"mode {self.p['mode']!r} is not one of {', '.join(MODES)}")

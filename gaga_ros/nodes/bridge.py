@@ -57,7 +57,7 @@ class BridgeNode(GuardedNode):
     """Feeds the newest avatar frame to the stream server and publishes what the page sends back."""
 
     def __init__(self) -> None:
-        super().__init__("bridge")
+        super().__init__("gaga_bridge")
         self.p = declare(self, PARAMS)
         self.log_handler = rosout.forward(self, STREAM_LOGGER)
         self.frames_in = RateMeter()

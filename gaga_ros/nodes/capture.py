@@ -30,7 +30,7 @@ class CaptureNode(GuardedNode):
     """Publishes frames from one source at a steady rate, stamped at the moment of capture."""
 
     def __init__(self) -> None:
-        super().__init__("capture")
+        super().__init__("gaga_capture")
         self.p = declare(self, PARAMS)
         self.pub = self.create_publisher(Image, names.CAMERA_IMAGE, qos.FRAMES)
         self.meter = RateMeter()

@@ -61,7 +61,10 @@ class Diagnostics:
         if self._guard is not None:
             level, message = self._guard.assess(level, message)
             values = {**values, "refused_inputs": self._guard.total}
-        status = DiagnosticStatus(level=level, name=f"gaga_ros: {self._node.get_name()}",
+        # Named by the node's qualified name (namespace included): /diagnostics is shared by every
+        # namespace, and two graphs' gaga_render must stay apart there.
+        name = self._node.get_fully_qualified_name().lstrip("/")
+        status = DiagnosticStatus(level=level, name=f"gaga_ros: {name}",
                                   hardware_id=self._node.get_fully_qualified_name(), message=message)
         status.values = [KeyValue(key=k, value=_fmt(v)) for k, v in values.items()]
         array = DiagnosticArray(status=[status])

@@ -25,7 +25,7 @@ class DriverNode(GuardedNode):
     """Publishes the scripted driver's expression for the current time at a fixed rate."""
 
     def __init__(self) -> None:
-        super().__init__("driver")
+        super().__init__("gaga_driver")
         self.p = declare(self, PARAMS)
         self.driver = ScriptedDriver(fps=self.p["rate"], seed=self.p["seed"])
         self.pub = self.create_publisher(ExpressionMsg, names.EXPRESSION, qos.EXPRESSIONS)

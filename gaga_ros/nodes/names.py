@@ -7,6 +7,10 @@ the names resolve to ``/avatar/image`` and so on. Remapping works on these names
 time source) listen there, and each diagnostic status names its node, so nothing is lost.
 """
 
+import re
+
+_TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
 # Driving the face: capture -> tracking -> expressions -> render.
 CAMERA_IMAGE = "camera/image_raw"
 CAMERA_IMAGE_COMPRESSED = "camera/image_raw/compressed"
@@ -30,3 +34,20 @@ OPERATOR_IMAGE = "operator/image_raw"
 # Absolute on purpose (module docstring).
 DIAGNOSTICS = "/diagnostics"
 CLOCK = "/clock"
+
+
+def namespace(ns: str) -> str:
+    """`ns` as ROS spells a namespace: "" for the root, else "/robot1" (or "/site/robot1"). A ValueError
+    says what is accepted: ROS refuses other names only when the node starts, with less to go on."""
+    tokens = [t for t in ns.strip().split("/") if t]
+    bad = [t for t in tokens if not _TOKEN.fullmatch(t)]
+    if bad:
+        raise ValueError(f"namespace {ns!r}: accepted are names of letters, digits and _ that do not start "
+                         "with a digit, separated by / (e.g. robot1 or site/robot1)")
+    return "/" + "/".join(tokens) if tokens else ""
+
+
+def in_namespace(ns: str, name: str) -> str:
+    """The absolute name of relative `name` inside namespace `ns` ("robot1", "avatar/image" ->
+    "/robot1/avatar/image"): what a node in that namespace resolves it to."""
+    return f"{namespace(ns)}/{name}"

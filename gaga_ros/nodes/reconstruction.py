@@ -58,7 +58,7 @@ class ReconstructionNode(ManagedNode):
     """Builds avatars from photos and publishes the current one, reliable and transient-local."""
 
     def __init__(self) -> None:
-        super().__init__("reconstruction", PARAMS)
+        super().__init__("gaga_reconstruction", PARAMS)
         self.backend = None
         self.avatar: Avatar | None = None
         self.error = ""

@@ -88,7 +88,7 @@ class RecorderNode(GuardedNode):
     """Encodes every received frame, timed by its header stamp (variable frame rate)."""
 
     def __init__(self) -> None:
-        super().__init__("recorder")
+        super().__init__("gaga_recorder")
         self.p = declare(self, PARAMS)
         new = record.create_new_file(self.p["path"])
         self.path = new.path

@@ -75,11 +75,27 @@ def make_backend(name: str, device: str, models_dir: str, config: str, fast: boo
     raise AvatarError(f"avatar backend {name!r}: accepted are geometric and gagavatar")
 
 
+def render_device(requested: str) -> str:
+    """The device a render node's `device` parameter names (auto: cuda when present); ValueError when
+    it is not there. On the CPU torch gets one thread: the per-frame torch work is many small ops, and
+    extra threads only contend with numba's."""
+    import torch
+
+    device = requested
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but no CUDA device is visible")
+    if device == "cpu":
+        torch.set_num_threads(1)
+    return device
+
+
 class RenderNode(ManagedNode):
     """Keeps the avatar on the device and renders each newest expression."""
 
     def __init__(self) -> None:
-        super().__init__("render", PARAMS)
+        super().__init__("gaga_render", PARAMS)
         self.device = "cpu"
         self.avatar: Avatar | None = None
         self.backend = None
@@ -111,17 +127,7 @@ class RenderNode(ManagedNode):
         self.start()
 
     def configure(self) -> None:
-        import torch
-
-        device = self.p["device"]
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device cuda requested but no CUDA device is visible")
-        if device == "cpu":
-            # The per-frame torch work is many small ops: extra threads only contend with numba's.
-            torch.set_num_threads(1)
-        self.device = device
+        self.device = render_device(self.p["device"])
         self.avatar_sub = self.create_subscription(GaussianAvatar, names.MODEL, self._on_avatar,
                                                    qos.LATCHED)
 

@@ -53,7 +53,7 @@ class TrackingNode(GuardedNode):
     """Runs the mesh tracker on the newest camera frame."""
 
     def __init__(self) -> None:
-        super().__init__("tracking")
+        super().__init__("gaga_tracking")
         self.p = declare(self, PARAMS)
         self.tracker = self._make_tracker()
         if self.p["camera_transport"] not in CAMERA_TOPICS:

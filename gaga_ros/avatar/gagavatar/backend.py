@@ -70,6 +70,12 @@ class GagaAvatarBackend:
         return cls(model, load_flame_assets(status.flame, status.flame_landmarks), device, fast,
                    mediapipe_embedding=embedding)
 
+    def stream(self) -> GagaAvatarBackend:
+        """A backend for one more expression stream that shares this one's model (no second copy of
+        the weights) but has its own MESH -> FLAME converter, whose warm start follows that stream."""
+        return GagaAvatarBackend(self.model, self.flame_assets, self.device, self.fast, self.compile_mode,
+                                 self.mediapipe_embedding)
+
     # ---- reconstruction -------------------------------------------------------------------------
 
     def reconstruct(self, rgb: np.ndarray) -> Avatar:
@@ -108,6 +114,16 @@ class GagaAvatarBackend:
         return avatar
 
     # ---- rendering ------------------------------------------------------------------------------
+
+    def source(self, avatar: Avatar) -> GagaSource:
+        """The avatar's GagaSource on this backend's device (what a FastRenderer slot holds)."""
+        return self._source(avatar)[0]
+
+    def flame_inputs(self, avatar: Avatar, expression: Expression) -> tuple[torch.Tensor, np.ndarray]:
+        """FLAME vertices (5023, 3) on the device and the camera (3, 4) that FastRenderer.render takes
+        for `avatar` driven by `expression` (MESH-mode ones converted first)."""
+        expression = self.to_flame(expression)
+        return self._vertices(avatar, expression), expression.transform
 
     def _source(self, avatar: Avatar) -> tuple[GagaSource, torch.Tensor]:
         cached = avatar.cache.get("gaga")
