@@ -9,8 +9,10 @@ the newest command of each layer and the newest look_at and combines them with t
   other names need MESH); the head turn is applied in the head's own frame before the live pose.
 - Without one (no live expression for LIVE_TIMEOUT_S), `idle()` gives the neutral face with the
   overlay, so frames keep coming while a command holds and fades, ending on one neutral frame.
-- A command ramps in over ATTACK_S from what was shown, holds for its hold_s (counted from its
-  arrival), then fades to nothing over FADE_S. Commands go on named layers (at most MAX_LAYERS):
+- A command ramps in over ATTACK_S from what was shown (over the time since the previous command on
+  its layer when that is shorter: a stream of commands, like the voice's 30 a second, is followed,
+  not smoothed once more), holds for its hold_s (counted from its arrival), then fades to nothing
+  over FADE_S. Commands go on named layers (at most MAX_LAYERS):
   a newer command replaces the older one on its own layer, and the layers add, so the voice's mouth
   (layer "voice", gaga_ros.voice) never erases a robot's smile on the default layer. A look_at
   replaces the previous look_at the same way and adds to the commands.
@@ -271,16 +273,17 @@ def neutral(stamp_ns: int = 0) -> Expression:
 
 @dataclass
 class _Ramp:
-    """One overlay: ramps from `start` to `target` over ATTACK_S from `t0`, holds until t0 + hold,
+    """One overlay: ramps from `start` to `target` over `attack` from `t0`, holds until t0 + hold,
     then fades out over FADE_S."""
 
     start: Pose
     target: Pose
     t0: float
     hold: float
+    attack: float = ATTACK_S
 
     def at(self, t: float) -> Pose:
-        a = min(1.0, max(0.0, (t - self.t0) / ATTACK_S))
+        a = min(1.0, max(0.0, (t - self.t0) / self.attack)) if self.attack > 0 else 1.0
         fade = min(1.0, max(0.0, (t - self.t0 - self.hold) / FADE_S))
         return Pose().blend(self.start.blend(self.target, a), 1.0 - fade)
 
@@ -317,8 +320,10 @@ class FaceMixer:
                 raise NamedError(f"layer {command.layer!r} refused: {MAX_LAYERS} layers are in use "
                                  f"({sorted(self._commands)}); accepted are commands on those "
                                  "layers, or a new layer once one of them has faded out")
-            start = previous.at(t) if previous is not None else Pose()
-            self._commands[command.layer] = _Ramp(start, command.pose, t, command.hold_s)
+            start, attack = Pose(), ATTACK_S
+            if previous is not None:
+                start, attack = previous.at(t), min(ATTACK_S, t - previous.t0)
+            self._commands[command.layer] = _Ramp(start, command.pose, t, command.hold_s, attack)
             self._settled = False
 
     def look_at(self, target: LookAt) -> None:

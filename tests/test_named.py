@@ -185,6 +185,23 @@ def test_layers_add_and_a_command_replaces_only_its_own_layer():
     assert mixer.overlay(clock.t + ATTACK_S).weights["mouthSmileLeft"] == 1.0
 
 
+def test_a_stream_of_commands_is_followed_within_one_interval():
+    """Commands 30 times a second (the voice's) each ramp over the interval since the previous one,
+    not over ATTACK_S: the face reaches each target as the next one arrives."""
+    clock = Clock()
+    mixer = FaceMixer(clock)
+    step = 1 / 30
+    targets = [0.0, 0.6, 0.1, 0.5, 0.5, 0.0]
+    for target in targets:
+        mixer.command(NamedCommand.parse({"jawOpen": target}, hold_s=0.15, layer="voice"))
+        clock.t += step
+        assert mixer.overlay().weights["jawOpen"] == pytest.approx(target)
+    # A lone command after a pause ramps over ATTACK_S again.
+    clock.t += 1.0
+    mixer.command(NamedCommand.parse({"jawOpen": 0.8}, layer="voice"))
+    assert mixer.overlay(clock.t + ATTACK_S / 2).weights["jawOpen"] == pytest.approx(0.4)
+
+
 def test_a_ninth_layer_is_refused_until_one_fades():
     clock = Clock()
     mixer = FaceMixer(clock)
