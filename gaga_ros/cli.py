@@ -23,7 +23,8 @@ from pathlib import Path
 
 import yaml
 
-NODES = ("capture", "tracking", "reconstruction", "render", "bridge", "driver", "recorder", "bag", "fleet")
+NODES = ("capture", "tracking", "reconstruction", "render", "bridge", "driver", "recorder", "bag", "voice",
+         "fleet")
 
 
 def run_node(name: str, ros_args: list[str]) -> None:

@@ -1,10 +1,13 @@
 """The node graph as data: read by launch/telepresence.launch.py and by `gaga-ros launch` alike.
 
-Data flow: capture -> tracking -> /avatar/expression -> render (avatar cached on the device)
--> /avatar/image -> bridge; source photo -> reconstruction -> /avatar/model (latched) -> render.
-Node names say what they are (gaga_render, ...), so they read clearly beside a robot's own nodes;
-with `namespace:=robot1` every node and topic of the graph moves under /robot1, and a second graph
-in another namespace (with its own bridge `port:=`) runs beside it in the same ROS graph.
+Data flow: capture -> tracking -> avatar/expression -> render (avatar cached on the device)
+-> avatar/image -> bridge; source photo -> reconstruction -> avatar/model (latched) -> render.
+The telepresence loop (driver:=operator): the operator's page -> bridge -> camera/image_raw ->
+tracking -> render -> bridge -> kiosk page; the operator's voice -> bridge -> the kiosk's speaker and
+operator/audio -> voice (the mouth, while the face is lost); an idle driver holds the face between
+operators. Node names say what they are (gaga_render, ...), so they read clearly beside a robot's
+own nodes; with `namespace:=robot1` every node and topic of the graph moves under /robot1, and a
+second graph in another namespace (with its own bridge `port:=`) runs beside it in the same ROS graph.
 """
 
 from __future__ import annotations
@@ -39,8 +42,10 @@ class NodeSpec:
 #: Launch arguments of the telepresence graph, with defaults and meaning.
 ARGUMENTS = {
     "profile": ("demo", "Parameter profile: a YAML in config/ (demo = CPU, gpu, kiosk)."),
-    "driver": ("scripted", "What drives the avatar: scripted (built-in), video, webcam, or topic (a "
-               "camera driver of yours publishes /camera/image_raw; tracking only)."),
+    "driver": ("scripted", "What drives the avatar: scripted (built-in), video, webcam, topic (a "
+               "camera driver of yours publishes camera/image_raw; tracking only) or operator (the "
+               "telepresence loop: the operator's page at <bridge>/operator drives the face with camera "
+               "and voice; an idle face between operators)."),
     "camera_transport": ("raw", "driver:=topic: raw (sensor_msgs/Image on /camera/image_raw) or "
                          "compressed (JPEG/PNG CompressedImage on /camera/image_raw/compressed)."),
     "tracking": ("auto", "Face model of camera tracking: mesh (mediapipe, no assets), flame (needs a "
@@ -52,17 +57,20 @@ ARGUMENTS = {
     "record": ("", "Record as well: an .mp4 gets /avatar/image as video, an .mcap gets the expression "
                "and image topics for ROS 2 tools, Foxglove and replay (empty: do not record)."),
     "bridge": ("true", "Start the WebRTC bridge."),
+    "port": ("8080", "TCP port of the bridge's pages (viewer /, kiosk /kiosk, operator /operator); "
+             "give each namespace its own."),
+    "robot_camera": ("", "driver:=operator: an Image topic of the robot's camera, shown on the operator's "
+                     "page (empty: none)."),
     "namespace": ("", "ROS namespace of every node and topic, e.g. robot1: /robot1/avatar/image, "
                   "/robot1/gaga_render. Two graphs in two namespaces share one ROS graph (give each "
                   "bridge its own port:=)."),
-    "port": ("", "TCP port of the bridge's viewer and kiosk page (empty: the profile's, 8080)."),
 }
 
 #: ros2 launch starts a node again this long after it failed (a crash, or a worker that died and
 #: ended its process: gaga_ros.nodes.guard); `gaga-ros launch` restarts at once.
 RESPAWN_DELAY_S = 2.0
 
-DRIVERS = ("scripted", "video", "webcam", "topic")
+DRIVERS = ("scripted", "video", "webcam", "topic", "operator")
 TRANSPORTS = ("raw", "compressed")
 TRACKING_MODES = ("mesh", "flame", "auto")
 
@@ -113,8 +121,19 @@ def telepresence(args: dict[str, str] | None = None) -> list[NodeSpec]:
     if a["camera_transport"] != "raw" and a["driver"] != "topic":
         raise ValueError("camera_transport:=compressed reads a camera driver's compressed topic: use it "
                          "with driver:=topic (the built-in capture publishes raw images)")
+    bridge = {"port": _port(a["port"])}
     nodes: list[NodeSpec] = []
-    if a["driver"] == "scripted":
+    if a["driver"] == "operator":
+        if not _true(a["bridge"]):
+            raise ValueError("driver:=operator needs the bridge (the operator's page is served by it)")
+        bridge.update(upstream_topic=names.CAMERA_IMAGE, robot_camera=a["robot_camera"])
+        nodes.append(_spec("driver", {"performance": "idle", "yield_to_tracking": True}))
+        nodes.append(_spec("tracking", {"mode": a["tracking"]}))
+        nodes.append(_spec("voice"))
+    elif a["robot_camera"]:
+        raise ValueError("robot_camera:= shows the robot's camera on the operator's page: use it with "
+                         "driver:=operator")
+    elif a["driver"] == "scripted":
         nodes.append(_spec("driver"))
     elif a["driver"] == "topic":
         nodes.append(_spec("tracking", {"camera_transport": a["camera_transport"], "mode": a["tracking"]}))
@@ -132,7 +151,7 @@ def telepresence(args: dict[str, str] | None = None) -> list[NodeSpec]:
     elif a["record"]:
         nodes.append(_spec("recorder", {"path": a["record"]}))
     if _true(a["bridge"]):
-        nodes.append(_spec("bridge", _port(a["port"])))
+        nodes.append(_spec("bridge", bridge))
     return _placed(nodes, a["namespace"])
 
 
@@ -149,13 +168,11 @@ def _true(value: str) -> bool:
     return value.lower() in ("1", "true", "yes")
 
 
-def _port(port: str) -> dict:
-    """The bridge's port parameter for launch argument `port` ("" keeps the profile's)."""
-    if not port:
-        return {}
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"port {port!r}: accepted is a TCP port number 1..65535")
-    return {"port": int(port)}
+def _port(port: str) -> int:
+    """The bridge's port from launch argument `port`; ValueError saying what is accepted."""
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"port {port!r}: accepted is a TCP port, 0 to 65535")
+    return int(port)
 
 
 def _placed(nodes: list[NodeSpec], namespace: str) -> list[NodeSpec]:
@@ -172,7 +189,7 @@ def capture_only(args: dict[str, str] | None = None) -> list[NodeSpec]:
 
 def replay(args: dict[str, str] | None = None) -> list[NodeSpec]:
     """Drive the avatar from an MCAP recording at its original timing (path:=, rate:=, loop:=)."""
-    a = {"path": "", "rate": "1.0", "loop": "false", "bridge": "true", "namespace": "", "port": "",
+    a = {"path": "", "rate": "1.0", "loop": "false", "bridge": "true", "namespace": "", "port": "8080",
          **(args or {})}
     if not a["path"]:
         raise ValueError("replay needs path:=<recording.mcap>")
@@ -180,7 +197,7 @@ def replay(args: dict[str, str] | None = None) -> list[NodeSpec]:
            "loop": _true(a["loop"]), "topics": [names.EXPRESSION]}
     nodes = [_spec("bag", bag), _spec("reconstruction", lifecycle=True), _spec("render", lifecycle=True)]
     if _true(a["bridge"]):
-        nodes.append(_spec("bridge", _port(a["port"])))
+        nodes.append(_spec("bridge", {"port": _port(a["port"])}))
     return _placed(nodes, a["namespace"])
 
 

@@ -120,7 +120,7 @@ def test_graph_description_is_valid():
     placed = graph.telepresence({"namespace": "/robot1/", "port": "8081"})
     assert {s.qualified for s in placed} >= {"/robot1/gaga_render", "/robot1/gaga_bridge"}
     assert next(s for s in placed if s.module == "bridge").parameters == {"port": 8081}
-    assert "port" not in next(s for s in graph.telepresence() if s.module == "bridge").parameters
+    assert next(s for s in graph.telepresence() if s.module == "bridge").parameters == {"port": 8080}
     with pytest.raises(ValueError, match="namespace '1robot': accepted are names"):
         graph.telepresence({"namespace": "1robot"})
     with pytest.raises(ValueError, match="port 'http': accepted is a TCP port"):
