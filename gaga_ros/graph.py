@@ -61,6 +61,8 @@ ARGUMENTS = {
              "give each namespace its own."),
     "robot_camera": ("", "driver:=operator: an Image topic of the robot's camera, shown on the operator's "
                      "page (empty: none)."),
+    "render": ("true", "Start the render node (false: a fleet node elsewhere renders this namespace's "
+               "avatar; see gaga_ros/nodes/fleet.py)."),
     "namespace": ("", "ROS namespace of every node and topic, e.g. robot1: /robot1/avatar/image, "
                   "/robot1/gaga_render. Two graphs in two namespaces share one ROS graph (give each "
                   "bridge its own port:=)."),
@@ -145,7 +147,8 @@ def telepresence(args: dict[str, str] | None = None) -> list[NodeSpec]:
         nodes.append(_spec("tracking", {"mode": a["tracking"]}))
     recon = {"source_path": a["source"]} if a["source"] else {}
     nodes.append(_spec("reconstruction", recon, lifecycle=True))
-    nodes.append(_spec("render", lifecycle=True))
+    if _true(a["render"]):
+        nodes.append(_spec("render", lifecycle=True))
     if a["record"].endswith(".mcap"):
         nodes.append(_spec("bag", {"mode": "record", "path": a["record"]}))
     elif a["record"]:

@@ -246,3 +246,53 @@ def test_fleet_node_refuses_a_join_beyond_its_memory_cap_and_keeps_serving(ros_n
     finally:
         out = stop_process(proc)
     assert proc.returncode == 0, out[-3000:]
+
+
+# ---- the batched GAGAvatar path (GPU machine) ----------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_batched_fleet_matches_each_avatar_alone_on_gpu(tmp_path, media_dir):
+    """GAGAvatar members on CUDA share one FastRenderer batch; each one's image stays within the fast
+    path's 40 dB of its own fp32 reference render; a join takes a free slot of the batch."""
+    import dataclasses
+
+    import cv2
+    from test_gagavatar_backend import make_models_dir
+
+    from gaga_ros.avatar.gagavatar.backend import GagaAvatarBackend
+    from gaga_ros.expression import frontal_transform
+
+    gaga = GagaAvatarBackend.load(make_models_dir(tmp_path / "models"), config="tiny", device="cuda")
+    gaga.model.cfg = dataclasses.replace(gaga.model.cfg, randomize_noise=False)  # comparable noise
+    size = gaga.model.cfg.render_size
+    photos = {"a": default_source(), "b": load_image(media_dir / "monroe.jpg"),
+              "c": load_image(media_dir / "portrait_bw.jpg")}
+    made = {k: gaga.reconstruct_crop(cv2.resize(v, (512, 512)), frontal_transform(9.0),
+                                     np.zeros(300, np.float32)) for k, v in photos.items()}
+    fleet = Fleet(lambda name: gaga, "cuda", size, slots=4)
+    fleet.set_avatar("a", made["a"])
+    fleet.set_avatar("b", made["b"])
+    assert len(fleet.batches) == 1 and fleet.batches[0].owners[:2] == ["a", "b"]
+    jaws = {"a": 0.05, "b": 0.3, "c": 0.15}
+    expr = {k: Expression(FaceModel.FLAME, transform=made[k].source_transform, jaw_pose=[j, 0, 0])
+            for k, j in jaws.items()}
+    reference = GagaAvatarBackend(gaga.model, gaga.flame_assets, "cuda", fast=False)
+
+    def check(keys: list[str]) -> None:
+        for k in keys:
+            fleet.put(k, expr[k])
+        result = fleet.render_round()
+        assert not result.errors and sorted(f.key for f in result.frames) == keys
+        for frame in result.frames:
+            alone = reference.render(made[frame.key], expr[frame.key], size).astype(np.float64)
+            mse = np.mean((frame.image.astype(np.float64) - alone) ** 2)
+            assert 10 * np.log10(255.0**2 / max(mse, 1e-12)) >= 40, frame.key
+
+    check(["a", "b"])
+    fleet.set_avatar("c", made["c"])  # a join into the batch's free slot: no new batch, no recapture
+    assert len(fleet.batches) == 1 and fleet.batches[0].owners[:3] == ["a", "b", "c"]
+    check(["a", "b", "c"])
+    fleet.leave("b")
+    assert fleet.batches[0].owners[:3] == ["a", None, "c"]
+    check(["a", "c"])
