@@ -5,9 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl
-# lark-parser is the old name of lark (the same module): one of them only.
-.venv/bin/python -m pip freeze --disable-pip-version-check \
-  | grep -i -E '^(ros-|colcon-|catkin-pkg|lark==|distlib|notify2|docutils|gsplat)' > .whl/wanted.txt
+# lark-parser is the old name of lark (the same module): one of them only. The rest are what these
+# need beyond the machine's own packages.
+.venv/bin/python -m pip freeze --disable-pip-version-check | grep -i -E \
+  '^(ros-[^=]*|colcon-[^=]*|catkin-pkg|lark|distlib|notify2|docutils|gsplat|argcomplete|importlib.metadata|lazy-importer|pytest-repeat|pytest-rerunfailures)==' \
+  > .whl/wanted.txt
 platforms=()
 for tag in manylinux_2_17 manylinux_2_28 manylinux_2_34 manylinux_2_35 manylinux_2_39; do
   platforms+=(--platform "${tag}_x86_64")

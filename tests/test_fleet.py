@@ -248,6 +248,24 @@ def test_fleet_node_refuses_a_join_beyond_its_memory_cap_and_keeps_serving(ros_n
     assert proc.returncode == 0, out[-3000:]
 
 
+def test_fleet_node_discovers_a_namespace_and_forgets_it_when_it_disappears(ros_node, avatars, tmp_path):
+    from gaga_ros.nodes.avatar_msg import to_msg
+
+    seen = Namespaces(ros_node, ["rz"])
+    seen.models["rz"].publish(to_msg(avatars["a"], ros_node.get_clock().now().to_msg()))
+    proc = start_node("fleet", params={"device": "cpu", "size": SIZE, "discover": True, "forget_s": 1.0},
+                      tmp_path=tmp_path)
+    try:
+        assert seen.drive(["rz"], 3, 180), stop_process(proc)[-3000:]  # found by its avatar/model
+        ros_node.destroy_publisher(seen.models["rz"])  # the namespace's nodes go away
+        ros_node.destroy_publisher(seen.expressions["rz"])
+        assert wait_for(lambda: ros_node.count_subscribers("/rz/avatar/expression") == 0, 60), seen.status
+        assert wait_for(lambda: seen.status[1].get("avatars") == "0", 30), seen.status
+    finally:
+        out = stop_process(proc)
+    assert proc.returncode == 0 and "no longer serving /rz" in out, out[-3000:]
+
+
 # ---- the batched GAGAvatar path (GPU machine) ----------------------------------------------------
 
 
