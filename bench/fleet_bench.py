@@ -15,11 +15,15 @@ the published weights, the pictures are not.
 
 CPU (the 2-core VM): python bench/fleet_bench.py --n 1,2,4 --device cpu --seconds 10
 GPU machine (CPython 3.12, no registry): here, `bash scripts/device_wheels.sh` puts the cp312 ROS 2
-wheels and gsplat in .whl/; there, with .whl carried, scripts/device_setup.sh makes a venv over the
-machine's torch with those wheels and this package's interfaces built by colcon, and prints its python:
-  py=$(bash scripts/device_setup.sh) && MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 $py bench/fleet_bench.py \
-    --n 1,4,16 --device cuda --backend gagavatar --seconds 15 --rate 90
-(The first GAGAvatar batch builds gsplat's CUDA extension, about 80 s, once per machine.)
+wheels and gsplat in .whl/ and mediapipe in .whl_mp/ (too much for one call's carry together); there,
+two device calls back to back (the second within the 30 s the machine stays warm):
+  carry [".whl"]:    bash scripts/device_setup.sh .whl
+  carry [".whl_mp"]: py=$(bash scripts/device_setup.sh .whl_mp) && $py bench/fleet_bench.py \
+                       --n 1,4,16 --device cuda --backend gagavatar --seconds 15 --rate 90
+scripts/device_setup.sh makes a venv over the machine's torch with the wheels and this package's
+interfaces built by colcon. With .whl/gsplat_cuda.so.xz (bench/fast_device.sh leaves one) gsplat
+loads prebuilt; without it the first batch builds gsplat's CUDA extension (about 80 s, once).
+The GPU test of the fleet runs the same way: $py -m pytest -m gpu tests/test_fleet.py.
 """
 
 from __future__ import annotations

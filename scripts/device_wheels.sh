@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# For the GPU machine (CPython 3.12 with torch, no package registry): download into .whl/ the cp312
-# builds of the ROS 2 Jazzy wheels this venv holds (rclpy, messages, rosidl, colcon) and gsplat, which
-# scripts/device_setup.sh installs there. Run here after scripts/setup.sh; about 45 MB, 20 s.
+# For the GPU machine (CPython 3.12 with torch, no package registry): download the cp312 builds of the
+# wheels this venv holds that the machine lacks, for scripts/device_setup.sh to install there: into
+# .whl/ the ROS 2 Jazzy wheels (rclpy, messages, rosidl, colcon) and gsplat (about 50 MB), into
+# .whl_mp/ mediapipe and the protobuf it needs (about 36 MB; gaga_ros.faces imports it). A call
+# carries at most 64 MiB, so the two folders travel in two calls. Run here after scripts/setup.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl
@@ -19,4 +21,10 @@ python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:
 # EmPy 3 has no wheel: its source, built there without isolation.
 python3 -m pip download -q --disable-pip-version-check --no-deps --no-binary=:all: -d .whl \
   "$(.venv/bin/python -m pip freeze --disable-pip-version-check | grep -i '^empy==')"
-echo "device_wheels: $(ls .whl | wc -l) files, $(du -sh .whl | cut -f1) in .whl/"
+mkdir -p .whl_mp
+.venv/bin/python -m pip freeze --disable-pip-version-check | grep -i -E \
+  '^(mediapipe|protobuf|sounddevice|cffi|pycparser)==' > .whl_mp/wanted.txt
+python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
+  --implementation cp "${platforms[@]}" --platform manylinux2014_x86_64 --platform any -d .whl_mp \
+  -r .whl_mp/wanted.txt
+echo "device_wheels: $(du -sh .whl | cut -f1) in .whl/, $(du -sh .whl_mp | cut -f1) in .whl_mp/"
