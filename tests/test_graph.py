@@ -175,3 +175,21 @@ def _quietly(predicate) -> bool:
         return predicate()
     except OSError:
         return False
+
+
+def test_a_node_honours_namespace_and_remapping(ros_node):
+    """Relative names: `__ns` moves a node's topics, and a remap rule renames one of them."""
+    from gaga_ros.msg import Expression
+    from gaga_ros.nodes import qos
+
+    got = {"/rr/face_cmd": [], "/rr/avatar/expression": [], "/avatar/expression": []}
+    for topic, seen in got.items():
+        ros_node.create_subscription(Expression, topic, seen.append, qos.EXPRESSIONS)
+    proc = start_node("driver", "-r", "__ns:=/rr", "-r", "avatar/expression:=face_cmd")
+    try:
+        assert wait_for(lambda: len(got["/rr/face_cmd"]) >= 3, timeout=120), stop_process(proc)
+        assert ros_node.count_publishers("/rr/avatar/expression") == 0
+        assert ros_node.count_publishers("/avatar/expression") == 0
+    finally:
+        stop_process(proc)
+    assert not got["/rr/avatar/expression"] and not got["/avatar/expression"]
