@@ -175,6 +175,11 @@ class MouthEstimator:
 
 
 
+#: The voice node's commands per second and the hold of each (gaga_ros/nodes/voice.py): the render
+#: node's mixer follows a stream of commands one interval late (gaga_ros.named), so 60 a second
+#: costs the mouth 17 ms where 30 cost 33 (bench/voice_bench.py: lag-0 correlation as shown 0.59
+#: against 0.45); the hold lets the mouth fade by itself soon after the commands stop.
+COMMAND_RATE, COMMAND_HOLD_S = 60.0, 0.15
 #: Below this no weight is worth a command: the mouth is closed.
 EPS = 1e-3
 #: The layer of named commands that the voice's mouth goes on (gaga_ros.named): it adds to the other

@@ -24,12 +24,13 @@ from gaga_ros.nodes.diagnostics import OK, WARN, Diagnostics, RateMeter
 from gaga_ros.nodes.expression_msg import named_to_msg
 from gaga_ros.nodes.guard import REASON_HOLD_S, GuardedNode
 from gaga_ros.nodes.parameters import Param, declare
-from gaga_ros.voice import LAYER, OPERATOR, ROBOT, VoiceMouth
+from gaga_ros.voice import COMMAND_HOLD_S, COMMAND_RATE, LAYER, OPERATOR, ROBOT, VoiceMouth
 
 PARAMS = (
-    Param("rate", 30.0, "Mouth commands per second while a voice moves the mouth.", low=5.0, high=120.0),
-    Param("hold_s", 0.15, "Hold of each command: when commands stop (the sound stopped), the render node "
-          "holds the mouth this long, then fades it out over 0.3 s.", low=0.05, high=2.0),
+    Param("rate", COMMAND_RATE, "Mouth commands per second while a voice moves the mouth (the render node "
+          "follows them one interval late).", low=5.0, high=120.0),
+    Param("hold_s", COMMAND_HOLD_S, "Hold of each command: when commands stop (the sound stopped), the "
+          "render node holds the mouth this long, then fades it out over 0.3 s.", low=0.05, high=2.0),
     Param("blend_s", 0.3, "The operator's voice takes the mouth over this long when tracking loses the "
           "face, and gives it back to tracking over this long when the face returns.", low=0.0, high=5.0),
     Param("max_backlog_s", 0.2, "Sound kept per voice while waiting for analysis; a flood drops the "
