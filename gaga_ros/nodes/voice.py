@@ -103,7 +103,9 @@ class VoiceNode(GuardedNode):
             dropped = 0
             for voice, topic in TOPICS.items():
                 backlog = voices[voice].backlog
-                values[f"{voice}_chunk_rate"] = self.meters[voice].rate
+                meter = self.meters[voice]  # its window holds the last chunks however old they are
+                values[f"{voice}_chunk_rate"] = meter.rate if now - voices[voice].heard_at < meter.window_s \
+                    else 0.0
                 values[f"{voice}_chunks"] = voices[voice].chunks
                 values[f"{voice}_refused_chunks"] = self.guard.counts[self.resolve_topic_name(topic)]
                 values[f"{voice}_dropped_chunks"] = backlog.dropped_chunks
