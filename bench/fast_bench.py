@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gaga_ros.avatar.gagavatar import FULL, GAGAvatar, fast, load_state_dict_strict
+from gaga_ros.avatar.gagavatar import FULL, GAGAvatar, load_state_dict_strict
 from gaga_ros.avatar.gagavatar.checkpoint import reference_fill
 from gaga_ros.avatar.gagavatar.fast import FastRenderer, _captured, precision_mode, psnr
 from gaga_ros.expression import frontal_transform
@@ -65,9 +65,9 @@ def dynamic_rasterization(fr: FastRenderer) -> torch.Tensor:
 
 def profile(fr: FastRenderer) -> None:
     """Top CUDA kernels of eager rasterization (static and gsplat's) and of the refiner, 3 calls each."""
-    for label, fn in (("static rasterization", lambda: fr._rasterize(0)),
+    for label, fn in (("static rasterization", fr._rasterize),
                       ("gsplat.rasterization", lambda: dynamic_rasterization(fr)),
-                      ("refiner", lambda: fr._refine(0))):
+                      ("refiner", fr._refine)):
         fn()
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -94,14 +94,10 @@ def main() -> None:
     parser.add_argument("--skip-variants", action="store_true", help="skip the per-precision table")
     parser.add_argument("--profile", action="store_true",
                         help="top CUDA kernels of rasterization and refinement at the largest batch")
-    parser.add_argument("--chunks", default="2", help="chunk counts to try at the largest batch")
-    parser.add_argument("--layout-ab", action="store_true",
-                        help="also the largest batch with torch.compile's own layout choice")
     parser.add_argument("--skip-encoder", action="store_true", help="skip the reconstruction rows")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     batches = [int(b) for b in args.batches.split(",")]
-    chunk_counts = [int(c) for c in args.chunks.split(",") if c]
     dev = torch.device("cuda")
     rows: list[dict] = []
 
@@ -144,7 +140,7 @@ def main() -> None:
         fr = FastRenderer(model, sources[0], precision=precision, cuda_graph=graph, compile_mode=mode)
         setup_s = time.perf_counter() - start
         worst = min(psnr(fr.frame(f[0], transform), r) for f, r in zip(frames, refs, strict=True))
-        refine = timed(lambda fr=fr, g=graph: fr._refine_graphs[0].replay() if g else fr._refine(0),
+        refine = timed(lambda fr=fr, g=graph: fr._refine_graph.replay() if g else fr._refine(),
                        args.frames)
         name = f"{precision}{' graph' if graph else ''}{f' compile={mode}' if mode else ''}"
         rows.append({"name": f"refine {name}", "batch": 1, "psnr_db": worst, "setup_s": setup_s, **refine})
@@ -153,53 +149,46 @@ def main() -> None:
         if args.profile and not graph:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):
-                    fr._refine(0)
+                    fr._refine()
                 torch.cuda.synchronize()
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25,
                                             max_name_column_width=70))
         del fr
 
-    # Stages, whole frames, fps and memory per batch size (and per chunk count at the largest).
-    runs = [(b, 1, True) for b in batches] + [(batches[-1], 1, False)] * args.layout_ab
-    runs += [(batches[-1], c, True) for c in chunk_counts if c > 1]
-    for b, chunks, channels_last in runs:
-        fast.FORCE_CHANNELS_LAST = channels_last
+    # Stages, whole frames, fps and memory per batch size.
+    for b in batches:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         fr = FastRenderer(model, [sources[i % 2] for i in range(b)], precision=args.precision,
-                          compile_mode=args.compile, chunks=chunks)
+                          compile_mode=args.compile)
         verts = [f[:b] for f in frames]
         counter = iter(range(10 ** 9))
-        tag = f"B={b}" + (f" chunks={chunks}" if chunks > 1 else "")
-        tag += "" if channels_last else " (compile's own layout)"
+        tag = f"B={b}"
         fr.render(verts[0], transform)  # sizes the intersection buffers, captures rasterization
         stage = {
             "expression upload": lambda fr=fr, verts=verts: fr._inputs(verts[1], transform),
             "gsplat.rasterization (host sync)": lambda fr=fr: dynamic_rasterization(fr),
-            "rasterize (graph)": lambda fr=fr: [g.replay() for g in fr._raster_graphs],
-            "refine (graph)": lambda fr=fr: [g.replay() for g in fr._refine_graphs],
+            "rasterize (graph)": lambda fr=fr: fr._raster_graph.replay(),
+            "refine (graph)": lambda fr=fr: fr._refine_graph.replay(),
             "readback": lambda fr=fr: fr._host[0].copy_(fr._u8, non_blocking=True),
+            "join (set_source)": lambda fr=fr: fr.set_source(0, sources[1]),
             "frame (render)": lambda fr=fr, verts=verts, c=counter: fr.render(verts[next(c) % 4], transform),
         }
-        if chunks > 1:  # a variant: only whole frames
-            stage = {"frame (render)": stage["frame (render)"]}
-        elif not channels_last:
-            stage = {k: stage[k] for k in ("refine (graph)", "frame (render)")}
         for label, fn in stage.items():
             t = timed(fn, args.frames)
             row = {"name": f"fast {label} {tag}", "batch": b, **t}
             if label == "frame (render)":
                 row["fps_total"] = 1e3 * b / t["median_ms"]
                 row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
-                row["capacity"] = sum(fr.capacities)
-                row["intersections"] = int(fr._totals.sum())
+                row["capacity"] = fr.capacity
+                row["intersections"] = int(fr._total)
             rows.append(row)
         out = fr.frame(verts[2], transform)
         worst = min(psnr(out[i], reference(sources[i % 2], verts[2][i])) for i in range(min(b, 4)))
         rows[-1]["psnr_db"] = worst
         splat = fr._splat.permute(0, 2, 3, 1).clone()
         rows[-1]["splat_max_diff"] = (splat - dynamic_rasterization(fr)).abs().max().item()
-        if args.profile and chunks == 1 and b == batches[-1]:
+        if args.profile and b == batches[-1]:
             profile(fr)
         del fr
 

@@ -31,7 +31,7 @@ if [ ! -f .whl/gsplat_cuda.so.xz ]; then
         "$so" "$OUT/gsplat_cuda.so.xz"; ls -la "$so" "$OUT/gsplat_cuda.so.xz"
 fi
 if [ -n "$1" ]; then
-    timeout 150 python3 -m pytest -q -s $1 2>&1 | tee "$OUT/tests.log" | grep -v "^$" | tail -25
+    timeout 200 python3 -m pytest -q -s $1 2>&1 | tee "$OUT/tests.log" | grep -v "^$" | tail -25
 fi
 timeout 480 python3 bench/fast_bench.py $2 2>&1 | tee "$OUT/bench.log"
 cp bench/results/fast.json "$OUT/" 2>/dev/null

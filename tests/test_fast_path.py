@@ -74,8 +74,6 @@ def test_bad_inputs_raise_clear_errors(tiny):
         fr.set_source(2, sources[0])
     with pytest.raises(FastRenderError, match="slot"):
         fr.clear_slot(-1)
-    with pytest.raises(FastRenderError, match="chunks"):
-        FastRenderer(model, sources, chunks=3, reference=True)
     with pytest.raises(ValueError):
         precision_mode("fp64").__enter__()
 
@@ -173,24 +171,24 @@ def test_graph_rasterization_equals_gsplat_and_grows(full_cuda):
     exact = gsplat_splat(fr)
     assert exact.abs().max() > 0
     assert torch.equal(fr._splat.permute(0, 2, 3, 1), exact)
-    needed = int(fr._totals.sum())
-    assert fr.capacities[0] >= needed
+    needed = int(fr._total)
+    assert fr.capacity >= needed
     _, gsplat_meta = gsplat_splat(fr, meta=True)
     print(f"tile entries: {needed} kept of gsplat's {len(gsplat_meta['flatten_ids'])}")
     assert 0 < needed < len(gsplat_meta["flatten_ids"])
-    fr._raster_graphs[0] = None
-    fr._rasterizers[0].resize(needed // 2)
-    fr._capture_raster(0)
+    fr._raster_graph = None
+    fr._rasterizer.resize(needed // 2)
+    fr._capture_raster()
     fr._splat.fill_(float("nan"))
     fr.frame(verts, frontal_transform())
-    assert fr.capacities[0] >= needed
+    assert fr.capacity >= needed
     assert torch.equal(fr._splat.permute(0, 2, 3, 1), exact)
 
 
 @pytest.mark.gpu
 def test_batched_avatars_equal_per_avatar_renders(full_cuda):
-    """Four avatars in one batch (two chunks on two streams, too) render as four one-slot renderers
-    do: the same splat bit for bit, the refined image within fp16 batching noise (>= 50 dB), and each
+    """Four avatars in one batch (eager and compiled refiner) render as four one-slot renderers do:
+    the same splat bit for bit, the refined image within fp16 batching noise (>= 50 dB), and each
     within 40 dB of strict fp32. A join (set_source) recaptures nothing; a leave empties the slot."""
     model, sources = full_cuda
     transform = frontal_transform()
@@ -201,24 +199,24 @@ def test_batched_avatars_equal_per_avatar_renders(full_cuda):
         single.set_source(0, sources[i])
         image = single.render(verts[i], transform)[0].copy()
         alone.append((single.frame(verts[i], transform)[0].clone(), single._splat[0].clone(), image))
-    for chunks in (1, 2):
-        fr = FastRenderer(model, sources, chunks=chunks)
+    for compile_mode in (None, "default"):
+        fr = FastRenderer(model, sources, compile_mode=compile_mode)
         images = fr.render(verts, transform)
         rgb = fr.frame(verts, transform)
         for i in range(4):
             rgb_alone, splat_alone, image_alone = alone[i]
             assert torch.equal(fr._splat[i], splat_alone)
             value = psnr(rgb[i], rgb_alone)
-            print(f"chunks {chunks} slot {i}: batched vs alone {value:.1f} dB")
+            print(f"compile {compile_mode} slot {i}: batched vs alone {value:.1f} dB")
             assert value >= 50.0
             assert np.abs(images[i].astype(int) - image_alone.astype(int)).mean() < 0.5
         with precision_mode("fp32"):
             ref = model.render(sources[3], verts[3], transform).refined[0]
         assert psnr(rgb[3], ref) >= 40.0
-    graphs = (list(fr._raster_graphs), list(fr._refine_graphs))
+    graphs = (fr._raster_graph, fr._refine_graph)
     fr.set_source(1, sources[3])
     fr.clear_slot(2)
     rgb = fr.frame(verts[[0, 3, 2, 3]], transform)
-    assert (list(fr._raster_graphs), list(fr._refine_graphs)) == graphs
+    assert (fr._raster_graph, fr._refine_graph) == graphs
     assert torch.equal(fr._splat[1], fr._splat[3])
     assert fr._splat[2].abs().max() == 0

@@ -7,8 +7,7 @@ per source), writes only the 5023 expression positions and the camera per frame,
 CUDA graphs: rasterization of all slots (`gaga_ros.render.static_splat`: gsplat's stages with a
 fixed-size intersection buffer, so no host sync and the same image as `gsplat.rasterization`) and
 the StyleUNet (fp16 autocast by default, channels_last, optional torch.compile), whose last step
-writes the uint8 image that one non-blocking copy moves into pinned host memory. With `chunks` > 1
-the slots are split into equal chunks; chunk k+1 rasterizes on a side stream while chunk k refines.
+writes the uint8 image that one non-blocking copy moves into pinned host memory.
 
 The refiner copy runs its modulated convolutions unfused (StyleGAN2's non-fused form: scale the
 input by the style, one shared-weight conv, scale the output by the demodulation), which is the same
@@ -17,13 +16,14 @@ function and lets a batch of styles run as one ordinary convolution instead of a
 
 Slots (a fleet of avatars on one GPU): the renderer is built for a fixed number of slots and its
 graphs cover all of them. `set_source(slot, source)` (a join) copies the source's Gaussians and
-covariances into the slot's buffers: about 180k Gaussians, well under a millisecond, and no graph
-is recaptured. `clear_slot(slot)` (a leave) zeroes the slot's opacities: its Gaussians are culled
-in projection and the slot's image is the refiner's output for an empty splat. Every call renders
-every slot, free or not, at the cost of a full slot. The one exception: when a frame needs more tile
-intersections than a chunk's buffer holds (sized at the first frame with a 1.5x margin per slot),
-that chunk's rasterization graph is recaptured with a larger buffer (tens of milliseconds, the
-refiner graph stays) and the frame is rendered again, so no frame loses Gaussians.
+covariances into the slot's buffers (about 180k Gaussians; bench/fast_bench.py times it as
+`fast join (set_source)`); no graph is recaptured. `clear_slot(slot)` (a leave) zeroes the slot's
+opacities: its Gaussians are culled in projection and the slot's image is the refiner's output for
+an empty splat. Every call renders every slot, free or not, at the cost of a full slot. The one
+exception: when a frame needs more tile intersections than the buffer holds (sized at the first
+frame: 1.5x the busiest slot's count, for every slot), the rasterization graph is recaptured with
+a larger buffer (tens of milliseconds, the refiner graph stays) and the frame is rendered again, so
+no frame loses Gaussians.
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ from gaga_ros.render.static_splat import StaticRasterizer, required_capacity, tr
 
 #: fp32: strict float32; tf32: float32 storage, TF32 matrix units; bf16/fp16: autocast refiner.
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
-#: Make torch.compile keep every refiner activation channels_last. Its heuristic turns that off for
-#: this network (convs with fewer output than input channels), and cudnn then transposes the NCHW
-#: activations around each conv (see bench/FAST_NOTES.md, H200).
+#: Make torch.compile keep every refiner activation channels_last, so cudnn does not transpose NCHW
+#: activations around each conv. Measured on the H200: the same refiner time (its channels_last
+#: bilinear upsampling is slower by what the transposes cost), 1.9 GB less peak memory at batch 16.
 FORCE_CHANNELS_LAST = True
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 Array: TypeAlias = torch.Tensor | np.ndarray
@@ -138,14 +138,13 @@ class FastRenderer:
     model: a GAGAvatar in eval mode; sources: one GagaSource per slot (all from this model).
     precision: refiner arithmetic (PRECISIONS); cuda_graph: replay rasterization and refiner from
     CUDA graphs; compile_mode: torch.compile mode for the refiner (None: eager kernels), e.g.
-    "default"; encoder_precision: arithmetic of `reconstruct`; chunks: split the slots into this many
-    equal chunks whose rasterization overlaps the previous chunk's refinement (B % chunks == 0).
+    "default"; encoder_precision: arithmetic of `reconstruct`.
     reference=True: every call goes through GAGAvatar.render (float32, any device).
     """
 
     def __init__(self, model: GAGAvatar, sources: GagaSource | Sequence[GagaSource], *,
                  precision: str = "fp16", cuda_graph: bool = True, compile_mode: str | None = None,
-                 encoder_precision: str = "tf32", reference: bool = False, chunks: int = 1) -> None:
+                 encoder_precision: str = "tf32", reference: bool = False) -> None:
         if not isinstance(model, GAGAvatar):
             raise FastRenderError(f"model must be a GAGAvatar, got {type(model).__name__}")
         sources = [sources] if isinstance(sources, GagaSource) else list(sources)
@@ -154,10 +153,7 @@ class FastRenderer:
         for p in (precision, encoder_precision):
             if p not in PRECISIONS:
                 raise FastRenderError(f"unknown precision {p!r}; accepted: {', '.join(PRECISIONS)}")
-        if not isinstance(chunks, int) or chunks < 1 or len(sources) % chunks:
-            raise FastRenderError(f"chunks must be a positive divisor of the {len(sources)} slot(s), "
-                                  f"got {chunks!r}")
-        self.model, self.reference, self.batch, self.chunks = model, reference, len(sources), chunks
+        self.model, self.reference, self.batch = model, reference, len(sources)
         self.precision, self.encoder_precision, self.cuda_graph = precision, encoder_precision, cuda_graph
         self.size = model.cfg.render_size
         self._sources: list[GagaSource | None] = list(sources)
@@ -191,23 +187,18 @@ class FastRenderer:
         self._host = [torch.empty(b, size, size, 3, dtype=torch.uint8).pin_memory() for _ in range(2)]
         self._turn = 0
         self._copied = torch.cuda.Event()
-        self._totals = torch.zeros(chunks, dtype=torch.int64, device=dev)
-        self._totals_host = torch.zeros(chunks, dtype=torch.int64).pin_memory()
-        self._side = torch.cuda.Stream()
-        self._rastered = [torch.cuda.Event() for _ in range(chunks)]
+        self._total = torch.zeros((), dtype=torch.int64, device=dev)
+        self._total_host = torch.zeros((), dtype=torch.int64).pin_memory()
         refiner = fast_refiner(model.upsampler)
         self._refiner = torch.compile(refiner, mode=compile_mode) if compile_mode else refiner
-        h = b // chunks
-        self._slices = [slice(c * h, (c + 1) * h) for c in range(chunks)]
-        self._rasterizers: list[StaticRasterizer] = []  # sized at the first frame
-        self._raster_graphs: list[torch.cuda.CUDAGraph | None] = [None] * chunks
-        self._refine_graphs = [_captured(lambda c=c: self._refine(c)) if cuda_graph else None
-                               for c in range(chunks)]
+        self._rasterizer: StaticRasterizer | None = None  # sized at the first frame
+        self._raster_graph: torch.cuda.CUDAGraph | None = None
+        self._refine_graph = _captured(self._refine) if cuda_graph else None
 
     @property
-    def capacities(self) -> list[int]:
-        """Tile-intersection buffer size of each chunk (empty before the first frame)."""
-        return [r.capacity for r in self._rasterizers]
+    def capacity(self) -> int:
+        """Tile-list entries the rasterization buffer holds (0 before the first frame)."""
+        return self._rasterizer.capacity if self._rasterizer is not None else 0
 
     @torch.no_grad()
     def set_source(self, slot: int, source: GagaSource) -> None:
@@ -320,92 +311,73 @@ class FastRenderer:
         return v, t
 
     def _render_checked(self, readback: bool) -> np.ndarray | None:
-        """Renders the frame in the input buffers; again with larger intersection buffers if a chunk's
+        """Renders the frame in the input buffers; again with a larger tile-list buffer if it
         overflowed (so no frame loses Gaussians)."""
-        if not self._rasterizers:
-            self._build_rasterizers()
+        if self._rasterizer is None:
+            self._build_rasterizer()
         while True:
             self._replay()
             host = None
             if readback:
                 host = self._host[self._turn]
                 host.copy_(self._u8, non_blocking=True)
-            self._totals_host.copy_(self._totals, non_blocking=True)
+            self._total_host.copy_(self._total, non_blocking=True)
             self._copied.record()
             self._copied.synchronize()
-            grown = False
-            for c, total in enumerate(self._totals_host.tolist()):
-                if total > self._rasterizers[c].capacity:
-                    self._raster_graphs[c] = None  # it writes the buffers that resize replaces
-                    self._rasterizers[c].resize(required_capacity(total))
-                    self._capture_raster(c)
-                    grown = True
-            if not grown:
+            total = int(self._total_host)
+            if total <= self._rasterizer.capacity:
                 break
+            self._raster_graph = None  # it writes the buffers that resize replaces
+            self._rasterizer.resize(required_capacity(total))
+            self._capture_raster()
         if host is None:
             return None
         self._turn ^= 1
         return host.numpy()
 
     def _replay(self) -> None:
-        """Rasterize chunk by chunk on the side stream, refine each chunk on the current stream as
-        soon as its splat is ready."""
-        main = torch.cuda.current_stream()
-        self._side.wait_stream(main)  # the previous frame's refinement has read the splat buffers
-        with torch.cuda.stream(self._side):
-            for c in range(self.chunks):
-                if self._raster_graphs[c] is not None:
-                    self._raster_graphs[c].replay()
-                else:
-                    self._rasterize(c)
-                self._rastered[c].record()
-        for c in range(self.chunks):
-            main.wait_event(self._rastered[c])
-            if self._refine_graphs[c] is not None:
-                self._refine_graphs[c].replay()
+        for graph, eager in ((self._raster_graph, self._rasterize), (self._refine_graph, self._refine)):
+            if graph is not None:
+                graph.replay()
             else:
-                self._refine(c)
+                eager()
 
     @torch.no_grad()
-    def _build_rasterizers(self) -> None:
-        """Size each chunk's intersection buffer from this frame: 1.5x the busiest slot's count, for
-        every slot of the chunk (a joining avatar of similar size fits without a recapture)."""
-        self._write_view(slice(None))
-        n, h = self._means.shape[1], self.batch // self.chunks
-        probe = StaticRasterizer(self.batch, n, self.size, self.size, 1, self._means.device)
+    def _build_rasterizer(self) -> None:
+        """Size the tile-list buffer from this frame: 1.5x the busiest slot's count, for every slot
+        (a joining avatar of similar size fits without a recapture)."""
+        self._write_view()
+        n, dev = self._means.shape[1], self._means.device
+        probe = StaticRasterizer(self.batch, n, self.size, self.size, 1, dev)
         per_slot = probe.needed(self._means, self._covars, self._opacities, self._view, self._K)
         busiest = max(int(per_slot.max()), 1 << 14)
-        self._rasterizers = [StaticRasterizer(h, n, self.size, self.size, required_capacity(busiest * h),
-                                              self._means.device) for _ in range(self.chunks)]
-        for c in range(self.chunks):
-            self._capture_raster(c)
+        self._rasterizer = StaticRasterizer(self.batch, n, self.size, self.size,
+                                            required_capacity(busiest * self.batch), dev)
+        self._capture_raster()
 
-    def _capture_raster(self, c: int) -> None:
+    def _capture_raster(self) -> None:
         if self.cuda_graph:
-            self._raster_graphs[c] = None  # free the old graph's memory pool first
-            self._raster_graphs[c] = _captured(lambda: self._rasterize(c), warmup=1)
+            self._raster_graph = _captured(self._rasterize, warmup=1)
 
-    def _write_view(self, s: slice) -> None:
+    def _write_view(self) -> None:
         # Camera.from_transform on the device: rows 0 and 1 of [R^T | T] flipped (OpenCV axes).
-        self._view[s, 0, :3, :3] = self._transforms[s, :, :3].transpose(1, 2)
-        self._view[s, 0, :3, 3] = self._transforms[s, :, 3]
-        self._view[s, 0, :2] *= -1.0
+        self._view[:, 0, :3, :3] = self._transforms[:, :, :3].transpose(1, 2)
+        self._view[:, 0, :3, 3] = self._transforms[:, :, 3]
+        self._view[:, 0, :2] *= -1.0
 
-    def _rasterize(self, c: int) -> None:
-        s = self._slices[c]
-        self._write_view(s)
-        image = self._rasterizers[c](self._means[s], self._covars[s], self._opacities[s], self._colors[s],
-                                     self._view[s], self._K[s])
-        self._splat[s].permute(0, 2, 3, 1).copy_(image)
-        self._totals[c] = self._rasterizers[c].total
+    def _rasterize(self) -> None:
+        self._write_view()
+        image = self._rasterizer(self._means, self._covars, self._opacities, self._colors, self._view,
+                                 self._K)
+        self._splat.permute(0, 2, 3, 1).copy_(image)
+        self._total.copy_(self._rasterizer.total)
 
-    def _refine(self, c: int) -> None:
-        s = self._slices[c]
+    def _refine(self) -> None:
         layout = torch._inductor.config.patch(force_layout_optimization=FORCE_CHANNELS_LAST)
         with precision_mode(self.precision), layout:
-            rgb = self._refiner(self._splat[s], randomize_noise=self.model.cfg.randomize_noise)
-        self._rgb[s].copy_(rgb.float().clamp(0, 1))
-        self._u8[s].copy_(_to_uint8(self._rgb[s]).permute(0, 2, 3, 1))
+            rgb = self._refiner(self._splat, randomize_noise=self.model.cfg.randomize_noise)
+        self._rgb.copy_(rgb.float().clamp(0, 1))
+        self._u8.copy_(_to_uint8(self._rgb).permute(0, 2, 3, 1))
 
 
 def _to_uint8(rgb: torch.Tensor) -> torch.Tensor:
