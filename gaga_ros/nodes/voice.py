@@ -33,10 +33,10 @@ PARAMS = (
           "render node holds the mouth this long, then fades it out over 0.3 s.", low=0.05, high=2.0),
     Param("blend_s", 0.3, "The operator's voice takes the mouth over this long when tracking loses the "
           "face, and gives it back to tracking over this long when the face returns.", low=0.0, high=5.0),
-    Param("max_backlog_s", 0.2, "Sound kept per voice while waiting for analysis; a flood drops the "
-          "oldest (counted in diagnostics), so the mouth never lags the newest sound by more.",
-          low=0.02, high=2.0),
-    Param("sound_timeout_s", 0.25, "A voice whose newest chunk is older than this has stopped: a stream "
+    Param("max_backlog_s", 0.2, "Sound kept per voice while it waits to play; a flood drops the oldest "
+          "chunks (counted in diagnostics) and keeps the newest whole, so the mouth never lags the newest "
+          "sound by more.", low=0.02, high=2.0),
+    Param("sound_timeout_s", 0.25, "A voice that has played nothing for this long has stopped: a stream "
           "cut mid-word does not hold the mouth open.", low=0.05, high=5.0),
     Param("status_timeout_s", 3.0, "A tracking status older than this counts as none (no face): the "
           "tracking node republishes it every second, so an older one means tracking is gone.",
