@@ -9,9 +9,10 @@ the landmarks aligned to the canonical mesh by a similarity transform, which rem
 face size. The figure is the Pearson correlation over time of the two, at lag 0 (what a live system
 shows). Also reported: the best lag within +-LAGS frames (positive: the audio-driven mouth is late),
 for information only, and the same correlation for the mouth as the render node shows it: the voice
-node's commands (COMMAND_RATE a second, each ramping over the interval since the previous one) through
-gaga_ros.named.FaceMixer, averaged over PHASES of the node's ticks against the frames (min: the
-worst). "sounding" is the share of frames where the audio opens the mouth at all.
+node's core (gaga_ros.voice.VoiceMouth, the robot's voice) sending COMMAND_RATE commands a second, each
+ramping over the interval since the previous one, through gaga_ros.named.FaceMixer, averaged over PHASES
+of the node's ticks against the frames (min: the worst). "sounding" is the share of frames where the
+audio opens the mouth at all.
 
     .venv/bin/python bench/voice_bench.py            # the three clips with sound
     .venv/bin/python bench/voice_bench.py --sweep    # and the tuning's sensitivity on the goal clip
@@ -44,7 +45,16 @@ from gaga_ros.audio import Pcm, from_frame  # noqa: E402
 from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES, REGIONS  # noqa: E402
 from gaga_ros.named import FaceMixer, NamedCommand  # noqa: E402
 from gaga_ros.tracking.landmarks import FaceLandmarker  # noqa: E402
-from gaga_ros.voice import COMMAND_HOLD_S, COMMAND_RATE, LAYER, MouthEstimator, Smoother, Tuning  # noqa: E402
+from gaga_ros.voice import (  # noqa: E402
+    COMMAND_HOLD_S,
+    COMMAND_RATE,
+    LAYER,
+    ROBOT,
+    MouthEstimator,
+    Smoother,
+    Tuning,
+    VoiceMouth,
+)
 
 CLIPS = ("talking_glasses.mp4", "head_turns.mp4", "expressive.mp4")
 GOAL_CLIP, GOAL = "talking_glasses.mp4", 0.5
@@ -101,12 +111,13 @@ def chunk_list(sound: Pcm) -> list[Pcm]:
 
 def audio_opening(sound: Pcm, times: np.ndarray, tuning: Tuning, phase: float = 0.0,
                   rate: float = COMMAND_RATE) -> dict[str, np.ndarray | float]:
-    """jawOpen per frame as the estimator gives it and as the render node's mixer shows it (the voice
-    node's ticks at `rate`, `phase` of a tick after the first frame), and the estimator's CPU time per
-    second of sound."""
+    """jawOpen per frame as the estimator gives it, and as the render node's mixer shows it: each
+    chunk heard by a VoiceMouth (the voice node's core) when it ends, the node's ticks at `rate`
+    (`phase` of a tick after the first frame) sending commands to a FaceMixer; and the estimator's
+    CPU time per second of sound."""
     chunks = chunk_list(sound)
     ends = (np.arange(len(chunks)) + 1) * CHUNK_S
-    est = MouthEstimator(tuning)
+    est, voices = MouthEstimator(tuning), VoiceMouth(tuning=tuning)
     clock = [0.0]
     mixer = FaceMixer(lambda: clock[0])
     ticks = np.arange(phase / rate, times[-1] + 1.0 / rate, 1.0 / rate)
@@ -114,18 +125,19 @@ def audio_opening(sound: Pcm, times: np.ndarray, tuning: Tuning, phase: float = 
     raw, shown = np.zeros(len(times)), np.zeros(len(times))
     fed, cpu = 0, 0.0
     for t, kind, i in events:
-        start = time.process_time()
         while fed < len(chunks) and ends[fed] <= t + 1e-9:
+            start = time.process_time()
             est.feed(chunks[fed])
+            cpu += time.process_time() - start
+            voices.hear(ROBOT, chunks[fed], ends[fed])
             fed += 1
-        weights = est.weights
-        cpu += time.process_time() - start
-        if kind == 0:  # a voice node tick: a command on the voice layer
+        if kind == 0:  # a voice node tick: a command on the voice layer, or none for a closed mouth
             clock[0] = t
-            if max(weights.values()) >= 1e-3:
+            weights = voices.update(t, face=True)
+            if weights is not None:
                 mixer.command(NamedCommand.parse(weights, hold_s=COMMAND_HOLD_S, layer=LAYER))
         else:
-            raw[i] = weights["jawOpen"]
+            raw[i] = est.weights["jawOpen"]
             shown[i] = mixer.overlay(t).weights.get("jawOpen", 0.0)
     return {"raw": raw, "shown": shown, "cpu_per_s": cpu / max(fed * CHUNK_S, 1e-9)}
 
