@@ -171,7 +171,7 @@ def main() -> None:
             "rasterize (graph)": lambda fr=fr: fr._raster_graph.replay(),
             "refine (graph)": lambda fr=fr: fr._refine_graph.replay(),
             "readback": lambda fr=fr: fr._host[0].copy_(fr._u8, non_blocking=True),
-            "join (set_source)": lambda fr=fr: fr.set_source(0, sources[1]),
+            "join (set_source)": lambda fr=fr: fr.set_source(0, sources[0]),  # slot 0's own source
             "frame (render)": lambda fr=fr, verts=verts, c=counter: fr.render(verts[next(c) % 4], transform),
         }
         for label, fn in stage.items():
