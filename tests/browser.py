@@ -124,7 +124,12 @@ class Page:
         deadline = time.monotonic() + timeout
         guarded = f"(() => {{ try {{ return ({expression}); }} catch (e) {{ return null; }} }})()"
         while True:
-            value = await self.evaluate(guarded)
+            try:
+                value = await self.evaluate(guarded)
+            except CdpError as e:  # no page context yet (still navigating): not yet
+                if "execution context" not in str(e):
+                    raise
+                value = None
             if value:
                 return value
             if time.monotonic() > deadline:

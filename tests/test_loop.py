@@ -287,3 +287,42 @@ def test_denied_media_bad_and_flooded_audio_keep_the_loop_running(loop):
     assert max(levels) > max(quiet + 20, -40), (quiet, max(levels))  # robot/audio reached the operator
     assert "refused" in obs.status("bridge")[1] or obs.status("bridge")[0] == 0
     assert g.procs["bridge"].poll() is None
+
+
+def test_pages_say_what_they_wait_for(loop, tmp_path):
+    """No avatar yet, operator not connected, expressions refused and why: in plain words."""
+    from conftest import start_node, stop_process
+    from test_faults import free_port
+
+    from gaga_ros.msg import Expression
+    from gaga_ros.nodes import qos
+
+    g, obs, seen, operator_flags, kiosk_flags = loop
+    port = free_port()
+    lone = start_node("bridge", "-r", "__ns:=/lone", params={"port": port}, tmp_path=tmp_path)
+    bad = Expression(face_model=0, confidence=1.0)
+    bad.transform = [float("nan")] * 12
+    pub = obs.publisher(Expression, "/avatar/expression", qos.EXPRESSIONS)
+
+    async def main():
+        async with Browser() as b:
+            empty = await b.new_page(f"http://127.0.0.1:{port}/kiosk")
+            await empty.wait_for("(gaga.explained || []).join(' ').includes('No avatar yet')", timeout=90)
+            kiosk = await b.new_page(g.url + "kiosk")
+            await kiosk.wait_for("(gaga.explained || []).includes('Operator not connected.')", timeout=60)
+            viewer = await b.new_page(g.url)
+            await viewer.wait_for("gaga.state === 'connected'", timeout=60)
+            for _ in range(40):  # until the render node's diagnostics carry the refusal to the page
+                pub.publish(bad)
+                said = " ".join(await viewer.evaluate("gaga.explained || []"))
+                if "refused" in said:
+                    return said
+                await asyncio.sleep(0.5)
+            return said
+
+    try:
+        said = asyncio.run(main())
+    finally:
+        stop_process(lone)
+    assert "The avatar renderer says:" in said, said
+    assert "refused /avatar/expression: transform contains NaN" in said, said
