@@ -65,6 +65,10 @@ def test_bad_inputs_raise_clear_errors(tiny):
         FastRenderer(model, sources[0], precision="int8", reference=True)
     with pytest.raises(FastRenderError, match="GagaSource"):
         FastRenderer(model, [], reference=True)
+    with pytest.raises(FastRenderError, match="at least one"):
+        FastRenderer(model, [None, None], reference=True)
+    with pytest.raises(FastRenderError, match="GagaSource"):
+        FastRenderer(model, [sources[0], "photo.jpg"], reference=True)
     fr = FastRenderer(model, sources, reference=True)
     with pytest.raises(FastRenderError, match=r"\(2,5023,3\)"):
         fr.frame(head_vertices(0), frontal_transform())
@@ -129,6 +133,9 @@ def test_free_slot_renders_black_in_reference_mode(tiny):
     fr.clear_slot(1)
     rgb = fr.frame(torch.stack([head_vertices(1), head_vertices(2)]), frontal_transform())
     assert rgb[0].std() > 0 and torch.count_nonzero(rgb[1]) == 0
+    starts_free = FastRenderer(model, [None, sources[1]], reference=True)
+    rgb = starts_free.frame(torch.stack([head_vertices(1), head_vertices(2)]), frontal_transform())
+    assert torch.count_nonzero(rgb[0]) == 0 and rgb[1].std() > 0
     fr.set_source(1, sources[0])
     rgb = fr.frame(torch.stack([head_vertices(1), head_vertices(1)]), frontal_transform())
     assert torch.equal(rgb[0], rgb[1])
@@ -220,3 +227,7 @@ def test_batched_avatars_equal_per_avatar_renders(full_cuda):
     assert (fr._raster_graph, fr._refine_graph) == graphs
     assert torch.equal(fr._splat[1], fr._splat[3])
     assert fr._splat[2].abs().max() == 0
+    starts_free = FastRenderer(model, [None, sources[3]])  # a fleet renderer with a free slot
+    starts_free.frame(verts[[0, 3]], transform)
+    assert starts_free._splat[0].abs().max() == 0
+    assert torch.equal(starts_free._splat[1], alone[3][1])

@@ -14,16 +14,17 @@ input by the style, one shared-weight conv, scale the output by the demodulation
 function and lets a batch of styles run as one ordinary convolution instead of a grouped one.
 `reference=True` switches back to `GAGAvatar.render` for every slot.
 
-Slots (a fleet of avatars on one GPU): the renderer is built for a fixed number of slots and its
-graphs cover all of them. `set_source(slot, source)` (a join) copies the source's Gaussians and
-covariances into the slot's buffers (about 180k Gaussians; bench/fast_bench.py times it as
-`fast join (set_source)`); no graph is recaptured. `clear_slot(slot)` (a leave) zeroes the slot's
-opacities: its Gaussians are culled in projection and the slot's image is the refiner's output for
-an empty splat. Every call renders every slot, free or not, at the cost of a full slot. The one
-exception: when a frame needs more tile intersections than the buffer holds (sized at the first
-frame: 1.5x the busiest slot's count, for every slot), the rasterization graph is recaptured with
-a larger buffer (tens of milliseconds, the refiner graph stays) and the frame is rendered again, so
-no frame loses Gaussians.
+Slots (a fleet of avatars on one GPU): the renderer is built for a fixed number of slots, e.g.
+`FastRenderer(model, [source, None, None, None], compile_mode="default")` (None: a free slot), and
+its graphs cover all of them; each `render(vertices (N,5023,3), transforms (N,3,4) or one (3,4))`
+returns the N images at once. Every call renders every slot, free or not, at the cost of a full
+slot. A join, `set_source(slot, source)`, copies the source's Gaussians and covariances into the
+slot's buffers: 1.0-1.1 ms on the H200 (`fast join (set_source)` in bench/fast_bench.py), no graph
+recaptured. A leave, `clear_slot(slot)`, zeroes the slot's opacities: its Gaussians are culled in
+projection and the slot shows the refiner's output for an empty splat. Only when a frame needs
+more tile intersections than the buffer holds (sized at the first frame: 1.5x the busiest slot's
+count, for every slot) is the rasterization graph recaptured with a larger buffer (tens of
+milliseconds; the refiner graph stays) and the frame rendered again, so no frame loses Gaussians.
 """
 
 from __future__ import annotations
@@ -131,7 +132,8 @@ def _captured(fn: Callable[[], object], warmup: int = 3) -> torch.cuda.CUDAGraph
 class FastRenderer:
     """Renders B avatar slots per call, expression in -> 512x512 image out.
 
-    model: a GAGAvatar in eval mode; sources: one GagaSource per slot (all from this model).
+    model: a GAGAvatar in eval mode; sources: one GagaSource per slot (all from this model), None
+    for a slot that starts free (at least one must be a source).
     precision: refiner arithmetic (PRECISIONS); cuda_graph: replay rasterization and refiner from
     CUDA graphs; compile_mode: torch.compile mode for the refiner (None: eager kernels), e.g.
     "default"; encoder_precision: arithmetic of `reconstruct`.
@@ -144,8 +146,10 @@ class FastRenderer:
         if not isinstance(model, GAGAvatar):
             raise FastRenderError(f"model must be a GAGAvatar, got {type(model).__name__}")
         sources = [sources] if isinstance(sources, GagaSource) else list(sources)
-        if not sources or not all(isinstance(s, GagaSource) for s in sources):
-            raise FastRenderError("sources must be one GagaSource or a non-empty sequence of them")
+        if not all(s is None or isinstance(s, GagaSource) for s in sources):
+            raise FastRenderError("sources must be one GagaSource or a sequence of GagaSource or None")
+        if not any(isinstance(s, GagaSource) for s in sources):
+            raise FastRenderError("sources must hold at least one GagaSource (None marks a free slot)")
         for p in (precision, encoder_precision):
             if p not in PRECISIONS:
                 raise FastRenderError(f"unknown precision {p!r}; accepted: {', '.join(PRECISIONS)}")
@@ -162,13 +166,17 @@ class FastRenderer:
         import gsplat  # noqa: F401  (fail here, not on the first frame, when it is missing)
 
         dev, b, size = model.device, self.batch, self.size
-        n, channels = len(sources[0].opacities), sources[0].colors.shape[1]
-        self._means = torch.empty(b, n, 3, device=dev)
-        self._covars = torch.empty(b, n, 6, device=dev)
+        first = next(s for s in sources if s is not None)
+        n, channels = len(first.opacities), first.colors.shape[1]
+        self._means = torch.zeros(b, n, 3, device=dev)
+        self._covars = torch.zeros(b, n, 6, device=dev)
         self._opacities = torch.empty(b, n, device=dev)
-        self._colors = torch.empty(b, n, channels, device=dev)
+        self._colors = torch.zeros(b, n, channels, device=dev)
         for slot, source in enumerate(sources):
-            self.set_source(slot, source)
+            if source is None:
+                self.clear_slot(slot)
+            else:
+                self.set_source(slot, source)
         self._means[:, :FLAME_VERTICES] = 0.0
         self._transforms = torch.zeros(b, 3, 4, device=dev)
         self._transforms[:, :, :3] = torch.eye(3, device=dev)
