@@ -23,8 +23,9 @@ slot's buffers: 1.0-1.1 ms on the H200 (`fast join (set_source)` in bench/fast_b
 recaptured. A leave, `clear_slot(slot)`, zeroes the slot's opacities: its Gaussians are culled in
 projection and the slot shows the refiner's output for an empty splat. Only when a frame needs
 more tile intersections than the buffer holds (sized at the first frame: 1.5x the busiest slot's
-count, for every slot) is the rasterization graph recaptured with a larger buffer (tens of
-milliseconds; the refiner graph stays) and the frame rendered again, so no frame loses Gaussians.
+count, for every slot) is the rasterization graph recaptured with a larger buffer (one warm-up
+call and a capture, not timed yet; the refiner graph stays) and the frame rendered again, so no
+frame loses Gaussians.
 """
 
 from __future__ import annotations
