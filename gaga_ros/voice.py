@@ -317,3 +317,8 @@ class VoiceMouth:
                 mouth = {k: max(w, share * weights[k]) for k, w in mouth.items()}
         self.driving, self.jaw = tuple(driving), mouth["jawOpen"]
         return mouth if driving else None
+
+    def idle(self, now: float) -> bool:
+        """Nothing to play and nothing playing: update() gives None until a voice is heard again."""
+        return not self.driving and all(not v.backlog.seconds and now - v.played_at > self.sound_timeout_s
+                                        for v in self.voices.values())

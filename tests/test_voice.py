@@ -232,8 +232,10 @@ def test_robot_always_operator_only_without_a_face(speech):
     assert back[-1] == (None, 0.0) and back[0][1] == pytest.approx(1 - CHUNK_S / 0.3)
     # A voice that stops sending stops moving the mouth after sound_timeout_s.
     step(ROBOT, True)
+    assert not mouth.idle(t)
     t += mouth.sound_timeout_s + 0.01
     assert mouth.update(t, True) is None and mouth.driving == ()
+    assert mouth.idle(t)  # the node stops ticking until a voice is heard again
 
 
 # ---- the node, over real DDS ---------------------------------------------------------------------------

@@ -64,13 +64,15 @@ class VoiceNode(GuardedNode):
             self.create_subscription(AudioChunk, topic, lambda msg, v=voice: self._on_audio(v, msg),
                                      qos.AUDIO)
         self.create_subscription(TrackingStatus, names.TRACKING_STATUS, self._on_status, qos.LATCHED)
-        self.create_timer(1.0 / self.p["rate"], self._tick)
+        self.timer = self.create_timer(1.0 / self.p["rate"], self._tick)  # runs while there is sound
         self.diagnostics = Diagnostics(self, self._report)
 
     def _on_audio(self, voice: str, msg: AudioChunk) -> None:
         chunk = pcm(msg.data, msg.sample_rate, msg.channels, stamps.to_ns(msg.header.stamp))  # AudioError
         with self.lock:
             self.mouth.hear(voice, chunk, time.monotonic())
+            if self.timer.is_canceled():
+                self.timer.reset()
         self.meters[voice].tick()
 
     def _on_status(self, msg: TrackingStatus) -> None:
@@ -85,6 +87,8 @@ class VoiceNode(GuardedNode):
         with self.lock:
             now = time.monotonic()
             weights = self.mouth.update(now, self._face(now))
+            if weights is None and self.mouth.idle(now):
+                self.timer.cancel()  # silence costs no ticks; the next chunk starts them again
         if weights is None:
             return
         command = NamedCommand.parse(weights, hold_s=self.p["hold_s"], layer=LAYER)
