@@ -10,11 +10,11 @@ the newest command of each layer and the newest look_at and combines them with t
 - Without one (no live expression for LIVE_TIMEOUT_S), `idle()` gives the neutral face with the
   overlay, so frames keep coming while a command holds and fades, ending on one neutral frame.
 - A command ramps in over ATTACK_S from what was shown (over the time since the previous command on
-  its layer when that is shorter: a stream of commands, like the voice's 30 a second, is followed,
+  its layer when that is shorter: a stream of commands, like the voice's 60 a second, is followed,
   not smoothed once more), holds for its hold_s (counted from its arrival), then fades to nothing
-  over FADE_S. Commands go on named layers (at most MAX_LAYERS):
-  a newer command replaces the older one on its own layer, and the layers add, so the voice's mouth
-  (layer "voice", gaga_ros.voice) never erases a robot's smile on the default layer. A look_at
+  over FADE_S. Commands go on layers, the default one and at most MAX_LAYERS named ones: a newer
+  command replaces the older one on its own layer, and the layers add, so the voice's mouth (layer
+  "voice", gaga_ros.voice) never erases a robot's smile on the default layer. A look_at
   replaces the previous look_at the same way and adds to the commands.
 
 Bad input raises NamedError (a ValueError, so node guards log, count and report it) and leaves the
@@ -50,8 +50,9 @@ EYE_LIMIT = math.radians(15.0)
 LIVE_TIMEOUT_S = 0.5
 #: How long a look_at holds before the eyes return (a robot tracking a person repeats it).
 DEFAULT_LOOK_HOLD_S = 2.0
-#: Layers of commands held at once (the default one "" included), and the longest layer name: a
-#: layer is a source of commands (a behaviour, the voice), not a per-command id.
+#: Named layers of commands held at once besides the default one "" (which is never refused), and
+#: the longest layer name: a layer is a source of commands (a behaviour, the voice), not a
+#: per-command id.
 MAX_LAYERS, MAX_LAYER_NAME = 8, 32
 #: Fields of the JSON form (bridge POST /expression and data channel).
 JSON_FIELDS = ("named", "head", "hold_s", "look_at", "layer")
@@ -311,15 +312,16 @@ class FaceMixer:
 
     def command(self, command: NamedCommand) -> None:
         """Replace the command on its layer (ramping from what that layer shows now); raise
-        NamedError, changing nothing, when it would be a layer beyond MAX_LAYERS."""
+        NamedError, changing nothing, when it would be a named layer beyond MAX_LAYERS."""
         with self._lock:
             t = self.clock()
             self._commands = {k: r for k, r in self._commands.items() if t < r.end()}
             previous = self._commands.get(command.layer)
-            if previous is None and len(self._commands) >= MAX_LAYERS:
-                raise NamedError(f"layer {command.layer!r} refused: {MAX_LAYERS} layers are in use "
-                                 f"({sorted(self._commands)}); accepted are commands on those "
-                                 "layers, or a new layer once one of them has faded out")
+            named = sorted(k for k in self._commands if k)
+            if previous is None and command.layer and len(named) >= MAX_LAYERS:
+                raise NamedError(f"layer {command.layer!r} refused: {MAX_LAYERS} named layers are in use "
+                                 f"({named}); accepted are commands on those layers or on the default "
+                                 "layer (empty), or a new layer once one of them has faded out")
             start, attack = Pose(), ATTACK_S
             if previous is not None:
                 start, attack = previous.at(t), min(ATTACK_S, t - previous.t0)

@@ -8,12 +8,13 @@ The signal chain, per stream:
 
 1. `Resampler` (libswresample) to ANALYSIS_RATE mono: every rate and channel count reads alike.
 2. Frames of WINDOW samples (32 ms, Hann window) every HOP samples (10 ms), power spectrum by FFT.
-3. Level: the power in SPEECH_BAND (where voiced speech lives: above mains hum and rumble, below
-   hiss), in dB. Log compression makes loudness differences between speakers an offset.
-4. Noise floor: the lowest level of the last FLOOR_WINDOW_S (minimum statistics; speech pauses
-   often enough that the minimum is the room, not the voice), never below SILENCE_DB. The opening
-   is the level above floor + GATE_DB, over RANGE_DB: 0 in silence, 1 for loud speech, whatever
-   the microphone's gain and the room's noise.
+3. Level: the power in `Tuning.speech_band` (where voiced speech lives: above mains hum and
+   rumble, below hiss), in dBFS. Log compression makes loudness differences between speakers an
+   offset.
+4. Noise floor: the lowest level (smoothed over 50 ms) of the last `floor_window_s` (minimum
+   statistics: speech pauses often enough that the minimum is the room, not the voice), never below
+   `silence_db`. The opening is the level above floor + `gate_db`, over `range_db`: 0 in silence, 1
+   for loud speech, whatever the microphone's gain and the room's noise.
 5. Two attack/release smoothers of that opening: the lips' (fast) and the jaw's (slower: a jaw is
    heavier than lips). jawOpen follows the jaw's; mouthClose = jaw - lips closes the lips on the
    open jaw when the sound drops faster than the jaw can (stops, /m/ /p/ /b/).
@@ -22,12 +23,14 @@ The signal chain, per stream:
    mouthFunnel with an open jaw, mouthPucker with a nearly closed one. Higher -> spread vowels
    (/i/ /e/): a little mouthSmile on both sides.
 
-Latency (sound in -> weights out): the resampler's filter (~1 ms), the frame's centre lags its end
-by half a window (16 ms) and the hop quantises by up to 10 ms, the jaw's attack (JAW.attack_s,
-20 ms time constant): about 40 ms in all; the lips are quicker. A live system adds its chunk size
-(20 ms usually) before the sound reaches the estimator.
+Latency (sound in -> weights out): the resampler's filter (~1 ms), the analysis frame (a sound
+fills a 32 ms window gradually, counted from its end), the 10 ms hop, and the jaw's attack (20 ms
+time constant). Measured on a tone burst fed in 1 ms pieces: jawOpen is half open 20 ms after the
+onset and 90 % open after 50 ms; after the sound ends it is half closed in 80 ms (the jaw's 80 ms
+release) and closed within 0.4 s. A live system adds its chunk size (20 ms usually) before the
+sound reaches the estimator.
 
-Cost: one 512-point real FFT and a few sums per 10 ms of sound, about 1% of one core at 50 chunks/s
+Cost: one 512-point real FFT and a few sums per 10 ms of sound, under 1 % of one core at 50 chunks/s
 (bench/voice_bench.py measures it).
 """
 
@@ -175,6 +178,14 @@ class MouthEstimator:
 
 
 
+#: The voice node's commands per second and the hold of each (gaga_ros/nodes/voice.py): the render
+#: node's mixer follows a stream of commands one interval late (gaga_ros.named), so 60 a second
+#: costs the mouth 17 ms where 30 cost 33 (bench/voice_bench.py: lag-0 correlation as shown 0.59
+#: against 0.45); the hold lets the mouth fade by itself soon after the commands stop.
+COMMAND_RATE, COMMAND_HOLD_S = 60.0, 0.15
+#: Sound analysed ahead of real time (a live stream's chunks are analysed as they come), and what may
+#: wait beyond the newest chunk before it is analysed at once (Voice).
+LEAD_S, JITTER_S = 0.06, 0.06
 #: Below this no weight is worth a command: the mouth is closed.
 EPS = 1e-3
 #: The layer of named commands that the voice's mouth goes on (gaga_ros.named): it adds to the other
@@ -185,46 +196,79 @@ ROBOT, OPERATOR = "robot", "operator"
 
 
 class Backlog:
-    """Sound waiting for analysis, at most `max_s` of it: a flood drops the oldest (counted), so what
-    the mouth shows is never more than `max_s` behind the newest sound."""
+    """Sound waiting to play, at most about `max_s` of it: a flood drops the oldest chunks (counted)
+    and keeps the newest whole, as the pages' sound buses do (gaga_ros/stream/sound.py)."""
 
     def __init__(self, max_s: float) -> None:
         self.max_s = float(max_s)
         self._chunks: deque[Pcm] = deque()
         self.seconds = 0.0
+        self.newest_s = 0.0
         self.dropped_chunks = 0
         self.dropped_s = 0.0
 
     def push(self, chunk: Pcm) -> None:
         self._chunks.append(chunk)
         self.seconds += chunk.duration_s
-        while self.seconds > self.max_s + 1e-9:
+        self.newest_s = chunk.duration_s
+        while len(self._chunks) > 1 and self.seconds - self._chunks[0].duration_s >= self.max_s - 1e-9:
             oldest = self._chunks.popleft()
-            if not self._chunks:  # one chunk longer than the backlog: keep its newest part
-                keep = int(self.max_s * oldest.sample_rate)
-                cut = oldest.frames - keep
-                self._chunks.append(Pcm(oldest.samples[cut:], oldest.sample_rate,
-                                        oldest.stamp_ns + cut * 1_000_000_000 // oldest.sample_rate))
-                self.seconds, lost = keep / oldest.sample_rate, cut / oldest.sample_rate
-            else:
-                self.seconds -= oldest.duration_s
-                lost = oldest.duration_s
+            self.seconds -= oldest.duration_s
             self.dropped_chunks += 1
-            self.dropped_s += lost
+            self.dropped_s += oldest.duration_s
 
-    def take(self) -> list[Pcm]:
-        chunks, self._chunks, self.seconds = list(self._chunks), deque(), 0.0
-        return chunks
+    def take(self, seconds: float) -> list[Pcm]:
+        """Up to `seconds` of the oldest sound (the last piece cut at a sample)."""
+        out: list[Pcm] = []
+        while self._chunks and seconds > 0:
+            head = self._chunks[0]
+            n = min(head.frames, math.ceil(seconds * head.sample_rate - 1e-6))
+            if n <= 0:
+                break
+            if n == head.frames:
+                out.append(self._chunks.popleft())
+            else:
+                out.append(Pcm(head.samples[:n], head.sample_rate, head.stamp_ns))
+                self._chunks[0] = Pcm(head.samples[n:], head.sample_rate,
+                                      head.stamp_ns + n * 1_000_000_000 // head.sample_rate)
+            taken = n / head.sample_rate
+            seconds -= taken
+            self.seconds = max(0.0, self.seconds - taken)
+        return out
 
 
 class Voice:
-    """One voice: its backlog, its estimator, and when its newest chunk came."""
+    """One voice: its sound waiting to play, its estimator, and when it was last heard and played.
+
+    Sound is analysed as it plays: at real-time pace plus LEAD_S, so a long chunk (a text-to-speech
+    sentence sent as it starts) moves the mouth through its length, while a live stream's 20 ms
+    chunks are analysed as soon as they come. What waits beyond the newest chunk and JITTER_S is
+    analysed at once (a sender whose clock runs fast never builds latency).
+    """
 
     def __init__(self, max_backlog_s: float, tuning: Tuning | None) -> None:
         self.backlog = Backlog(max_backlog_s)
         self.estimator = MouthEstimator(tuning)
-        self.heard_at = -math.inf
+        self.heard_at = self.played_at = -math.inf
         self.chunks = 0
+        self._credit = LEAD_S
+        self._played: float | None = None
+
+    def hear(self, chunk: Pcm, now: float) -> None:
+        self.backlog.push(chunk)
+        self.heard_at = now
+        self.chunks += 1
+
+    def play(self, now: float) -> None:
+        """Analyse the sound due by `now`."""
+        if self._played is not None:
+            self._credit = min(LEAD_S, self._credit + max(0.0, now - self._played))
+        self._played = now
+        due = max(self._credit, self.backlog.seconds - self.backlog.newest_s - JITTER_S)
+        for piece in self.backlog.take(due):
+            self.estimator.feed(piece)
+            self._credit = max(0.0, self._credit - piece.duration_s)
+            self.played_at = now
 
 
 class VoiceMouth:
@@ -233,8 +277,8 @@ class VoiceMouth:
     The robot's voice moves the mouth whenever it sounds (the robot speaks through its face). The
     operator's moves it only while no face drives the avatar: its share ramps to 1 over `blend_s`
     when the face is lost and back to 0 when it returns, so the mouth blends between tracking and
-    voice instead of jumping. Where both sound, each weight is the larger of the two. A voice whose
-    newest chunk is older than `sound_timeout_s` has stopped (a stream cut mid-word does not hold the
+    voice instead of jumping. Where both sound, each weight is the larger of the two. A voice that
+    has played nothing for `sound_timeout_s` has stopped (a stream cut mid-word does not hold the
     mouth open). Not thread-safe: the node calls it under its lock.
     """
 
@@ -250,10 +294,7 @@ class VoiceMouth:
 
     def hear(self, voice: str, chunk: Pcm, now: float) -> None:
         """A chunk of `voice` (ROBOT or OPERATOR) arrived at `now` (seconds, any monotonic clock)."""
-        v = self.voices[voice]
-        v.backlog.push(chunk)
-        v.heard_at = now
-        v.chunks += 1
+        self.voices[voice].hear(chunk, now)
 
     def update(self, now: float, face: bool) -> dict[str, float] | None:
         """Analyse what arrived, follow the face's presence; the mouth's weights, or None when it is
@@ -266,10 +307,9 @@ class VoiceMouth:
         mouth = dict.fromkeys(MOUTH_NAMES, 0.0)
         driving = []
         for name, v in self.voices.items():
-            for chunk in v.backlog.take():
-                v.estimator.feed(chunk)
+            v.play(now)
             share = self.operator_share if name == OPERATOR else 1.0
-            if now - v.heard_at > self.sound_timeout_s or share <= 0.0:
+            if now - v.played_at > self.sound_timeout_s or share <= 0.0:
                 continue
             weights = v.estimator.weights
             if max(weights.values()) * share >= EPS:
@@ -277,3 +317,8 @@ class VoiceMouth:
                 mouth = {k: max(w, share * weights[k]) for k, w in mouth.items()}
         self.driving, self.jaw = tuple(driving), mouth["jawOpen"]
         return mouth if driving else None
+
+    def idle(self, now: float) -> bool:
+        """Nothing to play and nothing playing: update() gives None until a voice is heard again."""
+        return not self.driving and all(not v.backlog.seconds and now - v.played_at > self.sound_timeout_s
+                                        for v in self.voices.values())

@@ -24,9 +24,10 @@ FAKE_CAMERA = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-st
 
 
 def fake_media(clip: Path, out_dir: Path, seconds: float = 10.0, width: int = 320, height: int = 304,
-               fps: int = 30, start_s: float = 0.0) -> list[str]:
-    """Chromium flags that make getUserMedia play `clip` (its picture and its sound, looped): writes
-    a y4m (raw 4:2:0 frames, what Chromium's fake camera reads) and a 48 kHz mono WAV to out_dir."""
+               fps: int = 30, start_s: float = 0.0, sound: Path | None = None) -> list[str]:
+    """Chromium flags that make getUserMedia play `clip` (its picture and its sound, or the sound of
+    `sound`, looped): writes a y4m (raw 4:2:0 frames, what Chromium's fake camera reads) and a 48 kHz
+    mono WAV to out_dir."""
     import wave
 
     import av
@@ -46,7 +47,7 @@ def fake_media(clip: Path, out_dir: Path, seconds: float = 10.0, width: int = 32
                 f.write(b"FRAME\n" + yuv.tobytes())
                 n += 1
     resample, pcm = Resampler(48000, 1), []
-    with av.open(str(clip)) as c:
+    with av.open(str(sound or clip)) as c:
         for frame in c.decode(audio=0):
             pcm.append(resample(from_frame(frame)).samples[:, 0])
     samples = np.concatenate(pcm)[int(start_s * 48000):int((start_s + seconds) * 48000)]
@@ -123,7 +124,12 @@ class Page:
         deadline = time.monotonic() + timeout
         guarded = f"(() => {{ try {{ return ({expression}); }} catch (e) {{ return null; }} }})()"
         while True:
-            value = await self.evaluate(guarded)
+            try:
+                value = await self.evaluate(guarded)
+            except CdpError as e:  # no page context yet (still navigating): not yet
+                if "execution context" not in str(e):
+                    raise
+                value = None
             if value:
                 return value
             if time.monotonic() > deadline:

@@ -202,19 +202,21 @@ def test_a_stream_of_commands_is_followed_within_one_interval():
     assert mixer.overlay(clock.t + ATTACK_S / 2).weights["jawOpen"] == pytest.approx(0.4)
 
 
-def test_a_ninth_layer_is_refused_until_one_fades():
+def test_a_ninth_named_layer_is_refused_until_one_fades():
     clock = Clock()
     mixer = FaceMixer(clock)
-    for i in range(MAX_LAYERS):
-        mixer.command(NamedCommand.parse({"browInnerUp": 0.1}, hold_s=0.5 + i, layer=f"l{i}" if i else ""))
+    for i in range(1, MAX_LAYERS + 1):
+        mixer.command(NamedCommand.parse({"browInnerUp": 0.1}, hold_s=0.5 * i, layer=f"l{i}"))
     before = mixer.overlay(clock.t + ATTACK_S)
     with pytest.raises(NamedError) as err:
         mixer.command(NamedCommand.parse({"jawOpen": 1.0}, layer="extra"))
     assert isinstance(err.value, ValueError)
-    assert f"{MAX_LAYERS} layers are in use" in str(err.value) and "'l7'" in str(err.value)
+    assert f"{MAX_LAYERS} named layers are in use" in str(err.value) and "'l8'" in str(err.value)
     assert mixer.overlay(clock.t + ATTACK_S) == before  # the refused command changed nothing
     mixer.command(NamedCommand.parse({"browInnerUp": 0.2}, layer="l3"))  # a layer in use is fine
-    clock.t += 0.5 + FADE_S + 0.01  # the default layer's command has faded out: its place is free
+    mixer.command(NamedCommand.parse({"mouthSmileLeft": 0.5}))  # and so is the default layer, always
+    assert mixer.overlay(clock.t + ATTACK_S).weights["mouthSmileLeft"] == pytest.approx(0.5)
+    clock.t += 0.5 + FADE_S + 0.01  # l1's command has faded out: its place is free
     mixer.command(NamedCommand.parse({"jawOpen": 1.0}, layer="extra"))
     assert mixer.overlay(clock.t + ATTACK_S).weights["jawOpen"] == pytest.approx(1.0)
 

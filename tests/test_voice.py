@@ -14,7 +14,17 @@ import pytest
 from conftest import wait_for
 
 from gaga_ros.audio import AudioError, Pcm, from_frame, pcm
-from gaga_ros.voice import EPS, MOUTH_NAMES, OPERATOR, ROBOT, Backlog, MouthEstimator, VoiceMouth
+from gaga_ros.voice import (
+    EPS,
+    JITTER_S,
+    LEAD_S,
+    MOUTH_NAMES,
+    OPERATOR,
+    ROBOT,
+    Backlog,
+    MouthEstimator,
+    VoiceMouth,
+)
 
 CHUNK_S = 0.02  # what a live stream sends
 
@@ -147,11 +157,44 @@ def test_a_flood_keeps_only_the_newest_sound():
         backlog.push(Pcm(np.full((320, 1), i, np.int16), 16000))
     assert backlog.seconds == pytest.approx(0.2) and backlog.dropped_chunks == 40
     assert backlog.dropped_s == pytest.approx(0.8)
-    kept = backlog.take()
-    assert [int(c.samples[0, 0]) for c in kept] == list(range(40, 50)) and backlog.seconds == 0
-    backlog.push(Pcm(np.arange(16000, dtype=np.int16)[:, None], 16000))  # one 1 s chunk
-    (tail,) = backlog.take()
-    assert tail.frames == 3200 and tail.samples[0, 0] == 16000 - 3200
+    kept = backlog.take(0.05)  # cut at a sample: two chunks and half of the third
+    assert [c.frames for c in kept] == [320, 320, 160] and int(kept[0].samples[0, 0]) == 40
+    assert backlog.seconds == pytest.approx(0.15)
+    assert [int(c.samples[0, 0]) for c in backlog.take(1.0)] == list(range(42, 50)) and backlog.seconds == 0
+    backlog.push(Pcm(np.arange(16000, dtype=np.int16)[:, None], 16000))  # one 1 s chunk: kept whole
+    assert backlog.seconds == pytest.approx(1.0) and backlog.dropped_chunks == 40
+
+
+def test_a_long_chunk_moves_the_mouth_as_it_plays(speech):
+    """A 1 s chunk (a text-to-speech sentence sent as it starts) is analysed at real-time pace, so the
+    mouth moves through its length; heard once, the voice drives for the whole second."""
+    mouth = VoiceMouth()
+    voice = mouth.voices[ROBOT]
+    second = cut(speech, 0.5, 1.5)
+    mouth.hear(ROBOT, second, 0.0)
+    analysed, jaw = [], []
+    for k in range(75):  # 60 updates a second for 1.25 s
+        t = k / 60
+        jaw.append((mouth.update(t, face=True) or {}).get("jawOpen", 0.0))
+        analysed.append(voice.estimator.analysed_s)
+    expected = np.minimum(np.arange(75) / 60 + LEAD_S, 1.0)
+    assert np.abs(np.array(analysed) - expected).max() <= 0.011  # within a 10 ms hop
+    jaw = np.array(jaw)
+    assert jaw[:20].std() > 0.01 and jaw[20:40].std() > 0.01 and jaw[40:60].std() > 0.01  # moving all along
+
+
+def test_a_fast_sender_never_builds_latency(speech):
+    """Chunks of 20 ms every 19 ms (a sender whose clock runs 5 % fast): what waits stays bounded."""
+    mouth = VoiceMouth()
+    voice = mouth.voices[OPERATOR]
+    pieces = list(chunks(speech))
+    waiting = []
+    for k in range(500):
+        mouth.hear(OPERATOR, pieces[k % len(pieces)], k * 0.019)
+        mouth.update(k * 0.019, face=False)
+        waiting.append(voice.backlog.seconds)
+    assert max(waiting) <= CHUNK_S + JITTER_S + 1e-6 and voice.backlog.dropped_chunks == 0
+    assert voice.estimator.analysed_s == pytest.approx(500 * CHUNK_S - voice.backlog.seconds, abs=0.011)
 
 
 def test_robot_always_operator_only_without_a_face(speech):
@@ -189,8 +232,10 @@ def test_robot_always_operator_only_without_a_face(speech):
     assert back[-1] == (None, 0.0) and back[0][1] == pytest.approx(1 - CHUNK_S / 0.3)
     # A voice that stops sending stops moving the mouth after sound_timeout_s.
     step(ROBOT, True)
+    assert not mouth.idle(t)
     t += mouth.sound_timeout_s + 0.01
     assert mouth.update(t, True) is None and mouth.driving == ()
+    assert mouth.idle(t)  # the node stops ticking until a voice is heard again
 
 
 # ---- the node, over real DDS ---------------------------------------------------------------------------

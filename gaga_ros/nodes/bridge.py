@@ -30,7 +30,7 @@ from gaga_ros.nodes.expression_msg import to_msg as expression_to_msg
 from gaga_ros.nodes.guard import GuardedNode
 from gaga_ros.nodes.image_msg import from_msg, to_msg
 from gaga_ros.nodes.parameters import Param, declare
-from gaga_ros.stream import StreamServer
+from gaga_ros.stream import StreamServer, stamp_code
 
 PARAMS = (
     Param("host", "127.0.0.1", "Address to listen on. Anything but loopback needs a token."),
@@ -60,6 +60,9 @@ PARAMS = (
           "(driver:=operator makes it the tracking node's camera topic)."),
     Param("robot_camera", "", "An Image topic of the robot's camera to show on the operator's page "
           "(empty: none)."),
+    Param("frame_codes", False, "Paint each frame's stamp (the driving camera frame's time, in ms mod "
+          "65536) as a frame code in the top-left corner, so a page opened with ?codes=1 measures "
+          "camera-to-display latency (bench/loop_bench.py). Off in use: the code is visible."),
     Param("max_operators", 1, "Operators connected at once; the next one waits (409, the page says "
           "so).", low=1, high=16),
 )
@@ -136,7 +139,10 @@ class BridgeNode(GuardedNode):
         return SetParametersResult(successful=True)
 
     def _on_image(self, msg: Image) -> None:
-        self.server.push_frame(from_msg(msg), stamps.to_ns(msg.header.stamp))  # bad ones: refused
+        rgb, stamp_ns = from_msg(msg), stamps.to_ns(msg.header.stamp)  # bad ones raise: refused
+        if self.p["frame_codes"]:
+            rgb = stamp_code(rgb.copy(), stamp_ns // 1_000_000)
+        self.server.push_frame(rgb, stamp_ns)
         self.frames_in.tick()
 
     def _on_robot_camera(self, msg: Image) -> None:

@@ -24,18 +24,19 @@ from gaga_ros.nodes.diagnostics import OK, WARN, Diagnostics, RateMeter
 from gaga_ros.nodes.expression_msg import named_to_msg
 from gaga_ros.nodes.guard import REASON_HOLD_S, GuardedNode
 from gaga_ros.nodes.parameters import Param, declare
-from gaga_ros.voice import LAYER, OPERATOR, ROBOT, VoiceMouth
+from gaga_ros.voice import COMMAND_HOLD_S, COMMAND_RATE, LAYER, OPERATOR, ROBOT, VoiceMouth
 
 PARAMS = (
-    Param("rate", 30.0, "Mouth commands per second while a voice moves the mouth.", low=5.0, high=120.0),
-    Param("hold_s", 0.15, "Hold of each command: when commands stop (the sound stopped), the render node "
-          "holds the mouth this long, then fades it out over 0.3 s.", low=0.05, high=2.0),
+    Param("rate", COMMAND_RATE, "Mouth commands per second while a voice moves the mouth (the render node "
+          "follows them one interval late).", low=5.0, high=120.0),
+    Param("hold_s", COMMAND_HOLD_S, "Hold of each command: when commands stop (the sound stopped), the "
+          "render node holds the mouth this long, then fades it out over 0.3 s.", low=0.05, high=2.0),
     Param("blend_s", 0.3, "The operator's voice takes the mouth over this long when tracking loses the "
           "face, and gives it back to tracking over this long when the face returns.", low=0.0, high=5.0),
-    Param("max_backlog_s", 0.2, "Sound kept per voice while waiting for analysis; a flood drops the "
-          "oldest (counted in diagnostics), so the mouth never lags the newest sound by more.",
-          low=0.02, high=2.0),
-    Param("sound_timeout_s", 0.25, "A voice whose newest chunk is older than this has stopped: a stream "
+    Param("max_backlog_s", 0.2, "Sound kept per voice while it waits to play; a flood drops the oldest "
+          "chunks (counted in diagnostics) and keeps the newest whole, so the mouth never lags the newest "
+          "sound by more.", low=0.02, high=2.0),
+    Param("sound_timeout_s", 0.25, "A voice that has played nothing for this long has stopped: a stream "
           "cut mid-word does not hold the mouth open.", low=0.05, high=5.0),
     Param("status_timeout_s", 3.0, "A tracking status older than this counts as none (no face): the "
           "tracking node republishes it every second, so an older one means tracking is gone.",
@@ -63,13 +64,15 @@ class VoiceNode(GuardedNode):
             self.create_subscription(AudioChunk, topic, lambda msg, v=voice: self._on_audio(v, msg),
                                      qos.AUDIO)
         self.create_subscription(TrackingStatus, names.TRACKING_STATUS, self._on_status, qos.LATCHED)
-        self.create_timer(1.0 / self.p["rate"], self._tick)
+        self.timer = self.create_timer(1.0 / self.p["rate"], self._tick)  # runs while there is sound
         self.diagnostics = Diagnostics(self, self._report)
 
     def _on_audio(self, voice: str, msg: AudioChunk) -> None:
         chunk = pcm(msg.data, msg.sample_rate, msg.channels, stamps.to_ns(msg.header.stamp))  # AudioError
         with self.lock:
             self.mouth.hear(voice, chunk, time.monotonic())
+            if self.timer.is_canceled():
+                self.timer.reset()
         self.meters[voice].tick()
 
     def _on_status(self, msg: TrackingStatus) -> None:
@@ -84,6 +87,8 @@ class VoiceNode(GuardedNode):
         with self.lock:
             now = time.monotonic()
             weights = self.mouth.update(now, self._face(now))
+            if weights is None and self.mouth.idle(now):
+                self.timer.cancel()  # silence costs no ticks; the next chunk starts them again
         if weights is None:
             return
         command = NamedCommand.parse(weights, hold_s=self.p["hold_s"], layer=LAYER)
@@ -102,7 +107,9 @@ class VoiceNode(GuardedNode):
             dropped = 0
             for voice, topic in TOPICS.items():
                 backlog = voices[voice].backlog
-                values[f"{voice}_chunk_rate"] = self.meters[voice].rate
+                meter = self.meters[voice]  # its window holds the last chunks however old they are
+                values[f"{voice}_chunk_rate"] = meter.rate if now - voices[voice].heard_at < meter.window_s \
+                    else 0.0
                 values[f"{voice}_chunks"] = voices[voice].chunks
                 values[f"{voice}_refused_chunks"] = self.guard.counts[self.resolve_topic_name(topic)]
                 values[f"{voice}_dropped_chunks"] = backlog.dropped_chunks

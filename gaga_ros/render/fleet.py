@@ -10,11 +10,11 @@ build, whose publishers vanished or whose expressions stopped costs the others n
 render raises is reported in the round and the rest of the round goes on.
 
 What a join costs (`set_avatar`): the avatar's upload to the device; for a GAGAvatar member, a
-`source` copy into a free slot of an existing batch (its Gaussians and covariances, milliseconds, no
-graph capture and nothing recaptured for the others), or, when every batch is full (the first such
-avatar, or more than `slots`), a new FastRenderer batch: its buffers and the refiner's CUDA graph
-capture (seconds, once; the running avatars pause for it, since capture needs the device to itself).
-A leave frees the slot; the last member of a batch frees the batch.
+`source` copy into a free slot of an existing batch (its Gaussians and covariances: about 1 ms on
+the H200, `fast join (set_source)` in bench/fast_bench.py; nothing recaptured for the others), or,
+when every batch is full (the first such avatar, or more than `slots`), a new FastRenderer batch:
+its buffers and CUDA graph captures (seconds, once; the running avatars pause for it, since capture
+needs the device to itself). A leave clears the slot; the last member of a batch frees the batch.
 
 Memory: before a join takes memory, the fleet compares what the avatar needs (its tensors, plus a
 new batch's buffers when one is needed) with what is available: the device's free memory on CUDA and,
@@ -84,8 +84,8 @@ class Member:
 
 
 class _Batch:
-    """A FastRenderer whose slots hold the sources of up to `capacity` avatars of one model; slots
-    without an owner keep rendering their last inputs and are not published."""
+    """A FastRenderer whose slots hold the sources of up to `capacity` avatars of one model; a slot
+    without an owner is cleared (an empty splat, still rendered with the others) and not published."""
 
     def __init__(self, renderer, nbytes: int) -> None:
         self.renderer = renderer
@@ -346,7 +346,8 @@ class Fleet:
         from gaga_ros.avatar.gagavatar.fast import FastRenderer
 
         before = torch.cuda.memory_allocated(self.device)
-        renderer = FastRenderer(backend.model, [source] * self.slots, compile_mode=backend.compile_mode)
+        renderer = FastRenderer(backend.model, [source] + [None] * (self.slots - 1),
+                                compile_mode=backend.compile_mode)
         batch = _Batch(renderer, torch.cuda.memory_allocated(self.device) - before)
         batch.owners[0] = key
         self.batches.append(batch)
@@ -360,5 +361,7 @@ class Fleet:
             batch.owners[slot] = None
             if all(owner is None for owner in batch.owners):
                 self.batches.remove(batch)
+            else:
+                batch.renderer.clear_slot(slot)
         member.slot, member.avatar, member.nbytes = None, None, 0
 

@@ -9,8 +9,9 @@ every subscribed `BusTrack`; aiortc encodes Opus per peer, which costs far less 
 Why a bus and not aiortc's MediaRelay: a direction has several sources (a robot's text-to-speech
 while its room talks into the kiosk microphone) that must add, and a source that stalls must not
 stall the others or the clock. What it costs: each source keeps PREBUFFER_S of sound before it
-plays (absorbs network jitter), and at most MAX_BUFFER_S: older sound is dropped, so a source that
-bursts never builds latency.
+plays (absorbs network jitter); a source that got ahead (a burst after a stall) by more than
+CATCH_UP_S is cut back to PREBUFFER_S at once, a short skip in the sound instead of a delay that
+would otherwise last as long as the source plays, and no source ever holds more than MAX_BUFFER_S.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from gaga_ros.audio import WEBRTC_RATE, Pcm, Resampler
 FRAME_S = 0.02
 FRAME_SAMPLES = int(WEBRTC_RATE * FRAME_S)
 #: Sound a source collects before it plays (after start or an underrun), and the most it holds.
-PREBUFFER_S, MAX_BUFFER_S = 0.04, 0.2
+PREBUFFER_S, CATCH_UP_S, MAX_BUFFER_S = 0.04, 0.1, 0.2
 #: Frames a slow peer may fall behind before its oldest frame is dropped.
 TRACK_QUEUE = 5
 
@@ -43,6 +44,7 @@ class _Source:
         self.buffered = 0
         self.playing = False
         self.last_push = 0.0
+        self.skipped = 0  # samples cut to catch up
 
     def push(self, chunk: Pcm) -> int:
         """Add sound; returns how many samples were dropped to stay within MAX_BUFFER_S."""
@@ -50,10 +52,20 @@ class _Source:
         self.samples.append(mono)
         self.buffered += mono.size
         self.last_push = time.monotonic()
+        return self._drop(self.buffered - int(MAX_BUFFER_S * WEBRTC_RATE))
+
+    def _drop(self, n: int) -> int:
+        """Drop the oldest n samples (none when n <= 0); returns how many went."""
         dropped = 0
-        while self.buffered - self.samples[0].size >= MAX_BUFFER_S * WEBRTC_RATE:
-            dropped += self.samples[0].size
-            self.buffered -= self.samples.popleft().size
+        while n > dropped and self.samples:
+            head = self.samples[0]
+            k = min(n - dropped, head.size)
+            if k == head.size:
+                self.samples.popleft()
+            else:
+                self.samples[0] = head[k:]
+            dropped += k
+        self.buffered -= dropped
         return dropped
 
     def take(self, n: int) -> np.ndarray | None:
@@ -61,6 +73,8 @@ class _Source:
         if not self.playing and self.buffered < PREBUFFER_S * WEBRTC_RATE:
             return None
         self.playing = self.buffered > 0
+        if self.buffered > CATCH_UP_S * WEBRTC_RATE:
+            self.skipped += self._drop(self.buffered - int(PREBUFFER_S * WEBRTC_RATE))
         out = np.zeros(n, np.int32)
         filled = 0
         while filled < n and self.samples:
