@@ -18,7 +18,7 @@ from collections.abc import Callable
 from types import FrameType
 
 import rclpy
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import Executor, ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
 
@@ -53,16 +53,18 @@ def _install_stop_handlers(stop: threading.Event) -> None:
         signal.signal(sig, on_signal)
 
 
-def spin(make_node: Callable[[], Node], args: list[str] | None = None) -> None:
+def spin(make_node: Callable[[], Node], args: list[str] | None = None,
+         make_executor: Callable[[], Executor] | None = None) -> None:
     """Run one node until Ctrl-C, SIGTERM or shutdown; exits 0 after a clean stop, 2 when the node
-    cannot start, and the code given to request_exit() when the node asked to end."""
+    cannot start, and the code given to request_exit() when the node asked to end. The executor is
+    rclpy's multi-threaded one (4 threads) unless `make_executor` gives another."""
     # rclpy's own handler would invalidate the context while worker threads still publish.
     rclpy.init(args=args if args is not None else sys.argv, signal_handler_options=SignalHandlerOptions.NO)
     global _stop
     stop = _stop = threading.Event()
     _install_stop_handlers(stop)  # a stop during a long start (model loading) is honoured after it
     node = None
-    executor = MultiThreadedExecutor(num_threads=4)
+    executor = make_executor() if make_executor is not None else MultiThreadedExecutor(num_threads=4)
     try:
         node = make_node()
         executor.add_node(node)
