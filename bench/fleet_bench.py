@@ -102,7 +102,7 @@ class Probe:
     def __init__(self) -> None:
         import rclpy
         from diagnostic_msgs.msg import DiagnosticArray
-        from rclpy.executors import MultiThreadedExecutor
+        from rclpy.experimental import EventsExecutor
 
         rclpy.init()
         self.node = rclpy.create_node(f"fleet_bench_{os.getpid()}")
@@ -111,10 +111,17 @@ class Probe:
         self.models, self.exprs = {}, {}
         self.round_ms: list[float] = []
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 50)
-        self.executor = MultiThreadedExecutor(num_threads=4)
+        # C++ dispatch, as the fleet node's, so that a thousand images a second do not queue in here;
+        # spun in steps (its spin() in a thread starved this process's other threads, seen).
+        self.executor = EventsExecutor()
         self.executor.add_node(self.node)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._spin, daemon=True)
         self.thread.start()
+
+    def _spin(self) -> None:
+        while not self.stop.is_set():
+            self.executor.spin_once(timeout_sec=0.1)
 
     def _on_diag(self, msg) -> None:
         for s in msg.status:
@@ -148,6 +155,8 @@ class Probe:
     def close(self) -> None:
         import rclpy
 
+        self.stop.set()
+        self.thread.join()
         self.executor.shutdown()
         self.node.destroy_node()
         rclpy.shutdown()
