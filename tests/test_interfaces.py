@@ -121,6 +121,9 @@ def test_graph_description_is_valid():
     assert {s.qualified for s in placed} >= {"/robot1/gaga_render", "/robot1/gaga_bridge"}
     assert next(s for s in placed if s.module == "bridge").parameters == {"port": 8081}
     assert next(s for s in graph.telepresence() if s.module == "bridge").parameters == {"port": 8080}
+    fleet_served = graph.telepresence({"namespace": "robot1", "render": "false"})  # a fleet node renders it
+    assert "gaga_render" not in [s.name for s in fleet_served] and "gaga_reconstruction" in [
+        s.name for s in fleet_served]
     with pytest.raises(ValueError, match="namespace '1robot': accepted are names"):
         graph.telepresence({"namespace": "1robot"})
     with pytest.raises(ValueError, match="port 'http': accepted is a TCP port"):
