@@ -78,6 +78,8 @@ class VoiceNode(GuardedNode):
     def _on_status(self, msg: TrackingStatus) -> None:
         with self.lock:
             self.status, self.status_at = msg, time.monotonic()
+            if self.timer.is_canceled():
+                self.timer.reset()  # one tick brings the operator's share up to date
 
     def _face(self, now: float) -> bool:
         return self.status is not None and self.status.face_found and \
@@ -103,7 +105,8 @@ class VoiceNode(GuardedNode):
             voices = self.mouth.voices
             driving = "+".join(self.mouth.driving) or "none"
             values = {"driving": driving, "jaw_open": self.mouth.jaw, "face": face,
-                      "operator_share": self.mouth.operator_share, "commands": self.commands}
+                      "operator_share": self.mouth.operator_share, "commands": self.commands,
+                      "ticking": not self.timer.is_canceled()}
             dropped = 0
             for voice, topic in TOPICS.items():
                 backlog = voices[voice].backlog
