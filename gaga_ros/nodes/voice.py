@@ -49,6 +49,8 @@ TOPICS = {ROBOT: names.ROBOT_AUDIO, OPERATOR: names.OPERATOR_AUDIO}
 class VoiceNode(GuardedNode):
     """AudioChunk -> VoiceMouth -> NamedExpression on the voice layer."""
 
+    executor_threads = 1  # its callbacks queue sound; the mouth is computed on a timer
+
     def __init__(self) -> None:
         super().__init__("voice")
         self.p = declare(self, PARAMS)
