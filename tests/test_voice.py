@@ -339,6 +339,7 @@ def test_robot_speech_moves_the_mouth_on_the_voice_layer(voice_node, speech):
     assert wait_for(lambda: len(probe.reports) >= seen + 2, 30, 0.05)
     later = probe.reports[seen:]
     assert later[0]["commands"] == later[-1]["commands"] and later[-1]["driving"] == "none"
+    assert wait_for(lambda: diag(obs, "ticking") == "False", 30, 0.05)  # silence costs no ticks
 
 
 @pytest.mark.slow

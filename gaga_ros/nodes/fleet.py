@@ -76,6 +76,13 @@ class _Served:
 class FleetNode(ManagedNode):
     """Serves the avatars of many namespaces from one device."""
 
+    #: rclpy's events executor (gaga_ros.nodes.runtime): it dispatches in C++, where the
+    #: multi-threaded one's per-message Python (its wait set rebuilt per callback) held the interpreter
+    #: lock against the render worker. bench/fleet_bench.py, 4 geometric avatars at 64 px, 480
+    #: expressions/s in, 2-core VM, alternating runs: 8.5 and 4.0 frames/s with it, 32.1 and 16.5 with
+    #: the events executor.
+    executor_threads = 0
+
     def __init__(self) -> None:
         super().__init__("gaga_fleet", PARAMS)
         self.fleet: Fleet | None = None
@@ -261,15 +268,9 @@ class FleetNode(ManagedNode):
 
 
 def main(args: list[str] | None = None) -> None:
-    from rclpy.experimental import EventsExecutor
-
     from gaga_ros.nodes.runtime import spin
 
-    # rclpy's events executor dispatches in C++: the multi-threaded one's per-message Python (its
-    # wait set rebuilt per callback) held the interpreter lock against the render worker. Measured
-    # with bench/fleet_bench.py (4 geometric avatars at 64 px, 480 expressions/s in, 2-core VM):
-    # 8.5 and 4.0 frames/s with it, 32.1 and 16.5 with the events executor, alternating runs.
-    spin(FleetNode, args, EventsExecutor)
+    spin(FleetNode, args)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,8 @@ def render_device(requested: str) -> str:
 class RenderNode(ManagedNode):
     """Keeps the avatar on the device and renders each newest expression."""
 
+    executor_threads = 1  # its callbacks fill a mailbox; rendering runs on the worker thread
+
     def __init__(self) -> None:
         super().__init__("gaga_render", PARAMS)
         self.device = "cpu"

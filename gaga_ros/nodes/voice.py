@@ -49,6 +49,8 @@ TOPICS = {ROBOT: names.ROBOT_AUDIO, OPERATOR: names.OPERATOR_AUDIO}
 class VoiceNode(GuardedNode):
     """AudioChunk -> VoiceMouth -> NamedExpression on the voice layer."""
 
+    executor_threads = 1  # its callbacks queue sound; the mouth is computed on a timer
+
     def __init__(self) -> None:
         super().__init__("gaga_voice")
         self.p = declare(self, PARAMS)
@@ -78,6 +80,8 @@ class VoiceNode(GuardedNode):
     def _on_status(self, msg: TrackingStatus) -> None:
         with self.lock:
             self.status, self.status_at = msg, time.monotonic()
+            if self.timer.is_canceled():
+                self.timer.reset()  # one tick brings the operator's share up to date
 
     def _face(self, now: float) -> bool:
         return self.status is not None and self.status.face_found and \
@@ -103,7 +107,8 @@ class VoiceNode(GuardedNode):
             voices = self.mouth.voices
             driving = "+".join(self.mouth.driving) or "none"
             values = {"driving": driving, "jaw_open": self.mouth.jaw, "face": face,
-                      "operator_share": self.mouth.operator_share, "commands": self.commands}
+                      "operator_share": self.mouth.operator_share, "commands": self.commands,
+                      "ticking": not self.timer.is_canceled()}
             dropped = 0
             for voice, topic in TOPICS.items():
                 backlog = voices[voice].backlog
