@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tracking_bench import load_frames  # the same 512x512 obama frames
 
-from gaga_ros.expression import frontal_transform
+from gaga_ros.camera import frontal_transform
 from gaga_ros.faces.conversion import FaceConverter, project
 from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES
 from gaga_ros.faces.synthetic_flame import make_synthetic_flame

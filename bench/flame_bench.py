@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from tracking_bench import MEDIA, load_frames, square_512  # the same 512x512 obama frames
 
+from gaga_ros.camera import project_points
 from gaga_ros.config import FLAME_SCALE
 from gaga_ros.faces.flame import Flame
 from gaga_ros.faces.synthetic_flame import make_synthetic_flame
-from gaga_ros.tracking.flame_fitter import project
 from gaga_ros.tracking.flame_tracker import FlameTracker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,8 +112,8 @@ def still_run(assets, flame: Flame, image: np.ndarray, n: int) -> dict:
                           jaw_pose=torch.from_numpy(out.jaw_pose)[None].float(),
                           eye_pose=torch.from_numpy(out.eye_pose)[None].float())
             points = flame.landmarks(verts, "full")
-            lmk.append(project(points, torch.from_numpy(out.transform[None, :, :3]).float(),
-                               torch.from_numpy(out.transform[None, :, 3]).float())[0].numpy())
+            lmk.append(project_points(points, torch.from_numpy(out.transform[None, :, :3]).float(),
+                                      torch.from_numpy(out.transform[None, :, 3]).float())[0].numpy())
     tracker.close()
 
     def spread(values: list[np.ndarray]) -> float:  # RMS over points of the per-point std

@@ -23,8 +23,7 @@ import torch
 
 from gaga_ros.avatar.gagavatar import FULL, TINY, GAGAvatar, load_state_dict_strict
 from gaga_ros.avatar.gagavatar.checkpoint import reference_fill
-from gaga_ros.camera import Camera
-from gaga_ros.expression import frontal_transform
+from gaga_ros.camera import Camera, frontal_transform
 from gaga_ros.render import rasterize
 
 RESULTS = Path(__file__).resolve().parent / "results"

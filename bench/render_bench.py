@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from gaga_ros.camera import Camera
-from gaga_ros.expression import frontal_transform
+from gaga_ros.camera import Camera, frontal_transform
 from gaga_ros.gaussians import Gaussians
 from gaga_ros.render import rasterize
 

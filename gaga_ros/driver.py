@@ -13,7 +13,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from gaga_ros.blendshapes import JAW_OPEN, displacement, head_rotation
-from gaga_ros.expression import Expression, FaceModel, frontal_transform
+from gaga_ros.camera import frontal_transform
+from gaga_ros.expression import Expression, FaceModel
 from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES
 
 #: Seconds of each scripted segment, in loop order.

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gaga_ros.blendshapes import EYE_LOOK_MAX, JAW_OPEN, NAMES, displacement, eye_angles, head_rotation
-from gaga_ros.expression import Expression, FaceModel, frontal_transform
+from gaga_ros.camera import frontal_transform
+from gaga_ros.expression import Expression, FaceModel
 from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES
 
 #: Hold of a command that gives none (hold_s 0), and the longest accepted (longer is clamped): a

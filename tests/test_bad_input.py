@@ -22,8 +22,9 @@ import pytest
 from conftest import wait_for
 from test_faults import Graph, Observer
 
+from gaga_ros.camera import frontal_transform
 from gaga_ros.config import MAX_EXPRESSION_COEFFS, MESH_LANDMARKS
-from gaga_ros.expression import Expression, ExpressionError, FaceModel, frontal_transform
+from gaga_ros.expression import Expression, ExpressionError, FaceModel
 from gaga_ros.source import ImageError, as_rgb, load_image
 
 #: Bad-input cases run by this file, for bench/RELIABILITY.md (counted at collection).

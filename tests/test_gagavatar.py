@@ -25,8 +25,7 @@ from gaga_ros.avatar.gagavatar import (
 )
 from gaga_ros.avatar.gagavatar.checkpoint import reference_fill
 from gaga_ros.avatar.gagavatar.lifting import plane_points
-from gaga_ros.camera import Camera
-from gaga_ros.expression import frontal_transform
+from gaga_ros.camera import Camera, frontal_transform
 from gaga_ros.render import rasterize
 
 TOL = 1e-4

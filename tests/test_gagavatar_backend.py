@@ -83,7 +83,7 @@ def test_fast_path_matches_reference_on_gpu(tmp_path, media_dir):
     """The backend's default CUDA path (FastRenderer) stays within 40 dB of the fp32 reference."""
     from PIL import Image
 
-    from gaga_ros.expression import frontal_transform
+    from gaga_ros.camera import frontal_transform
 
     root = make_models_dir(tmp_path / "models")
     crop = np.asarray(Image.open(media_dir / "monroe.jpg").convert("RGB").resize((512, 512)))

@@ -15,8 +15,7 @@ import pytest
 import torch
 from gsplat.cuda._torch_impl import _fully_fused_projection, _quat_to_rotmat
 
-from gaga_ros.camera import Camera
-from gaga_ros.expression import frontal_transform
+from gaga_ros.camera import Camera, frontal_transform
 from gaga_ros.gaussians import Gaussians
 from gaga_ros.render import RenderInputError, RenderResult, rasterize
 from gaga_ros.render.covariance import raw_quat_covariance, raw_quat_rotation

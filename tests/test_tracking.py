@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from mediapipe.python.solutions import face_mesh_connections as fmc
 
-from gaga_ros.camera import Camera
+from gaga_ros.camera import Camera, frontal_transform
 from gaga_ros.crop import CropError, crop_head, head_box, square_box
-from gaga_ros.expression import FaceModel, frontal_transform
+from gaga_ros.expression import FaceModel
 from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES, MIRROR, REGIONS, TRIANGLES
 from gaga_ros.tracking.landmarks import FaceLandmarker, ImageError
 from gaga_ros.tracking.mesh_tracker import RIGID, FitError, MeshTracker, fit_head

@@ -18,9 +18,9 @@ import torch
 
 from gaga_ros.avatar.base import CAMERA_FIXED, Avatar, Binding, NoFaceError, content_id
 from gaga_ros.avatar.deform import anchors, deform, matrix_to_quat, quat_to_matrix
-from gaga_ros.camera import Camera
+from gaga_ros.camera import Camera, frontal_transform
 from gaga_ros.config import CROP_SCALE, CROP_SIZE
-from gaga_ros.expression import Expression, ExpressionError, FaceModel, frontal_transform
+from gaga_ros.expression import Expression, ExpressionError, FaceModel
 from gaga_ros.faces.conversion import FaceConverter
 from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES, FACE_LANDMARKS, REGIONS, TRIANGLES
 from gaga_ros.gaussians import Gaussians

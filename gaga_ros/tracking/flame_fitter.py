@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gaga_ros.config import CAMERA_DISTANCE, CROP_SIZE, FOCAL, MESH_LANDMARKS
+from gaga_ros.camera import frontal_transform, pixel_focal, principal_point
+from gaga_ros.config import CAMERA_DISTANCE, CROP_SIZE, MESH_LANDMARKS
 from gaga_ros.faces.flame import Flame, rodrigues
 from gaga_ros.faces.flame_assets import FlameAssets
 
@@ -46,7 +47,9 @@ MEDIAPIPE_TO_IBUG68 = (
 )
 MEDIAPIPE_IRIS_CENTRES = (468, 473)
 #: Frontal camera rotation (GAGAvatar convention, row-vector): camera +X is the subject's right.
-_FRONTAL = torch.tensor([[-1.0, 0, 0], [0, 1, 0], [0, 0, -1]])
+_FRONTAL = torch.from_numpy(np.ascontiguousarray(frontal_transform()[:, :3]))
+#: The crop camera in pixels (gaga_ros.camera): focal and principal point of the 512 head crop.
+_PIXEL_FOCAL, _CENTRE = pixel_focal(CROP_SIZE), principal_point(CROP_SIZE)
 
 
 class FitInputError(ValueError):
@@ -112,15 +115,6 @@ def landmark_submodel(assets: FlameAssets, extra_faces: np.ndarray | None = None
         j_regressor=np.concatenate([np.zeros((j, n), np.float32), np.eye(j, dtype=np.float32)], 1),
         lbs_weights=weights, source=f"{assets.source} (landmark vertices)")
     return Flame(reduced, n_shape=n_shape, n_exp=n_exp)
-
-
-def project(points: torch.Tensor, rotation: torch.Tensor, translation: torch.Tensor) -> torch.Tensor:
-    """GAGAvatar camera projection to crop pixels: (B,L,3) world -> (B,L,2), u right, v down."""
-    cam = points @ rotation + translation[:, None]
-    pixel_focal = FOCAL * CROP_SIZE / 2
-    centre = (CROP_SIZE - 1) / 2
-    return torch.stack([centre - pixel_focal * cam[..., 0] / cam[..., 2],
-                        centre - pixel_focal * cam[..., 1] / cam[..., 2]], dim=-1)
 
 
 #: Prior standard deviations (MAP weights are 1 / sigma^2 against 1 px landmark residuals). Shape and
@@ -269,7 +263,7 @@ class FlameFitter:
         modes = modes.reshape(modes.shape[0], -1)
         modes = modes / modes.norm(dim=1, keepdim=True) * rest.shape[0] ** 0.5    # unit RMS per landmark
         rigid = torch.linalg.lstsq(modes.T, dirs.reshape(-1, dirs.shape[-1])).solution  # (7,K)
-        px_per_unit = FOCAL * CROP_SIZE / 2 / CAMERA_DISTANCE
+        px_per_unit = _PIXEL_FOCAL / CAMERA_DISTANCE
         return rigid.T @ rigid * (px_per_unit / GAUGE_SIGMA_PX) ** 2
 
     def reset(self) -> None:
@@ -353,16 +347,15 @@ class FlameFitter:
         points = chan[:, :, 0] + (bend_rows @ arm.reshape(batch, n_lmk, 9, 1))[..., 0]
         cam_rot = rot[:, 3].transpose(1, 2) @ self._frontal
         cam = points @ cam_rot + trans[:, None]
-        pixel_focal, centre = FOCAL * CROP_SIZE / 2, (CROP_SIZE - 1) / 2
         inv_z = 1 / cam[..., 2:]
-        pred = centre - pixel_focal * cam[..., :2] * inv_z
+        pred = _CENTRE - _PIXEL_FOCAL * cam[..., :2] * inv_z  # gaga_ros.camera.project_points
         residual = (pred - target).reshape(batch, -1)
         if not jacobian:
             return residual, None, None
 
         def to_pixels(d_cam: torch.Tensor) -> torch.Tensor:
             """d camera point (B,L,3,Q) -> d pixel (B,2L,Q): u = c - f X/Z, v = c - f Y/Z."""
-            d = pixel_focal * inv_z[..., None] * (cam[..., :2, None] * inv_z[..., None] * d_cam[:, :, 2:]
+            d = _PIXEL_FOCAL * inv_z[..., None] * (cam[..., :2, None] * inv_z[..., None] * d_cam[:, :, 2:]
                                                   - d_cam[:, :, :2])
             return d.reshape(batch, 2 * n_lmk, -1)
 
@@ -473,9 +466,8 @@ class FlameFitter:
         pred = residual.view_as(target) + target
         spread = lambda p: (p - p.mean(1, keepdim=True)).norm(dim=-1).mean(1)  # noqa: E731
         z = CAMERA_DISTANCE * spread(pred) / spread(target).clamp(min=1.0)
-        off = (CROP_SIZE - 1) / 2 - torch.stack([target.mean(1), pred.mean(1)])  # (2,B,2) from centre
-        pixel_focal = FOCAL * CROP_SIZE / 2
-        x[:, -3:-1] = (off[0] * z[:, None] - off[1] * CAMERA_DISTANCE) / pixel_focal
+        off = _CENTRE - torch.stack([target.mean(1), pred.mean(1)])  # (2,B,2) from centre
+        x[:, -3:-1] = (off[0] * z[:, None] - off[1] * CAMERA_DISTANCE) / _PIXEL_FOCAL
         x[:, -1] = z
         return x
 

@@ -1,7 +1,7 @@
 """Mesh-mode tracking: FaceMesh landmarks -> GAGAvatar head pose + identity-free canonical landmarks.
 
 Per frame: landmarks on the full frame, a GAGAvatar head crop around them (crop.py), a rigid head fit in
-the crop's camera (focal 3072 px on 512, SPEC section 6), the landmarks brought into the canonical head
+the crop's camera (gaga_ros.camera: focal 3072 px on 512), the landmarks brought into the canonical head
 frame, and motion relative to the driver's own reference (mean of its first confident frames), smoothed
 with One Euro filters. The output drives an avatar of another person: it carries motion, not shape.
 """
@@ -13,15 +13,14 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from gaga_ros.config import CROP_SCALE, CROP_SIZE, FOCAL, MESH_LANDMARKS
+from gaga_ros.camera import from_opencv, frontal_transform, intrinsics, to_opencv
+from gaga_ros.config import CAMERA_DISTANCE, CROP_SCALE, CROP_SIZE, MESH_LANDMARKS
 from gaga_ros.crop import CropWindow, HeadCrop, crop_head, crop_window, head_box
-from gaga_ros.expression import Expression, FaceModel, frontal_transform
+from gaga_ros.expression import Expression, FaceModel
 from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES, FACE_LANDMARKS, REGIONS
 from gaga_ros.tracking.landmarks import FaceLandmarker
 from gaga_ros.tracking.smoothing import OneEuroFilter
 
-#: OpenCV camera axes (x right, y down) from GAGAvatar's (x left, y up); z is shared.
-_FLIP = np.diag([-1.0, -1.0, 1.0])
 #: Landmarks that move little with expression (forehead, nose, cheeks, eye corners): the rigid fit uses
 #: these only, so a smile or an open jaw does not tilt the head.
 _MOVING = ("lips_upper", "lips_lower", "lower_face", "left_eye_upper", "left_eye_lower",
@@ -47,11 +46,6 @@ class HeadFit:
     rmse_px: float  # reprojection error of the canonical face's rigid landmarks, crop pixels
 
 
-def _camera_matrix(size: int) -> np.ndarray:
-    f = FOCAL * size / 2.0
-    return np.array([[f, 0, size / 2.0], [0, f, size / 2.0], [0, 0, 1]])
-
-
 def _umeyama_rotation(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
     """Similarity dst ~ s R src + t (least squares, Umeyama 1991), returned as (R, s, t)."""
     mu_s, mu_d = src.mean(0), dst.mean(0)
@@ -74,7 +68,7 @@ def fit_head(crop_points: np.ndarray, size: int = CROP_SIZE,
     if pts.shape != (MESH_LANDMARKS, 3) or not np.isfinite(pts).all():
         raise FitError(f"crop_points of shape {pts.shape}: accepted are ({MESH_LANDMARKS}, 3) finite "
                        "FaceMesh landmarks in crop pixels")
-    K = _camera_matrix(size)
+    K = intrinsics(size)
     f, c = K[0, 0], K[0, 2]
     model = CANONICAL_VERTICES.astype(np.float64)
     centred = pts - np.array([c, c, 0.0])
@@ -82,8 +76,7 @@ def fit_head(crop_points: np.ndarray, size: int = CROP_SIZE,
         rot_cv, scale, shift = _umeyama_rotation(model[RIGID], centred[RIGID])
         tvec = np.array([shift[0] / scale, shift[1] / scale, f / scale])
     else:
-        guess = np.asarray(guess, dtype=np.float64).reshape(3, 4)
-        rot_cv, tvec = _FLIP @ guess[:, :3].T, _FLIP @ guess[:, 3]
+        rot_cv, tvec = to_opencv(guess)
     rvec = cv2.Rodrigues(rot_cv)[0]
     ok, rvec, tvec = cv2.solvePnP(model[RIGID], pts[RIGID, :2].copy(), K, None, rvec, tvec.reshape(3, 1),
                                   useExtrinsicGuess=True, flags=cv2.SOLVEPNP_ITERATIVE)
@@ -100,7 +93,7 @@ def fit_head(crop_points: np.ndarray, size: int = CROP_SIZE,
     depth += model_depth - depth[RIGID].mean()
     cam = np.column_stack([centred[:, 0] * depth / f, centred[:, 1] * depth / f, depth])
     canonical = (cam - tvec) @ rot_cv
-    transform = np.column_stack([rot_cv.T @ _FLIP, _FLIP @ tvec]).astype(np.float32)
+    transform = from_opencv(rot_cv, tvec).astype(np.float32)
     return HeadFit(transform, canonical.astype(np.float32), rmse)
 
 
@@ -133,14 +126,14 @@ class MeshTracker:
 
     def __init__(self, min_cutoff: float = 1.5, beta: float = 3.0, d_cutoff: float = 1.0,
                  reference_frames: int = 15, min_confidence: float = 0.5, crop_size: int = CROP_SIZE,
-                 crop_scale: float = CROP_SCALE, distance: float | None = None):
+                 crop_scale: float = CROP_SCALE, distance: float = CAMERA_DISTANCE):
         if int(reference_frames) < 1:
             raise ValueError(f"reference_frames {reference_frames!r}: accepted is a positive integer")
         self.landmarker = FaceLandmarker(static_image_mode=False, max_faces=1, min_confidence=min_confidence)
         self.reference_frames = int(reference_frames)
         self.min_confidence = float(min_confidence)
         self.crop_size, self.crop_scale = int(crop_size), float(crop_scale)
-        self._front = frontal_transform() if distance is None else frontal_transform(distance)
+        self._front = frontal_transform(distance)
         self._filters = {k: OneEuroFilter(min_cutoff, beta, d_cutoff) for k in ("motion", "rot", "trans")}
         self._box_filter = OneEuroFilter(*self.BOX_FILTER)
         self._last: tuple[np.ndarray, np.ndarray, CropWindow] | None = None
