@@ -8,10 +8,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from gaga_ros.errors import UnavailableError
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
-class CaptureError(RuntimeError):
+class CaptureError(UnavailableError):
     """A source that cannot be opened or read; the message says which and what is accepted."""
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from gaga_ros.blendshapes import JAW_OPEN, displacement, head_rotation
 from gaga_ros.camera import frontal_transform
+from gaga_ros.errors import InputError
 from gaga_ros.expression import Expression, FaceModel
 from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES
 
@@ -31,7 +32,7 @@ class ScriptedDriver:
 
     def __init__(self, fps: float = 30.0, seed: int = 0):
         if not fps > 0:
-            raise ValueError(f"fps {fps!r}: accepted is a positive frame rate")
+            raise InputError(f"fps {fps!r}: accepted is a positive frame rate")
         self.fps = float(fps)
         rng = np.random.default_rng(seed)
         # Speech: a sum of incommensurate sines with seeded phases reads as syllables.

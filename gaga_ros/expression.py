@@ -9,6 +9,7 @@ import numpy as np
 
 from gaga_ros.camera import frontal_transform
 from gaga_ros.config import MAX_EXPRESSION_COEFFS, MESH_LANDMARKS
+from gaga_ros.errors import InputError
 
 
 class FaceModel(IntEnum):
@@ -18,7 +19,7 @@ class FaceModel(IntEnum):
     MESH = 1
 
 
-class ExpressionError(ValueError):
+class ExpressionError(InputError):
     """An expression that cannot drive an avatar; the message says what is accepted."""
 
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from gaga_ros.blendshapes import EYE_LOOK_MAX, JAW_OPEN, NAMES, displacement, eye_angles, head_rotation
 from gaga_ros.camera import frontal_transform
+from gaga_ros.errors import InputError
 from gaga_ros.expression import Expression, FaceModel
 from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES
 
@@ -52,7 +53,7 @@ JSON_FIELDS = ("named", "head", "hold_s", "look_at")
 HEAD_AXES = ("yaw", "pitch", "roll")
 
 
-class NamedError(ValueError):
+class NamedError(InputError):
     """A named command or look_at that cannot be used; the message says what is accepted."""
 
 

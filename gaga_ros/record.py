@@ -33,6 +33,8 @@ from mcap.records import Channel, Message, Schema
 from mcap.stream_reader import CRCValidationError, StreamReader
 from mcap.writer import MCAP0_MAGIC, CompressionType, Writer
 
+from gaga_ros.errors import InputError
+
 #: rosbag2's separator between the definitions of a type and of the types it uses.
 SEPARATOR = "=" * 80
 
@@ -49,7 +51,7 @@ CHUNK_S = 1.0
 _RECORD_HEAD = struct.Struct("<BQ")
 
 
-class RecordingError(ValueError):
+class RecordingError(InputError):
     """A recording cannot be written or read as asked: the message says what was wrong."""
 
 

@@ -9,7 +9,8 @@ from gaga_ros.camera import Camera, frontal_transform
 from gaga_ros.crop import CropError, crop_head, head_box, square_box
 from gaga_ros.expression import FaceModel
 from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES, MIRROR, REGIONS, TRIANGLES
-from gaga_ros.tracking.landmarks import FaceLandmarker, ImageError
+from gaga_ros.image import ImageError
+from gaga_ros.tracking.landmarks import FaceLandmarker
 from gaga_ros.tracking.mesh_tracker import RIGID, FitError, MeshTracker, fit_head
 from gaga_ros.tracking.smoothing import OneEuroFilter
 
@@ -211,7 +212,7 @@ def test_crop_conventions_and_errors():
     for bad in ([1, 2, 3], [10, 10, 5, 20], [0, 0, np.inf, 1]):
         with pytest.raises(CropError):
             square_box(np.array(bad, float))
-    with pytest.raises(CropError, match="uint8"):
+    with pytest.raises(ImageError, match="uint8"):
         crop_head(image.astype(np.float32), box)
     with pytest.raises(CropError, match="468"):
         head_box(np.zeros((10, 2)))

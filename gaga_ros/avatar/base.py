@@ -8,6 +8,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from gaga_ros.errors import InputError
 from gaga_ros.expression import Expression
 from gaga_ros.gaussians import Gaussians
 
@@ -16,7 +17,7 @@ from gaga_ros.gaussians import Gaussians
 CAMERA_FIXED = 2**32 - 1
 
 
-class NoFaceError(ValueError):
+class NoFaceError(InputError):
     """A source photo without one usable face; the message says what was found and what is needed."""
 
 
@@ -27,7 +28,7 @@ MAX_EXTENT = 20.0
 MAX_SCALE = 5.0
 
 
-class AvatarError(ValueError):
+class AvatarError(InputError):
     """Avatar arrays that do not describe a consistent avatar (e.g. a malformed message)."""
 
 

@@ -20,10 +20,12 @@ from gaga_ros.avatar.base import CAMERA_FIXED, Avatar, Binding, NoFaceError, con
 from gaga_ros.avatar.deform import anchors, deform, matrix_to_quat, quat_to_matrix
 from gaga_ros.camera import Camera, frontal_transform
 from gaga_ros.config import CROP_SCALE, CROP_SIZE
+from gaga_ros.errors import InputError
 from gaga_ros.expression import Expression, ExpressionError, FaceModel
 from gaga_ros.faces.conversion import FaceConverter
 from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES, FACE_LANDMARKS, REGIONS, TRIANGLES
 from gaga_ros.gaussians import Gaussians
+from gaga_ros.image import to_uint8
 from gaga_ros.source import as_rgb
 
 #: Smallest face accepted, as the face-oval width in source pixels (FaceMesh is unreliable below).
@@ -124,7 +126,7 @@ class GeometricAvatar:
                  raster_backend: str = "auto", background: tuple[float, float, float] = (0, 0, 0),
                  models_dir: str | None = None):
         if not 32 <= int(grid) <= CROP_SIZE:
-            raise ValueError(f"grid {grid!r}: accepted is 32..{CROP_SIZE} lifted pixels per side")
+            raise InputError(f"grid {grid!r}: accepted is 32..{CROP_SIZE} lifted pixels per side")
         self.grid = int(grid)
         self.device = torch.device(device)
         self.raster_backend = raster_backend
@@ -215,7 +217,7 @@ class GeometricAvatar:
               size: int = CROP_SIZE) -> tuple[Gaussians, Camera]:
         """The deformed Gaussians and the camera that show `avatar` driven by `expression`."""
         if not 16 <= int(size) <= 4096:
-            raise ValueError(f"render size {size!r}: accepted is 16..4096 pixels per side")
+            raise InputError(f"render size {size!r}: accepted is 16..4096 pixels per side")
         expression = self.to_mesh(expression)
         means, quats, growth = deform(avatar, self.driven_vertices(avatar, expression))
         transform = rebase_transform(expression.transform, avatar.source_transform)
@@ -238,7 +240,7 @@ class GeometricAvatar:
 
         gaussians, camera = self.scene(avatar, expression, size)
         result = rasterize(gaussians, camera, self.background.to(avatar.device), self.raster_backend)
-        image = (result.image.clamp(0, 1) * 255 + 0.5).to(torch.uint8)
+        image = to_uint8(result.image)
         return image.cpu().numpy()
 
 

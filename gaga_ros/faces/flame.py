@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from gaga_ros.config import FLAME_SCALE
+from gaga_ros.errors import InputError
 from gaga_ros.faces.flame_assets import FLAME_JOINTS, FLAME_SHAPE_BASIS, FlameAssets, load_flame_assets
 
 
-class FlameInputError(ValueError):
+class FlameInputError(InputError):
     """FLAME parameters of the wrong shape or batch size; the message says what is accepted."""
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from gaga_ros.assets import FETCH_COMMAND, FLAME_LICENSE_URL, flame_dir
+from gaga_ros.errors import InputError
 
 #: Joints of FLAME with eyes: global (root), neck, jaw, left eye, right eye.
 FLAME_JOINTS = 5
@@ -23,7 +24,7 @@ FLAME_JOINTS = 5
 FLAME_SHAPE_BASIS = 300
 
 
-class FlameAssetError(ValueError):
+class FlameAssetError(InputError):
     """A FLAME file that is missing or malformed; the message says what is expected and how to get it."""
 
 

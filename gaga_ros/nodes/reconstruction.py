@@ -15,6 +15,7 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from sensor_msgs.msg import Image
 
 from gaga_ros.avatar.base import Avatar
+from gaga_ros.errors import GagaError, InputError, UnavailableError
 from gaga_ros.msg import GaussianAvatar
 from gaga_ros.nodes import names, qos
 from gaga_ros.nodes.avatar_msg import to_msg
@@ -78,11 +79,11 @@ class ReconstructionNode(ManagedNode):
         return Path.cwd().resolve()
 
     def confined(self, path: str) -> Path:
-        """`path` resolved inside source_dir; ValueError for anything outside it."""
+        """`path` resolved inside source_dir; InputError for anything outside it."""
         root = self.source_dir()
         full = (root / Path(path).expanduser()).resolve()
         if not full.is_relative_to(root):
-            raise ValueError(f"{path!r} lies outside source_dir {root}; photos are only read there")
+            raise InputError(f"{path!r} lies outside source_dir {root}; photos are only read there")
         return full
 
     def configure(self) -> None:
@@ -116,7 +117,7 @@ class ReconstructionNode(ManagedNode):
     def build(self, rgb: np.ndarray, label: str) -> Avatar:
         """Reconstruct and publish; on failure raise, keeping the previous avatar."""
         if self.backend is None:
-            raise RuntimeError("node is not configured")
+            raise UnavailableError("node is not configured")
         with self._lock:
             avatar = self.backend.reconstruct(rgb)
             self.avatar = avatar
@@ -142,7 +143,7 @@ class ReconstructionNode(ManagedNode):
             return False, reason
         try:
             avatar = self.build(load(), label)
-        except (ValueError, OSError, RuntimeError) as exc:
+        except GagaError as exc:
             self.error = f"{label}: {exc}"
             self.guard.refuse(source, f"{self.error}; keeping the previous avatar")
             return False, str(exc)

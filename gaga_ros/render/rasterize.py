@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from gaga_ros.camera import Camera
+from gaga_ros.errors import InputError
 from gaga_ros.gaussians import Gaussians
 from gaga_ros.render.covariance import raw_quat_covariance
 
@@ -21,7 +22,7 @@ EPS2D = 0.3
 BACKENDS = ("auto", "gsplat", "cpu", "reference")
 
 
-class RenderInputError(ValueError):
+class RenderInputError(InputError):
     """The Gaussians, camera, background or backend cannot be rendered as given."""
 
 

@@ -33,6 +33,7 @@ import torch
 
 from gaga_ros.camera import frontal_transform, pixel_focal, principal_point
 from gaga_ros.config import CAMERA_DISTANCE, CROP_SIZE, MESH_LANDMARKS
+from gaga_ros.errors import InputError
 from gaga_ros.faces.flame import Flame, rodrigues
 from gaga_ros.faces.flame_assets import FlameAssets
 
@@ -52,7 +53,7 @@ _FRONTAL = torch.from_numpy(np.ascontiguousarray(frontal_transform()[:, :3]))
 _PIXEL_FOCAL, _CENTRE = pixel_focal(CROP_SIZE), principal_point(CROP_SIZE)
 
 
-class FitInputError(ValueError):
+class FitInputError(InputError):
     """Landmarks of the wrong shape; the message says what is accepted."""
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from gaga_ros.camera import from_opencv, frontal_transform, intrinsics, to_opencv
 from gaga_ros.config import CAMERA_DISTANCE, CROP_SCALE, CROP_SIZE, MESH_LANDMARKS
 from gaga_ros.crop import CropWindow, HeadCrop, crop_head, crop_window, head_box
+from gaga_ros.errors import InputError
 from gaga_ros.expression import Expression, FaceModel
 from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES, FACE_LANDMARKS, REGIONS
 from gaga_ros.tracking.landmarks import FaceLandmarker
@@ -33,7 +34,7 @@ RIGID = np.union1d(np.setdiff1d(np.arange(FACE_LANDMARKS), np.concatenate([REGIO
 RMSE_HALF = 16.0
 
 
-class FitError(ValueError):
+class FitError(InputError):
     """Landmarks that cannot be fitted; the message says what is accepted."""
 
 
@@ -128,7 +129,7 @@ class MeshTracker:
                  reference_frames: int = 15, min_confidence: float = 0.5, crop_size: int = CROP_SIZE,
                  crop_scale: float = CROP_SCALE, distance: float = CAMERA_DISTANCE):
         if int(reference_frames) < 1:
-            raise ValueError(f"reference_frames {reference_frames!r}: accepted is a positive integer")
+            raise InputError(f"reference_frames {reference_frames!r}: accepted is a positive integer")
         self.landmarker = FaceLandmarker(static_image_mode=False, max_faces=1, min_confidence=min_confidence)
         self.reference_frames = int(reference_frames)
         self.min_confidence = float(min_confidence)

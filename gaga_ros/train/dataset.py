@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, DistributedSampler
 
 from gaga_ros.config import CROP_SIZE, FLAME_VERTICES
+from gaga_ros.errors import InputError
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 MODES = ("auto", "mesh", "flame")
@@ -46,7 +47,7 @@ BOX_EMA = 0.03
 RMSE_HALF = 16.0  # as mesh_tracker: fit error (crop px) that halves the confidence
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """A dataset folder, video list or build option that cannot be used; the message says why."""
 
 

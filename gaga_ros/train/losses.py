@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gaga_ros.errors import InputError
+
 #: Per-layer weights of the perceptual loss; the VGG-Face branch uses half of them.
 LAYER_WEIGHTS = (0.1, 0.1, 1.0, 1.0, 1.0)
 PERCEPTUAL_WEIGHT = 1e-2
@@ -30,7 +32,7 @@ _VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 51
 _VGG_TAPS = (1, 6, 11, 18, 25)
 
 
-class LossInputError(ValueError):
+class LossInputError(InputError):
     """Loss inputs of the wrong shape, or a perceptual weight file without the published keys."""
 
 

@@ -40,7 +40,9 @@ from gaga_ros.avatar.gagavatar import (
 )
 from gaga_ros.camera import Camera
 from gaga_ros.config import FLAME_SCALE
+from gaga_ros.errors import InputError
 from gaga_ros.gaussians import Gaussians
+from gaga_ros.image import to_uint8
 from gaga_ros.train.dataset import PairDataset, PairSampler, steps_per_epoch
 from gaga_ros.train.losses import FacePerceptualLoss, GagaLoss, load_perceptual
 from gaga_ros.train.splatting import CPU_MAX_RADIUS, splat
@@ -52,7 +54,7 @@ UNUSED = ("base_model.refinenet.0.resConfUnit1.", "upsampler.toRGB.")
 LOSS_NAMES = ("img_loss", "box_loss", "percep_loss", "point_loss", "total")
 
 
-class TrainError(ValueError):
+class TrainError(InputError):
     """A training option, checkpoint or data set that cannot be used; the message says why."""
 
 
@@ -322,8 +324,8 @@ class Trainer:
             return
         import cv2
 
-        row = torch.cat([x[0].float().clamp(0, 1).cpu() for x in self._last_images], dim=2)
-        image = (row.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        row = torch.cat([x[0].float().cpu() for x in self._last_images], dim=2)
+        image = to_uint8(row).permute(1, 2, 0).numpy()
         (self.out / "samples").mkdir(exist_ok=True)
         cv2.imwrite(str(self.out / "samples" / f"step_{self.step:07d}.png"), image[:, :, ::-1])
 

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gaga_ros.errors import InputError
+
 LAYER_NORM_EPS = 1e-6
 
 
@@ -102,7 +104,7 @@ class DinoVisionTransformer(nn.Module):
         cls token dropped. Token t is grid cell (t // grid, t % grid)."""
         tokens = self.patch_embed(x)
         if tokens.shape[1] != self.grid ** 2:
-            raise ValueError(f"backbone expects a {self.grid * self.patch_embed.proj.stride[0]}^2 image "
+            raise InputError(f"backbone expects a {self.grid * self.patch_embed.proj.stride[0]}^2 image "
                              f"({self.grid}^2 patches), got {tuple(x.shape[-2:])}")
         tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), tokens], dim=1) + self.pos_embed
         first = len(self.blocks) - 4

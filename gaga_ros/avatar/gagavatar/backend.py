@@ -20,11 +20,13 @@ from gaga_ros.avatar.gagavatar.checkpoint import load_state_dict_strict, read_st
 from gaga_ros.avatar.gagavatar.config import FULL, TINY
 from gaga_ros.avatar.gagavatar.model import GagaFrame, GagaSource, GAGAvatar, source_image
 from gaga_ros.config import CROP_SCALE, CROP_SIZE, FLAME_VERTICES
+from gaga_ros.errors import InputError
 from gaga_ros.expression import Expression, FaceModel
 from gaga_ros.faces.conversion import FaceConverter
 from gaga_ros.faces.flame import Flame
 from gaga_ros.faces.flame_assets import FlameAssets, load_flame_assets
 from gaga_ros.gaussians import Gaussians
+from gaga_ros.image import to_uint8
 from gaga_ros.tracking.flame_fitter import MediapipeEmbedding
 
 CONFIGS = {"full": FULL, "tiny": TINY}
@@ -58,7 +60,7 @@ class GagaAvatarBackend:
              device: str | torch.device = "cpu", fast: bool = True) -> GagaAvatarBackend:
         """Weights and FLAME from the models folder (see `gaga-ros assets`); clear errors if missing."""
         if config not in CONFIGS:
-            raise ValueError(f"config {config!r}: accepted are {', '.join(CONFIGS)}")
+            raise InputError(f"config {config!r}: accepted are {', '.join(CONFIGS)}")
         status = find_assets(models_dir)
         weights = Path(weights) if weights else status.gagavatar
         if weights is None or status.flame is None:
@@ -113,7 +115,7 @@ class GagaAvatarBackend:
         cached = avatar.cache.get("gaga")
         if cached is None:
             if len(avatar) <= FLAME_VERTICES or avatar.gaussians.colors.shape[1] != 32:
-                raise ValueError(f"avatar {avatar.avatar_id} is not a GAGAvatar source: expected more "
+                raise InputError(f"avatar {avatar.avatar_id} is not a GAGAvatar source: expected more "
                                  f"than {FLAME_VERTICES} Gaussians with 32 features")
             g = avatar.gaussians.to(self.device)
             source = avatar.cache.get("source") or GagaSource(
@@ -166,5 +168,5 @@ class GagaAvatarBackend:
         if refined.shape[-1] != size:
             refined = torch.nn.functional.interpolate(refined, size=(size, size), mode="bilinear",
                                                       antialias=True, align_corners=False)
-        image = (refined[0].clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0)
+        image = to_uint8(refined[0]).permute(1, 2, 0)
         return image.cpu().numpy()

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gaga_ros.errors import InputError
+
 #: models/GAGAvatar.pt in the repository (source checkout).
 DEFAULT_PATH = Path(__file__).resolve().parents[3] / "models" / "GAGAvatar.pt"
 DOWNLOAD_URL = "https://huggingface.co/xg-chu/GAGAvatar/resolve/main/assets/GAGAvatar.pt"
@@ -22,7 +24,7 @@ _HOW_TO_GET = (f"download the published weights (about 750 MB) from {DOWNLOAD_UR
                f"{DEFAULT_PATH} (models/GAGAvatar.pt in the repository), or pass its path")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """The GAGAvatar checkpoint is missing, unreadable, or does not fit the published layout."""
 
 

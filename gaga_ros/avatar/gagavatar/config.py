@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gaga_ros.config import CROP_SIZE, FOCAL
+from gaga_ros.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -55,13 +56,13 @@ class GagaConfig:
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} must be a multiple of patch_size "
+            raise InputError(f"image_size {self.image_size} must be a multiple of patch_size "
                              f"{self.patch_size}")
         if self.depth < 4:
-            raise ValueError(f"depth must be at least 4 (the head reads the last four blocks), "
+            raise InputError(f"depth must be at least 4 (the head reads the last four blocks), "
                              f"got {self.depth}")
         if self.render_size < 8 or self.render_size & (self.render_size - 1):
-            raise ValueError(f"render_size must be a power of two >= 8, got {self.render_size}")
+            raise InputError(f"render_size must be a power of two >= 8, got {self.render_size}")
 
 
 #: The published GAGAvatar model (SPEC sections 1-7).

@@ -29,11 +29,12 @@ from gaga_ros.avatar.gagavatar.lifting import source_planes
 from gaga_ros.avatar.gagavatar.refiner import StyleUNet
 from gaga_ros.camera import Camera
 from gaga_ros.config import FLAME_VERTICES
+from gaga_ros.errors import InputError
 from gaga_ros.gaussians import Gaussians
 from gaga_ros.render.rasterize import rasterize
 
 
-class GagaInputError(ValueError):
+class GagaInputError(InputError):
     """An image, transform or vertex array given to GAGAvatar has the wrong shape, type or range."""
 
 
