@@ -1,9 +1,9 @@
 """GAGAvatar speed: reconstruction once per source, then the per-frame path (expression branch,
 rasterize, StyleUNet refine, readback to a uint8 host image), and peak GPU memory.
 
-Full size with the deterministic SPEC 10 weights (realistic Gaussian sizes and opacities for the
-rasterizer), matmul precision 'high' as the published inference sets. Prints a table and writes
-bench/results/gagavatar.json (gagavatar_tiny.json with --tiny).
+Full size with the deterministic reference weights of docs/gagavatar.md (realistic Gaussian sizes
+and opacities for the rasterizer), matmul precision 'high' as the published inference sets. Prints a
+table and writes bench/results/gagavatar.json (gagavatar_tiny.json with --tiny).
 Run on the GPU machine: python bench/gagavatar_bench.py ; CPU smoke check: --tiny --frames 3
 """
 

@@ -25,7 +25,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from gaga_ros.avatar.geometric import GeometricAvatar
 from gaga_ros.camera import Camera
-from gaga_ros.config import CROP_SIZE
+from gaga_ros.conventions import CROP_SIZE
 from gaga_ros.driver import ScriptedDriver
 from gaga_ros.faces.mediapipe_mesh import FACE_LANDMARKS, REGIONS
 from gaga_ros.source import default_source

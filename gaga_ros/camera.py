@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from gaga_ros.config import CAMERA_DISTANCE, CROP_SIZE, FOCAL
+from gaga_ros.conventions import CAMERA_DISTANCE, CROP_SIZE, FOCAL
 
 if TYPE_CHECKING:  # torch is only needed by callers that pass tensors; importing it costs a second
     import torch

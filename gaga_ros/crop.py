@@ -1,4 +1,4 @@
-"""The GAGAvatar head crop (SPEC section 8): a square around the head box, zero-padded, resized to 512.
+"""The GAGAvatar head crop (docs/crop.md): a square around the head box, zero-padded, resized to 512.
 
 GAGAvatar boxes come from a head detector (VGGHead); here the box comes from FaceMesh landmarks. The
 face oval stops at the upper forehead and just inside the ears, so head_box extends it: HEAD_SIDE of its
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from gaga_ros.config import CROP_SCALE, CROP_SIZE
+from gaga_ros.conventions import CROP_SCALE, CROP_SIZE
 from gaga_ros.errors import InputError
 from gaga_ros.faces.mediapipe_mesh import REGIONS
 from gaga_ros.image import check_rgb

@@ -8,7 +8,7 @@ from enum import IntEnum
 import numpy as np
 
 from gaga_ros.camera import frontal_transform
-from gaga_ros.config import MAX_EXPRESSION_COEFFS, MESH_LANDMARKS
+from gaga_ros.conventions import MAX_EXPRESSION_COEFFS, MESH_LANDMARKS
 from gaga_ros.errors import InputError
 
 

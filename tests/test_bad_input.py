@@ -23,7 +23,7 @@ from conftest import wait_for
 from test_faults import Graph, Observer
 
 from gaga_ros.camera import frontal_transform
-from gaga_ros.config import MAX_EXPRESSION_COEFFS, MESH_LANDMARKS
+from gaga_ros.conventions import MAX_EXPRESSION_COEFFS, MESH_LANDMARKS
 from gaga_ros.expression import Expression, ExpressionError, FaceModel
 from gaga_ros.source import ImageError, as_rgb, load_image
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gaga_ros.camera import project_points
-from gaga_ros.config import MESH_LANDMARKS
+from gaga_ros.conventions import MESH_LANDMARKS
 from gaga_ros.expression import Expression, FaceModel
 from gaga_ros.faces.flame import Flame, rodrigues
 from gaga_ros.faces.synthetic_flame import make_synthetic_flame

@@ -8,8 +8,8 @@ import torch
 
 from gaga_ros.avatar.base import Avatar
 from gaga_ros.avatar.gagavatar.backend import GagaAvatarBackend
-from gaga_ros.avatar.gagavatar.config import TINY
 from gaga_ros.avatar.gagavatar.model import GAGAvatar
+from gaga_ros.avatar.gagavatar.sizes import TINY
 from gaga_ros.expression import Expression, FaceModel
 from gaga_ros.faces.synthetic_flame import write_synthetic_flame
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from gaga_ros.camera import frontal_transform, project_points
-from gaga_ros.config import MESH_LANDMARKS
+from gaga_ros.conventions import MESH_LANDMARKS
 from gaga_ros.expression import MAX_COEFF, Expression, ExpressionError, FaceModel
 from gaga_ros.faces.flame import Flame
 from gaga_ros.faces.flame_assets import FlameAssets, load_flame_assets

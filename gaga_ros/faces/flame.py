@@ -1,4 +1,4 @@
-"""The FLAME head model as a batched torch layer, reproducing GAGAvatar's use of it (SPEC section 8).
+"""The FLAME head model as a batched torch layer, reproducing GAGAvatar's use of it (docs/flame.md).
 
 Linear blend skinning follows the published code exactly, quirks included: Rodrigues adds 1e-8 to
 each axis-angle component before the norm, pose correctives use the 4 non-root joints, and vertices
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gaga_ros.config import FLAME_SCALE
+from gaga_ros.conventions import FLAME_SCALE
 from gaga_ros.errors import InputError
 from gaga_ros.faces.flame_assets import FLAME_JOINTS, FLAME_SHAPE_BASIS, FlameAssets, load_flame_assets
 

@@ -2,7 +2,7 @@
 
 Every backend reproduces gsplat 1.5.3 `rasterization(rasterize_mode="classic", near_plane=0.2,
 eps2d=0.3, sh_degree=None, packed=False)` with covariances from the raw quaternions, which is the
-published GAGAvatar rasterizer up to its 0.99 alpha clamp (SPEC section 6).
+published GAGAvatar rasterizer up to its 0.99 alpha clamp (docs/gagavatar.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Fit FLAME to mediapipe landmarks, producing GAGAvatar tracker records (SPEC section 8).
+"""Fit FLAME to mediapipe landmarks, producing GAGAvatar tracker records (docs/flame.md).
 
 Head pose lives in the camera, as in GAGAvatar_track: the global FLAME rotation stays 0 and the fit
 solves [R | T] for focal 12 on the 512 head crop. Identity (shape) is estimated jointly over the first
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from gaga_ros.camera import frontal_transform, pixel_focal, principal_point
-from gaga_ros.config import CAMERA_DISTANCE, CROP_SIZE, MESH_LANDMARKS
+from gaga_ros.conventions import CAMERA_DISTANCE, CROP_SIZE, MESH_LANDMARKS
 from gaga_ros.errors import InputError
 from gaga_ros.faces.flame import Flame, rodrigues
 from gaga_ros.faces.flame_assets import FlameAssets
@@ -129,6 +129,16 @@ GAUGE_SIGMA_PX = 0.1
 #: Pull toward the previous frame (sigma of the frame-to-frame change): small changes are free, so the
 #: fit follows motion, while noise along weakly observed directions no longer makes the fit wander.
 TEMPORAL_SIGMA = {"expression": 0.5, "jaw": 0.05, "eyes": 0.1, "head": 0.05, "translation": 0.2}
+#: Levenberg-Marquardt damping, relative to the normal matrix's diagonal: its start in the per-frame
+#: and in the identity solve, the factor it shrinks by after a step that lowered the cost and grows by
+#: after one that did not, and the floor added to the diagonal so that a parameter no residual reaches
+#: leaves the system solvable.
+LM_DAMPING_FRAMES, LM_DAMPING_IDENTITY = 1e-3, 1e-2
+LM_SHRINK, LM_GROW, LM_DIAGONAL_FLOOR = 3.0, 4.0, 1e-9
+#: Relative cost decrease of an accepted step under which a fit counts as converged.
+LM_CONVERGED_GAIN = 1e-4
+#: LM iterations of a cold start: first the camera alone, then every per-frame parameter.
+COLD_STEPS = 5
 #: Per-frame parameters in the order of the solver's vector; eyes are [left, right] axis-angle.
 _BLOCKS = (("jaw", 3), ("eyes", 6), ("head", 3), ("translation", 3))
 
@@ -391,7 +401,7 @@ class FlameFitter:
         anchor = x if prev is None else prev
         residual, jac, _ = self._evaluate(x, target, None, jacobian=True)
         cost = self._cost(residual, x, prev)
-        damping = torch.full_like(cost, 1e-3)
+        damping = torch.full_like(cost, LM_DAMPING_FRAMES)
         keep = None if active is None else active.to(x)
         for it in range(steps):
             hess = jac.transpose(1, 2) @ jac + self._prior + torch.diag(temporal)
@@ -401,7 +411,7 @@ class FlameFitter:
                 hess = hess * (keep[:, None] * keep) + torch.diag(1 - keep)
                 grad = grad * keep
             diag = torch.diagonal(hess, dim1=1, dim2=2)
-            hess = hess + torch.diag_embed(damping[:, None] * diag + 1e-9)
+            hess = hess + torch.diag_embed(damping[:, None] * diag + LM_DIAGONAL_FLOOR)
             cand = x - torch.linalg.solve(hess, grad)
             last = it == steps - 1
             cand_residual, cand_jac, _ = self._evaluate(cand, target, None, jacobian=not last)
@@ -413,8 +423,8 @@ class FlameFitter:
             if not last:
                 jac = torch.where(better[:, None, None], cand_jac, jac)
             cost = torch.where(better, cand_cost, cost)
-            damping = torch.where(better, damping / 3, damping * 4)
-            if bool((better & (gain < 1e-4)).all()):  # converged: further steps would not move the fit
+            damping = torch.where(better, damping / LM_SHRINK, damping * LM_GROW)
+            if bool((better & (gain < LM_CONVERGED_GAIN)).all()):  # further steps would not move the fit
                 break
         return x, residual
 
@@ -431,7 +441,7 @@ class FlameFitter:
             return self._cost(residual, x, None).sum() + shape @ self._shape_prior @ shape
 
         residual, jac, jac_shape = self._evaluate(x, target, shape, True)
-        cost, damping = total(residual, x, shape), 1e-2
+        cost, damping = total(residual, x, shape), LM_DAMPING_IDENTITY
         for _ in range(steps):
             js_t, jf_t = jac_shape.transpose(1, 2), jac.transpose(1, 2)
             h_ss = (js_t @ jac_shape).sum(0) + self._shape_prior
@@ -439,8 +449,9 @@ class FlameFitter:
             h_sf = js_t @ jac                                                 # (B,S,P)
             g_s = (js_t @ residual[..., None]).sum(0)[:, 0] + self._shape_prior @ shape
             g_f = (jf_t @ residual[..., None])[..., 0] + x @ self._prior
-            h_ss = h_ss + torch.diag(damping * torch.diagonal(h_ss) + 1e-9)
-            h_ff = h_ff + torch.diag_embed(damping * torch.diagonal(h_ff, dim1=1, dim2=2) + 1e-9)
+            h_ss = h_ss + torch.diag(damping * torch.diagonal(h_ss) + LM_DIAGONAL_FLOOR)
+            h_ff = h_ff + torch.diag_embed(damping * torch.diagonal(h_ff, dim1=1, dim2=2)
+                                           + LM_DIAGONAL_FLOOR)
             chol = torch.linalg.cholesky(h_ff)
             fs = torch.cholesky_solve(torch.cat([h_sf.transpose(1, 2), g_f[..., None]], 2), chol)
             schur = h_ss - (h_sf @ fs[..., :-1]).sum(0)
@@ -452,11 +463,11 @@ class FlameFitter:
             if cand_cost < cost:
                 gain = float((cost - cand_cost) / cost)
                 x, shape, residual, jac, jac_shape = cand, cand_shape, cand_residual, cand_jac, cand_jac_shape
-                cost, damping = cand_cost, damping / 3
-                if gain < 1e-4:
+                cost, damping = cand_cost, damping / LM_SHRINK
+                if gain < LM_CONVERGED_GAIN:
                     break
             else:
-                damping *= 4
+                damping *= LM_GROW
         return x, shape, residual
 
     def _initial(self, target: torch.Tensor) -> torch.Tensor:
@@ -503,10 +514,10 @@ class FlameFitter:
                     self._hold_identity(torch.zeros_like(self._joint_shape[0, 0]))
                 x = self._initial(target)
                 if self._camera is None:
-                    x, _ = self._solve_frames(x, target, None, 5, active=rigid)
+                    x, _ = self._solve_frames(x, target, None, COLD_STEPS, active=rigid)
                 else:
                     x[:, -6:] = self._camera
-                x, residual = self._solve_frames(x, target, None, 5, active=free)
+                x, residual = self._solve_frames(x, target, None, COLD_STEPS, active=free)
                 if not self.identity_held:
                     x, shape, residual = self._solve_identity(x, target, self.identity_steps)
                     self._hold_identity(shape)

@@ -1,5 +1,5 @@
 """Camera frames -> FLAME-mode Expressions: mediapipe landmarks on the 1.65x head crop, a FLAME fit
-warm-started from the previous frame, and GAGAvatar_track's smoothing (SPEC section 8).
+warm-started from the previous frame, and GAGAvatar_track's smoothing (docs/flame.md).
 
 Per frame: mediapipe FaceMesh (~8 ms at 512 on one CPU core), then a few Levenberg-Marquardt steps
 (~5-10 ms); identity is estimated over the first `identity_frames` frames and then held.
@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from gaga_ros.config import CROP_SCALE, CROP_SIZE
+from gaga_ros.conventions import CROP_SCALE, CROP_SIZE
 from gaga_ros.crop import crop_window, head_box
 from gaga_ros.expression import Expression, FaceModel
 from gaga_ros.faces.flame_assets import FlameAssets

@@ -14,7 +14,7 @@ import numpy as np
 from mediapipe.python.solution_base import SolutionBase
 from mediapipe.python.solutions import face_mesh
 
-from gaga_ros.config import MESH_LANDMARKS
+from gaga_ros.conventions import MESH_LANDMARKS
 from gaga_ros.errors import InputError
 from gaga_ros.image import check_rgb
 

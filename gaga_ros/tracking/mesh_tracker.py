@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from gaga_ros.camera import from_opencv, frontal_transform, intrinsics, to_opencv
-from gaga_ros.config import CAMERA_DISTANCE, CROP_SCALE, CROP_SIZE, MESH_LANDMARKS
+from gaga_ros.conventions import CAMERA_DISTANCE, CROP_SCALE, CROP_SIZE, MESH_LANDMARKS
 from gaga_ros.crop import CropWindow, HeadCrop, crop_head, crop_window, head_box
 from gaga_ros.errors import InputError
 from gaga_ros.expression import Expression, FaceModel

@@ -5,7 +5,7 @@ On-disk layout, one folder per video under the dataset root (random access by me
   <root>/<video_id>/frames.bin         JPEG crops back to back (offsets in records.npz)
   <root>/<video_id>/records.npz        per kept frame: frame, offset, length, bbox (4), transform (3,4),
                                        landmarks (478,3) crop px; FLAME mode adds shapecode, expcode,
-                                       posecode, eyecode (SPEC section 8's tracker record)
+                                       posecode, eyecode (docs/flame.md's tracker record)
   <root>/<video_id>/vertices.npy       (N, 5023, 3) float32 FLAME vertices x5 per kept frame
   <root>/<video_id>/index.json         written last: the video is complete
 While a video is in progress its frames go to frames.bin and one JSON line each to progress.jsonl,
@@ -17,7 +17,7 @@ FaceMesh head fit (gaga_ros.tracking.mesh_tracker.fit_head) gives the camera, an
 STAND-IN: the synthetic FLAME-format mesh (gaga_ros.faces.synthetic_flame, seed 0) with zero shape,
 expression and pose, the same for every frame. It lets the pipeline run end to end without licensed
 assets, but carries no expression: faithful training needs FLAME mode.
-The crop follows SPEC 8 with the box from FaceMesh (gaga_ros.crop) EMA-smoothed with alpha 0.03 over
+The crop follows docs/crop.md with the box from FaceMesh (gaga_ros.crop) EMA-smoothed with alpha 0.03 over
 the video; no matting model is available, so backgrounds are kept.
 Building needs mediapipe and OpenCV; reading a built dataset needs only numpy, torch and OpenCV.
 """
@@ -36,13 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, DistributedSampler
 
-from gaga_ros.config import CROP_SIZE, FLAME_VERTICES
+from gaga_ros.conventions import CROP_SIZE, FLAME_VERTICES
 from gaga_ros.errors import InputError
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 MODES = ("auto", "mesh", "flame")
 DROP_REASONS = ("no_face", "fit_failed", "low_confidence", "blur")
-#: SPEC 8: video head boxes are EMA-smoothed, new = alpha current + (1 - alpha) previous.
+#: docs/crop.md: video head boxes are EMA-smoothed, new = alpha current + (1 - alpha) previous.
 BOX_EMA = 0.03
 RMSE_HALF = 16.0  # as mesh_tracker: fit error (crop px) that halves the confidence
 

@@ -1,4 +1,4 @@
-"""GAGAvatar's training losses (SPEC section 9): image, box, perceptual and lifting terms.
+"""GAGAvatar's training losses (docs/gagavatar.md): image, box, perceptual and lifting terms.
 
 The perceptual term uses the published FacePerceptualLoss structure (AlexNet + VGG-Face features,
 unit-normalised, weighted L1) when its weights are available: they ship inside the published
@@ -37,7 +37,7 @@ class LossInputError(InputError):
 
 
 def lifting_loss(vertices: torch.Tensor, lifted: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-    """10 x mean over vertices of the squared distance to the nearest lifted point (SPEC 9).
+    """10 x mean over vertices of the squared distance to the nearest lifted point (docs/gagavatar.md).
 
     vertices (B,V,3), lifted (B,M,3). The nearest point is found without gradient, in chunks of
     vertices so the (chunk, M) distance block stays small (no faiss); the gradient reaches `lifted`.
@@ -55,7 +55,7 @@ def lifting_loss(vertices: torch.Tensor, lifted: torch.Tensor, chunk: int = 512)
 
 def box_pixels(bbox: torch.Tensor, size: int) -> list[tuple[int, int, int, int]]:
     """Integer crop boxes (x0, y0, x1, y1) in a size x size image from head boxes (B,4) in [0,1]:
-    a square of 1.1 sqrt(w h) around the centre, capped to stay inside the image (SPEC 9)."""
+    a square of 1.1 sqrt(w h) around the centre, capped to stay inside the image (docs/gagavatar.md)."""
     boxes = []
     for x0, y0, x1, y1 in bbox.detach().double().cpu().tolist():
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
@@ -205,7 +205,8 @@ def load_perceptual(path: str | Path) -> FacePerceptualLoss:
 
 
 class GagaLoss(nn.Module):
-    """The sum of SPEC 9's four terms; `perceptual` is FacePerceptualLoss or the SSIM substitute."""
+    """The sum of the four published terms (docs/gagavatar.md); `perceptual` is FacePerceptualLoss or
+    the SSIM substitute."""
 
     def __init__(self, perceptual: nn.Module | None = None) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""GAGAvatar training as published (SPEC section 9), on one or many GPUs (torchrun / DDP) or the CPU.
+"""GAGAvatar training as published (docs/gagavatar.md), on one or many GPUs (torchrun / DDP) or the CPU.
 
 One step: encode the source frame (DINOv2 frozen), generate the expression Gaussians at the target's
 FLAME vertices and the dual-lifted ones from the source camera's plane, splat all 32 channels in the
@@ -33,13 +33,13 @@ from torch.utils.data import DataLoader
 from gaga_ros.avatar.gagavatar import (
     FULL,
     TINY,
-    GagaConfig,
+    GagaSizes,
     GAGAvatar,
     load_state_dict_strict,
     read_state_dict,
 )
 from gaga_ros.camera import Camera
-from gaga_ros.config import FLAME_SCALE
+from gaga_ros.conventions import FLAME_SCALE
 from gaga_ros.errors import InputError
 from gaga_ros.gaussians import Gaussians
 from gaga_ros.image import to_uint8
@@ -48,8 +48,8 @@ from gaga_ros.train.losses import FacePerceptualLoss, GagaLoss, load_perceptual
 from gaga_ros.train.splatting import CPU_MAX_RADIUS, splat
 
 MODELS = {"full": FULL, "tiny": TINY}
-#: Parameters that no forward pass reaches (SPEC 1: keys present but unused); frozen so DDP needs no
-#: unused-parameter search. They would get no gradient either way.
+#: Parameters that no forward pass reaches (docs/gagavatar.md: keys present but unused); frozen so DDP
+#: needs no unused-parameter search. They would get no gradient either way.
 UNUSED = ("base_model.refinenet.0.resConfUnit1.", "upsampler.toRGB.")
 LOSS_NAMES = ("img_loss", "box_loss", "percep_loss", "point_loss", "total")
 
@@ -60,7 +60,8 @@ class TrainError(InputError):
 
 @dataclass
 class TrainConfig:
-    """Published defaults (SPEC 9): batch 8, 200k steps, lr 1e-4 (1e-5 for the style MLP), seed 42."""
+    """Published defaults (docs/gagavatar.md): batch 8, 200k steps, lr 1e-4 (1e-5 for the style MLP),
+    seed 42."""
 
     data: str
     out: str
@@ -164,7 +165,7 @@ class Trainer:
     gaga_cfg overrides the network size named by cfg.model (tests use small variants of TINY).
     """
 
-    def __init__(self, cfg: TrainConfig, gaga_cfg: GagaConfig | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, gaga_cfg: GagaSizes | None = None) -> None:
         if cfg.model not in MODELS and gaga_cfg is None:
             raise TrainError(f"model {cfg.model!r}: accepted are {', '.join(MODELS)}")
         self.cfg = cfg
@@ -330,7 +331,7 @@ class Trainer:
         cv2.imwrite(str(self.out / "samples" / f"step_{self.step:07d}.png"), image[:, :, ::-1])
 
     def meta_cfg(self) -> dict:
-        """The published checkpoint's meta_cfg (SPEC 9)."""
+        """The published checkpoint's meta_cfg (docs/gagavatar.md)."""
         c = self.cfg
         return {"MODEL": {"NAME": "GAGAvatar", "TASK": "reenactment"},
                 "OPTIMIZE": {"NAME": "Adam", "LR_DECAY_RATE": c.end_factor, "LR_DECAY_ITER": c.decay_steps,

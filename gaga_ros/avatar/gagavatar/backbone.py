@@ -2,7 +2,7 @@
 
 Own module rather than torch.hub or timm: the hub needs network access and timm renames keys; this
 one registers exactly `cls_token, pos_embed, mask_token, patch_embed.proj, blocks.i.{norm1, attn.qkv,
-attn.proj, ls1.gamma, norm2, mlp.fc1, mlp.fc2, ls2.gamma}, norm` (SPEC section 2).
+attn.proj, ls1.gamma, norm2, mlp.fc1, mlp.fc2, ls2.gamma}, norm` (docs/gagavatar.md, Encoder).
 """
 
 from __future__ import annotations

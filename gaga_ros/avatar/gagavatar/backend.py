@@ -17,9 +17,9 @@ import torch
 from gaga_ros.assets import find_assets
 from gaga_ros.avatar.base import Avatar, Binding, NoFaceError, content_id
 from gaga_ros.avatar.gagavatar.checkpoint import load_state_dict_strict, read_state_dict
-from gaga_ros.avatar.gagavatar.config import FULL, TINY
 from gaga_ros.avatar.gagavatar.model import GagaFrame, GagaSource, GAGAvatar, source_image
-from gaga_ros.config import CROP_SCALE, CROP_SIZE, FLAME_VERTICES
+from gaga_ros.avatar.gagavatar.sizes import FULL, TINY
+from gaga_ros.conventions import CROP_SCALE, CROP_SIZE, FLAME_VERTICES
 from gaga_ros.errors import InputError
 from gaga_ros.expression import Expression, FaceModel
 from gaga_ros.faces.conversion import FaceConverter

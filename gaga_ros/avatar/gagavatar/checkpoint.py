@@ -1,6 +1,6 @@
 """Loading the published GAGAvatar.pt, and the deterministic weight fill of the reference vectors.
 
-The published file is a Lightning Fabric dict: `model` = the full state dict (597 keys, SPEC 9) and
+The published file is a Lightning Fabric dict: `model` = the full state dict (597 keys, docs/gagavatar.md) and
 `meta_cfg`. Every key inference uses must be present with the published shape; the perceptual-loss
 networks (`percep_loss.*`) are training-only and skipped.
 """
@@ -68,8 +68,8 @@ def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor]) 
 
 
 def reference_fill(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """Deterministic weights of SPEC section 10: per-key CPU generator seeded with crc32(key),
-    uniform in [-s, s], s = 0.25 for <=1-D, 1 for noise maps, else sqrt(3 / fan_in)."""
+    """Deterministic weights of the reference data (docs/gagavatar.md): per-key CPU generator seeded
+    with crc32(key), uniform in [-s, s], s = 0.25 for <=1-D, 1 for noise maps, else sqrt(3 / fan_in)."""
     out = {}
     for key in sorted(shapes):
         shape = tuple(shapes[key])

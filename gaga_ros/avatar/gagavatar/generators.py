@@ -1,4 +1,4 @@
-"""GAGAvatar's Gaussian generators and the harmonic view-direction encoding (SPEC sections 3-4).
+"""GAGAvatar's Gaussian generators and the harmonic view-direction encoding (docs/gagavatar.md).
 
 The expression branch (`VertexGaussianGenerator`) gives one Gaussian per FLAME vertex; the dual-
 lifting heads (`PlaneGaussianGenerator`) give one per feature-plane pixel, pushed along the plane
