@@ -78,6 +78,7 @@ class FrameSource:
             if bgr is None:
                 raise CaptureError(f"image {path} cannot be decoded")
             return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        assert self._cap is not None  # opened in __init__ for "video" and "device"
         ok, bgr = self._cap.read()
         if not ok and self.kind == "video" and self.loop:
             self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0)

@@ -148,7 +148,7 @@ class LookAt:
                 raise NamedError(f"look_at u, v = {u:g}, {v:g} is off the display: accepted are "
                                  "fractions in [0, 1] (u from the left edge, v from the top edge)")
             object.__setattr__(self, "uv", (u, v))
-        else:
+        elif self.point is not None:  # always, since exactly one of the two is given
             x, y, z = (_finite(k, c) for k, c in zip("xyz", self.point, strict=True))
             if z < 0:
                 raise NamedError(f"look_at point z = {z:g} m is behind the display: accepted are "
@@ -212,8 +212,8 @@ def parse_json(payload: Mapping) -> tuple[NamedCommand | None, LookAt | None]:
         raise NamedError(f"unknown head angles {bad_axes}: accepted are {list(HEAD_AXES)} (radians)")
     command = None
     if "named" in payload or "head" in payload or "hold_s" in payload:
-        command = NamedCommand.parse(named, *(head.get(k, 0.0) for k in HEAD_AXES),
-                                     hold_s=payload.get("hold_s", 0.0))
+        yaw, pitch, roll = (head.get(k, 0.0) for k in HEAD_AXES)
+        command = NamedCommand.parse(named, yaw, pitch, roll, hold_s=payload.get("hold_s", 0.0))
     look = None
     if "look_at" in payload:
         spec = payload["look_at"]

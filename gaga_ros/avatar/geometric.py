@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -79,11 +80,11 @@ def _zipper(upper: np.ndarray, lower: np.ndarray) -> np.ndarray:
     """
     if upper[0] != lower[0] or upper[-1] != lower[-1] or len(upper) != len(lower):
         raise ValueError("contours must share both corners and have equal lengths")
-    tris = [(upper[0], upper[1], lower[1])]
+    rows = [(upper[0], upper[1], lower[1])]
     for k in range(1, len(upper) - 2):
-        tris += [(upper[k], upper[k + 1], lower[k]), (lower[k], lower[k + 1], upper[k + 1])]
-    tris.append((upper[-2], upper[-1], lower[-2]))
-    tris = np.array(tris, np.int64)
+        rows += [(upper[k], upper[k + 1], lower[k]), (lower[k], lower[k + 1], upper[k + 1])]
+    rows.append((upper[-2], upper[-1], lower[-2]))
+    tris = np.array(rows, np.int64)
     corners = CANONICAL_VERTICES[tris]
     normal_z = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])[:, 2]
     flip = normal_z < 0  # wind outwards (+z) by swapping the first two, keeping the contour edge first
@@ -162,8 +163,8 @@ class GeometricAvatar:
         self.background = torch.tensor(background, dtype=torch.float32)
         self.models_dir = models_dir
         self._converter: FaceConverter | None = None  # built on the first FLAME-mode expression (~1 s)
-        self._landmarker = None
-        self._segmenter = None
+        self._landmarker: Any = None  # a FaceLandmarker, made on the first photo (mediapipe loads then)
+        self._segmenter: Any = None
 
     # ---- reconstruction -------------------------------------------------------------------------
 

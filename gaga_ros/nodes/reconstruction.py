@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
@@ -60,7 +61,7 @@ class ReconstructionNode(ManagedNode):
 
     def __init__(self) -> None:
         super().__init__("reconstruction", PARAMS)
-        self.backend = None
+        self.backend: Any = None  # GeometricAvatar or GagaAvatarBackend, chosen on configure
         self.avatar: Avatar | None = None
         self.error = ""
         self._lock = threading.Lock()

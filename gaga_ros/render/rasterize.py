@@ -52,11 +52,13 @@ def rasterize(gaussians: Gaussians, camera: Camera, background: torch.Tensor | N
     if backend == "cpu":
         from gaga_ros.render import cpu
 
-        arrays = [_f32_numpy(t) for t in (gaussians.means, gaussians.quats, gaussians.scales,
-                                          gaussians.opacities, gaussians.colors)]
-        image, alpha = cpu.render(*arrays, camera.viewmat, camera.K, camera.width, camera.height,
-                                  _f32_numpy(background), NEAR_PLANE, EPS2D)
-        return RenderResult(torch.from_numpy(image), torch.from_numpy(alpha))
+        means, quats, scales, opacities, colors = (
+            _f32_numpy(t) for t in (gaussians.means, gaussians.quats, gaussians.scales,
+                                    gaussians.opacities, gaussians.colors))
+        pixels, coverage = cpu.render(means, quats, scales, opacities, colors, camera.viewmat, camera.K,
+                                      camera.width, camera.height, _f32_numpy(background), NEAR_PLANE,
+                                      EPS2D)
+        return RenderResult(torch.from_numpy(pixels), torch.from_numpy(coverage))
     from gaga_ros.render import reference
 
     image, alpha = reference.render(

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -202,7 +203,7 @@ class FlameFitter:
         else:
             self.mediapipe_index = torch.from_numpy(embedding.mediapipe_index)
         self._build_tables()
-        dev = {"device": flame.v_template.device, "dtype": flame.v_template.dtype}
+        dev: dict[str, Any] = {"device": flame.v_template.device, "dtype": flame.v_template.dtype}
         sizes = [self.n_exp] + [w for _, w in _BLOCKS]
         sigmas = [EXPRESSION_SIGMA, JAW_SIGMA, EYE_SIGMA, float("inf"), float("inf")]
         prior = torch.cat([torch.full((k,), s ** -2, **dev) for k, s in zip(sizes, sigmas, strict=True)])
@@ -400,6 +401,7 @@ class FlameFitter:
         temporal = torch.zeros_like(self._temporal) if prev is None else self._temporal
         anchor = x if prev is None else prev
         residual, jac, _ = self._evaluate(x, target, None, jacobian=True)
+        assert jac is not None  # asked for: narrows the type
         cost = self._cost(residual, x, prev)
         damping = torch.full_like(cost, LM_DAMPING_FRAMES)
         keep = None if active is None else active.to(x)
@@ -420,7 +422,7 @@ class FlameFitter:
             gain = (cost - cand_cost) / cost.clamp(min=1e-12)
             x = torch.where(better[:, None], cand, x)
             residual = torch.where(better[:, None], cand_residual, residual)
-            if not last:
+            if cand_jac is not None:  # every step but the last
                 jac = torch.where(better[:, None, None], cand_jac, jac)
             cost = torch.where(better, cand_cost, cost)
             damping = torch.where(better, damping / LM_SHRINK, damping * LM_GROW)
@@ -435,12 +437,14 @@ class FlameFitter:
         The normal equations are solved by eliminating each frame's block first (Schur complement),
         so a step costs one shape-sized solve however many frames there are.
         """
+        assert self.shape is not None  # held (the mean shape at least) before any solve
         shape = self.shape[0].clone()
 
         def total(residual: torch.Tensor, x: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
             return self._cost(residual, x, None).sum() + shape @ self._shape_prior @ shape
 
         residual, jac, jac_shape = self._evaluate(x, target, shape, True)
+        assert jac is not None and jac_shape is not None  # asked for: narrows the types
         cost, damping = total(residual, x, shape), LM_DAMPING_IDENTITY
         for _ in range(steps):
             js_t, jf_t = jac_shape.transpose(1, 2), jac.transpose(1, 2)
@@ -459,6 +463,7 @@ class FlameFitter:
             cand_shape = shape + d_shape
             cand = x - fs[..., -1] - (fs[..., :-1] @ d_shape[:, None])[..., 0]
             cand_residual, cand_jac, cand_jac_shape = self._evaluate(cand, target, cand_shape, True)
+            assert cand_jac is not None and cand_jac_shape is not None
             cand_cost = total(cand_residual, cand, cand_shape)
             if cand_cost < cost:
                 gain = float((cost - cand_cost) / cost)

@@ -79,12 +79,14 @@ def fit_head(crop_points: np.ndarray, size: int = CROP_SIZE,
     else:
         rot_cv, tvec = to_opencv(guess)
     rvec = cv2.Rodrigues(rot_cv)[0]
-    ok, rvec, tvec = cv2.solvePnP(model[RIGID], pts[RIGID, :2].copy(), K, None, rvec, tvec.reshape(3, 1),
-                                  useExtrinsicGuess=True, flags=cv2.SOLVEPNP_ITERATIVE)
+    # OpenCV accepts None (no distortion) where its type hints want an array.
+    ok, rvec, tvec = cv2.solvePnP(  # type: ignore[call-overload]
+        model[RIGID], pts[RIGID, :2].copy(), K, None, rvec, tvec.reshape(3, 1),
+        useExtrinsicGuess=True, flags=cv2.SOLVEPNP_ITERATIVE)
     if not ok or tvec[2, 0] <= 0:
         raise FitError("no head pose in front of the camera fits these landmarks")
     rot_cv, tvec = cv2.Rodrigues(rvec)[0], tvec[:, 0]
-    projected = cv2.projectPoints(model[RIGID], rvec, tvec, K, None)[0][:, 0]
+    projected = cv2.projectPoints(model[RIGID], rvec, tvec, K, None)[0][:, 0]  # type: ignore[call-overload]
     rmse = float(np.sqrt(((projected - pts[RIGID, :2]) ** 2).sum(1).mean()))
     # Back-project every landmark along its pixel ray, at mediapipe's depth (pixels -> units at the head
     # distance), registered so the rigid landmarks' mean depth matches the fitted canonical face.
@@ -232,7 +234,9 @@ class MeshTracker:
         return Expression(face_model=FaceModel.MESH, transform=transform, stamp_ns=int(stamp_ns),
                           vertices=CANONICAL_VERTICES + motion, confidence=confidence)
 
-    def _lost(self, t: float, message: str, found: bool = False, confidence: float = 0.0) -> None:
+    def _lost(self, t: float, message: str, found: bool = False,
+              confidence: float = 0.0) -> Expression | None:
+        """No expression for this frame (None), with the tracker's state saying why."""
         lost = 0.0 if self._last_seen is None else max(t - self._last_seen, 0.0)
         if not found:
             self._reset_filters()

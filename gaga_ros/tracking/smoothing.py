@@ -43,6 +43,7 @@ class OneEuroFilter:
         if self._x is None or self._x.shape != x.shape:
             self._x, self._dx, self._t = x.copy(), np.zeros_like(x), float(t)
             return x.copy()
+        assert self._t is not None and self._dx is not None  # set together with self._x
         dt = float(t) - self._t
         if dt <= 0:  # repeated or out-of-order stamp: keep the state, report the current estimate
             return self._x.copy()

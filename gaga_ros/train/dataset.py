@@ -199,7 +199,7 @@ def build_dataset(videos: str | Path | Iterable[str | Path], out_dir: str | Path
                                "use another folder")
     report = BuildReport(mode)
     taken: set[str] = set()
-    tracking = _FlameTracking(Path(flame_path)) if mode == "flame" else None
+    tracking = _FlameTracking(Path(flame_path)) if mode == "flame" and flame_path is not None else None
     stand_in = _stand_in_vertices() if mode == "mesh" else None
     settings = {"every": int(every), "max_frames": max_frames, "blur_threshold": float(blur_threshold),
                 "min_confidence": float(min_confidence), "jpeg_quality": int(jpeg_quality)}
@@ -306,7 +306,7 @@ def _build_video(cv2, path: Path, vid: str, folder: Path, report: BuildReport,
 
 def _track_frame(cv2, bgr: np.ndarray, landmarker, box: np.ndarray | None, guess: np.ndarray | None,
                  tracking: _FlameTracking | None, settings: dict, crop_head, crop_window, head_box,
-                 fit_head, fit_errors: tuple[type, ...]) -> dict:
+                 fit_head, fit_errors: tuple[type[Exception], ...]) -> dict:
     rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     faces = landmarker.detect(rgb)
     if not faces:
@@ -360,6 +360,7 @@ def _finish_video(folder: Path, vid: str, path: Path, stand_in: np.ndarray | Non
     if flame:
         verts = np.array([d["vertices"] for d in kept], np.float32).reshape(-1, FLAME_VERTICES, 3)
     else:
+        assert stand_in is not None  # mesh mode builds with the stand-in
         verts = np.broadcast_to(stand_in, (len(kept), FLAME_VERTICES, 3))
     np.save(folder / "vertices.npy", np.ascontiguousarray(verts, np.float32))
     dropped = Counter(d["reason"] for d in done if not d["kept"])
@@ -455,9 +456,10 @@ class PairSampler(DistributedSampler):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
                          drop_last=True)
         self.start = start
+        self.pairs = len(dataset)
 
     def __iter__(self) -> Iterator[int]:
-        offset = self.epoch * len(self.dataset)
+        offset = self.epoch * self.pairs
         indices = list(super().__iter__())[self.start:]
         return iter([i + offset for i in indices])
 

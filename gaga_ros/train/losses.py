@@ -82,7 +82,11 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 def _layer_distance(fa: list[torch.Tensor], fb: list[torch.Tensor],
                     weights: tuple[float, ...]) -> torch.Tensor:
-    return sum(w * (_unit(a) - _unit(b)).abs().sum(1).mean() for a, b, w in zip(fa, fb, weights, strict=True))
+    terms = [w * (_unit(a) - _unit(b)).abs().sum(1).mean() for a, b, w in zip(fa, fb, weights, strict=True)]
+    total = terms[0]
+    for term in terms[1:]:  # left to right, as sum() adds
+        total = total + term
+    return total
 
 
 class AlexNetSlices(nn.Module):
@@ -117,7 +121,7 @@ class VggFace(nn.Module):
         layers: list[nn.Module] = []
         cin = 3
         for v in _VGG16:
-            if v == "M":
+            if isinstance(v, str):  # "M": a max pool
                 layers.append(nn.MaxPool2d(2, 2))
             else:
                 layers += [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU()]
@@ -126,7 +130,7 @@ class VggFace(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         out = []
-        for i, layer in enumerate(self.network[:_VGG_TAPS[-1] + 1]):
+        for i, layer in enumerate(list(self.network)[:_VGG_TAPS[-1] + 1]):
             x = layer(x)
             if i in _VGG_TAPS:
                 out.append(x)
@@ -145,6 +149,10 @@ class FacePerceptualLoss(nn.Module):
         self.register_buffer("vgg_mean", torch.tensor(VGGFACE_MEAN).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         self.eval()
+
+    imagenet_mean: torch.Tensor  # buffers (declared for the type checker)
+    imagenet_std: torch.Tensor
+    vgg_mean: torch.Tensor
 
     def train(self, mode: bool = True) -> FacePerceptualLoss:
         return super().train(False)  # always eval, as published
@@ -167,6 +175,8 @@ class SSIMLoss(nn.Module):
         g = torch.exp(-x * x / (2 * sigma * sigma))
         g = g / g.sum()
         self.register_buffer("kernel", (g[:, None] * g[None, :])[None, None], persistent=False)
+
+    kernel: torch.Tensor  # a buffer (declared for the type checker)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         c = a.shape[1]

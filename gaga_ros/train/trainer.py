@@ -22,6 +22,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -130,7 +131,7 @@ class TrainStep(nn.Module):
                                    planes=(batch["f_plane_points"], batch["f_plane_dirs"]))
         splats = []
         for b, camera in enumerate(cameras):
-            g = Gaussians(torch.cat([grp.xyz[b] for grp in groups]),
+            g = Gaussians(torch.cat([grp.xyz[b] for grp in groups]),  # type: ignore[index]  # all given
                           torch.cat([grp.rotations[b] for grp in groups]),
                           torch.cat([grp.scales[b] for grp in groups]),
                           torch.cat([grp.opacities[b] for grp in groups])[:, 0],
@@ -139,7 +140,7 @@ class TrainStep(nn.Module):
         rendered = torch.stack(splats)
         coarse = rendered[:, :3]
         refined = m.upsampler(rendered, randomize_noise=self.randomize_noise)
-        lifted = torch.cat([groups[1].xyz, groups[2].xyz], dim=1)
+        lifted = torch.cat([groups[1].xyz, groups[2].xyz], dim=1)  # type: ignore[list-item]  # local groups
         terms = self.loss(coarse, refined, batch["t_image"], batch["t_bbox"], batch["t_points"], lifted)
         return terms, coarse.detach(), refined.detach()
 
@@ -214,7 +215,7 @@ class Trainer:
         self.step = 0
         self.out = Path(cfg.out)
         self.history: list[dict[str, float]] = []
-        self._writer = None
+        self._writer: Any = None  # a SummaryWriter on first use; False when tensorboard is missing
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             if self.loss.substitute:
@@ -277,7 +278,7 @@ class Trainer:
             for batch in self.loader(epoch, offset):
                 losses = self.train_step(batch)
                 losses["step"], losses["epoch"] = self.step, epoch
-                losses["lr"] = self.scheduler.get_last_lr()[-1]
+                losses["lr"] = float(self.scheduler.get_last_lr()[-1])
                 done.append(losses)
                 self.history.append(losses)
                 if self.step % self.cfg.log_every == 0 or self.step == target:
@@ -352,7 +353,7 @@ class Trainer:
 
     def save(self, path: str | Path | None = None) -> Path:
         """Write the resumable checkpoint (rank 0; every rank must call it: RNG states are gathered)."""
-        rng = [None] * self.world
+        rng: list[Any] = [None] * self.world
         if self.world > 1:
             dist.all_gather_object(rng, _rng_state())
         else:

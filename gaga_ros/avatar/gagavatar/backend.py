@@ -10,6 +10,7 @@ only FLAME and the camera change; the encoder never runs again.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,7 +54,7 @@ class GagaAvatarBackend:
         self.flame = Flame(flame_assets).to(self.device)
         self.mediapipe_embedding = mediapipe_embedding
         self._converter: FaceConverter | None = None  # built on the first MESH-mode expression (~1 s)
-        self._landmarker = None
+        self._landmarker: Any = None  # a FaceLandmarker, made on the first photo (mediapipe loads then)
 
     @classmethod
     def load(cls, models_dir: str | Path | None = None, config: str = "full", weights: str | Path = "",
@@ -62,11 +63,11 @@ class GagaAvatarBackend:
         if config not in CONFIGS:
             raise InputError(f"config {config!r}: accepted are {', '.join(CONFIGS)}")
         status = find_assets(models_dir)
-        weights = Path(weights) if weights else status.gagavatar
-        if weights is None or status.flame is None:
+        found = Path(weights) if weights else status.gagavatar
+        if found is None or status.flame is None:
             raise FileNotFoundError(status.explain())
         model = GAGAvatar(CONFIGS[config])
-        load_state_dict_strict(model, read_state_dict(weights))
+        load_state_dict_strict(model, read_state_dict(found))
         embedding = (MediapipeEmbedding.load(status.mediapipe_embedding) if status.mediapipe_embedding
                      else None)
         return cls(model, load_flame_assets(status.flame, status.flame_landmarks), device, fast,

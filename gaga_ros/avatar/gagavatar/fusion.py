@@ -83,6 +83,9 @@ class FeatureEncoder(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
+    mean: torch.Tensor  # buffers (declared for the type checker)
+    std: torch.Tensor
+
     def forward(self, image: torch.Tensor) -> Features:
         """Encode a (B,3,S,S) image in [0,1] (S = cfg.image_size)."""
         image = (image - self.mean) / self.std

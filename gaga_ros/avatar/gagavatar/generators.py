@@ -40,6 +40,8 @@ class HarmonicEncoding(nn.Module):
         self.register_buffer("frequencies", 2.0 ** torch.arange(harmonics, dtype=torch.float32),
                              persistent=False)
 
+    frequencies: torch.Tensor  # a buffer (declared for the type checker)
+
     def forward(self, d: torch.Tensor) -> torch.Tensor:
         a = (d[..., None] * self.frequencies).flatten(-2)
         # pytorch3d's cos is sin(a + pi/2); kept for bit-level agreement.

@@ -122,7 +122,7 @@ class GAGAvatar(nn.Module):
         groups = self.gaussian_groups(self.base_model(image), transform)
         fields = [torch.cat([getattr(g, name)[0] for g in groups])
                   for name in ("rotations", "scales", "opacities", "colors")]
-        local_means = torch.cat([g.xyz[0] for g in groups[1:]])
+        local_means = torch.cat([g.xyz[0] for g in groups[1:]])  # type: ignore[index]  # local: never None
         return GagaSource(local_means, fields[0], fields[1], fields[2][:, 0], fields[3], transform[0])
 
     @torch.no_grad()
