@@ -27,6 +27,7 @@ from gaga_ros.avatar.gagavatar.fast import FastRenderer, _captured, precision_mo
 from gaga_ros.expression import frontal_transform
 from gaga_ros.faces.flame import Flame
 from gaga_ros.faces.synthetic_flame import make_synthetic_flame
+from gaga_ros.render.rasterize import EPS2D, NEAR_PLANE
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fast.json"
 
@@ -46,6 +47,37 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int = 3) -> dict:
     return {"median_ms": times[len(times) // 2], "min_ms": times[0], "max_ms": times[-1]}
 
 
+def dynamic_rasterization(fr: FastRenderer) -> torch.Tensor:
+    """gsplat.rasterization (sizes its buffers on the host) of the renderer's current inputs, (B,H,W,C)."""
+    import gsplat
+
+    from gaga_ros.render.static_splat import TRIU
+
+    covars = torch.empty(*fr._covars.shape[:2], 3, 3, device=fr._covars.device)
+    covars[..., TRIU[0], TRIU[1]] = fr._covars
+    covars[..., TRIU[1], TRIU[0]] = fr._covars
+    image, _, _ = gsplat.rasterization(
+        fr._means, None, None, fr._opacities, fr._colors, fr._view, fr._K, fr.size, fr.size,
+        near_plane=NEAR_PLANE, eps2d=EPS2D, sh_degree=None, packed=False, rasterize_mode="classic",
+        covars=covars)
+    return image[:, 0]
+
+
+def profile(fr: FastRenderer) -> None:
+    """Top CUDA kernels of eager rasterization (static and gsplat's) and of the refiner, 3 calls each."""
+    for label, fn in (("static rasterization", fr._rasterize),
+                      ("gsplat.rasterization", lambda: dynamic_rasterization(fr)),
+                      ("refiner", fr._refine)):
+        fn()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+        print(f"--- {label}, batch {fr.batch}, 3 calls")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+
+
 def flame_params(batch: int, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {"expression": 0.7 * torch.randn(batch, 100, generator=g),
@@ -60,7 +92,9 @@ def main() -> None:
     parser.add_argument("--precision", default="fp16", help="precision of the staged/batched runs")
     parser.add_argument("--compile", default=None, help="torch.compile mode for an extra refiner variant")
     parser.add_argument("--skip-variants", action="store_true", help="skip the per-precision table")
-    parser.add_argument("--profile", action="store_true", help="print the refiner's top CUDA kernels")
+    parser.add_argument("--profile", action="store_true",
+                        help="top CUDA kernels of rasterization and refinement at the largest batch")
+    parser.add_argument("--skip-encoder", action="store_true", help="skip the reconstruction rows")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     batches = [int(b) for b in args.batches.split(",")]
@@ -106,7 +140,8 @@ def main() -> None:
         fr = FastRenderer(model, sources[0], precision=precision, cuda_graph=graph, compile_mode=mode)
         setup_s = time.perf_counter() - start
         worst = min(psnr(fr.frame(f[0], transform), r) for f, r in zip(frames, refs, strict=True))
-        refine = timed(fr._graph.replay if fr._graph is not None else fr._refine, args.frames)
+        refine = timed(lambda fr=fr, g=graph: fr._refine_graph.replay() if g else fr._refine(),
+                       args.frames)
         name = f"{precision}{' graph' if graph else ''}{f' compile={mode}' if mode else ''}"
         rows.append({"name": f"refine {name}", "batch": 1, "psnr_db": worst, "setup_s": setup_s, **refine})
         rows.append({"name": f"frame {name}", "batch": 1,
@@ -128,37 +163,41 @@ def main() -> None:
                           compile_mode=args.compile)
         verts = [f[:b] for f in frames]
         counter = iter(range(10 ** 9))
-
-        def upload(fr=fr, verts=verts) -> None:
-            v, t = fr._inputs(verts[1], transform)
-            fr._means[:, :5023].copy_(v)
-
+        tag = f"B={b}"
+        fr.render(verts[0], transform)  # sizes the intersection buffers, captures rasterization
         stage = {
-            "expression upload": lambda fr=fr, verts=verts: upload(),
-            "rasterize": lambda fr=fr, verts=verts: fr._rasterize(*fr._inputs(verts[0], transform)),
-            "refine": fr._graph.replay,
+            "expression upload": lambda fr=fr, verts=verts: fr._inputs(verts[1], transform),
+            "gsplat.rasterization (host sync)": lambda fr=fr: dynamic_rasterization(fr),
+            "rasterize (graph)": lambda fr=fr: fr._raster_graph.replay(),
+            "refine (graph)": lambda fr=fr: fr._refine_graph.replay(),
             "readback": lambda fr=fr: fr._host[0].copy_(fr._u8, non_blocking=True),
+            "join (set_source)": lambda fr=fr: fr.set_source(0, sources[0]),  # slot 0's own source
             "frame (render)": lambda fr=fr, verts=verts, c=counter: fr.render(verts[next(c) % 4], transform),
         }
         for label, fn in stage.items():
             t = timed(fn, args.frames)
-            row = {"name": f"fast {label} B={b}", "batch": b, **t}
+            row = {"name": f"fast {label} {tag}", "batch": b, **t}
             if label == "frame (render)":
                 row["fps_total"] = 1e3 * b / t["median_ms"]
                 row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+                row["capacity"] = fr.capacity
+                row["intersections"] = int(fr._total)
             rows.append(row)
-        if b > 1:  # every slot of a batch equals its own reference frame
-            out = fr.frame(verts[2], transform)
-            worst = min(psnr(out[i], reference(sources[i % 2], verts[2][i])) for i in range(min(b, 4)))
-            rows[-1]["psnr_db"] = worst
+        out = fr.frame(verts[2], transform)
+        worst = min(psnr(out[i], reference(sources[i % 2], verts[2][i])) for i in range(min(b, 4)))
+        rows[-1]["psnr_db"] = worst
+        splat = fr._splat.permute(0, 2, 3, 1).clone()
+        rows[-1]["splat_max_diff"] = (splat - dynamic_rasterization(fr)).abs().max().item()
+        if args.profile and b == batches[-1]:
+            profile(fr)
         del fr
 
     # Reconstruction: reference fp32 / tf32, fast encoder graph tf32 / bf16; new source -> first frame.
-    for precision in ("fp32", "tf32"):
+    for precision in [] if args.skip_encoder else ("fp32", "tf32"):
         with precision_mode(precision):
             t = timed(lambda: model.reconstruct(images[2], transform), 10, 2)
         rows.append({"name": f"reference reconstruction {precision}", "batch": 1, **t})
-    for enc in ("tf32", "fp16", "bf16"):
+    for enc in [] if args.skip_encoder else ("tf32", "fp16", "bf16"):
         fr = FastRenderer(model, sources[0], precision=args.precision, encoder_precision=enc)
         t = timed(lambda fr=fr: fr.reconstruct(images[2], transform), 10, 2)
         fast_src = fr.reconstruct(images[3], transform)
@@ -183,6 +222,8 @@ def main() -> None:
         extra = [f"{row['fps_total']:>8.1f}" if "fps_total" in row else f"{'':>8}",
                  f"{row['psnr_db']:>8.1f}" if "psnr_db" in row else f"{'':>8}",
                  f"{row['peak_gb']:>8.2f}" if "peak_gb" in row else f"{'':>8}"]
+        extra.append(f" isect {row['intersections']}/{row['capacity']}" if "capacity" in row else "")
+        extra.append(f" splat diff {row['splat_max_diff']:.1e}" if "splat_max_diff" in row else "")
         print(f"{row['name']:<52} {row['median_ms']:>10.2f} {row['min_ms']:>9.2f} " + " ".join(extra))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     config = {"gaussians": int(len(sources[0].opacities)), "render_size": cfg.render_size,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-NODES = ("capture", "tracking", "reconstruction", "render", "bridge", "driver", "recorder", "bag")
+NODES = ("capture", "tracking", "reconstruction", "render", "bridge", "driver", "recorder", "bag", "voice")
 
 
 def run_node(name: str, ros_args: list[str]) -> None:

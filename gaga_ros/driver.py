@@ -1,7 +1,10 @@
 """A built-in scripted driver: a deterministic looping performance as MESH-mode expressions.
 
-Lets the avatar move with no camera (demos, tests, a robot idling). Each action is a named
-displacement field of gaga_ros.blendshapes (the ones robots command by name); head motion is a
+Lets the avatar move with no camera (demos, tests, a robot idling). Two performances: "show" (the
+demo: speaking, smiling, nodding, turning) and "idle" (what a face does while nobody drives it:
+blinking, breathing sway, a faint smile now and then; the telepresence loop's face between
+operators). Each action is a named displacement field of gaga_ros.blendshapes (the ones robots
+command by name); head motion is a
 rotation of frontal_transform().
 """
 
@@ -24,16 +27,22 @@ PERIOD = sum(d for _, d in SEGMENTS)
 #: Head motion of the nod and turn segments, radians.
 NOD_PITCH = np.radians(12.0)
 TURN_YAW = np.radians(30.0)
+PERFORMANCES = ("show", "idle")
+#: The idle performance's sway: (amplitude radians, frequency Hz) of yaw and pitch, smile strength.
+IDLE_YAW, IDLE_PITCH = (np.radians(4.0), 0.11), (np.radians(2.0), 0.23)
+IDLE_SMILE = 0.2
 
 
 class ScriptedDriver:
     """Loops speaking, smiling, nodding and turning (blinking throughout) at `fps`; seed varies
     the speech rhythm. Deterministic: the same (fps, seed, t) always gives the same expression."""
 
-    def __init__(self, fps: float = 30.0, seed: int = 0):
+    def __init__(self, fps: float = 30.0, seed: int = 0, performance: str = "show"):
         if not fps > 0:
             raise InputError(f"fps {fps!r}: accepted is a positive frame rate")
-        self.fps = float(fps)
+        if performance not in PERFORMANCES:
+            raise InputError(f"performance {performance!r}: accepted are {', '.join(PERFORMANCES)}")
+        self.fps, self.performance = float(fps), performance
         rng = np.random.default_rng(seed)
         # Speech: a sum of incommensurate sines with seeded phases reads as syllables.
         self._speech_freq = np.array([3.1, 4.7, 1.9]) * rng.uniform(0.85, 1.15, 3)
@@ -55,15 +64,20 @@ class ScriptedDriver:
         phase = (t - start) / duration  # 0..1 within the segment
         envelope = np.sin(np.pi * phase) ** 2  # eases in and out, so the loop is seamless
         out = {"jaw": 0.0, "smile": 0.0, "blink": 0.0, "pitch": 0.0, "yaw": 0.0}
-        if name.startswith("speak"):
+        if self.performance == "idle":
+            out["yaw"] = IDLE_YAW[0] * np.sin(2 * np.pi * IDLE_YAW[1] * t)
+            out["pitch"] = IDLE_PITCH[0] * np.sin(2 * np.pi * IDLE_PITCH[1] * t + 1.0)
+            out["smile"] = IDLE_SMILE * (envelope if name == "smile" else 0.0)
+        elif name.startswith("speak"):
             s = np.sin(self._speech_freq * t + self._speech_phase)
             out["jaw"] = JAW_OPEN * envelope * float(np.clip(0.45 + 0.35 * s[0] + 0.25 * s[1], 0, 1))
-        if name == "smile":
-            out["smile"] = envelope
-        if name == "nod":
-            out["pitch"] = NOD_PITCH * envelope * np.sin(2 * np.pi * 2 * phase)
-        if name in ("turn", "speak_turn"):
-            out["yaw"] = TURN_YAW * np.sin(2 * np.pi * phase)
+        if self.performance == "show":
+            if name == "smile":
+                out["smile"] = envelope
+            if name == "nod":
+                out["pitch"] = NOD_PITCH * envelope * np.sin(2 * np.pi * 2 * phase)
+            if name in ("turn", "speak_turn"):
+                out["yaw"] = TURN_YAW * np.sin(2 * np.pi * phase)
         blink = np.exp(-(((t - self._blink_times) / 0.07) ** 2)).max()
         out["blink"] = float(np.clip(blink * 1.2, 0, 1))
         return out

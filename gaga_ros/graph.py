@@ -1,7 +1,11 @@
 """The node graph as data: read by launch/telepresence.launch.py and by `gaga-ros launch` alike.
 
-Data flow: capture -> tracking -> /avatar/expression -> render (avatar cached on the device)
--> /avatar/image -> bridge; source photo -> reconstruction -> /avatar/model (latched) -> render.
+Data flow: capture -> tracking -> avatar/expression -> render (avatar cached on the device)
+-> avatar/image -> bridge; source photo -> reconstruction -> avatar/model (latched) -> render.
+The telepresence loop (driver:=operator): the operator's page -> bridge -> camera/image_raw ->
+tracking -> render -> bridge -> kiosk page; the operator's voice -> bridge -> the kiosk's speaker and
+operator/audio -> voice (the mouth, while the face is lost); an idle driver holds the face between
+operators.
 """
 
 from __future__ import annotations
@@ -29,8 +33,10 @@ class NodeSpec:
 #: Launch arguments of the telepresence graph, with defaults and meaning.
 ARGUMENTS = {
     "profile": ("demo", "Parameter profile: a YAML in config/ (demo = CPU, gpu, kiosk)."),
-    "driver": ("scripted", "What drives the avatar: scripted (built-in), video, webcam, or topic (a "
-               "camera driver of yours publishes /camera/image_raw; tracking only)."),
+    "driver": ("scripted", "What drives the avatar: scripted (built-in), video, webcam, topic (a "
+               "camera driver of yours publishes camera/image_raw; tracking only) or operator (the "
+               "telepresence loop: the operator's page at <bridge>/operator drives the face with camera "
+               "and voice; an idle face between operators)."),
     "camera_transport": ("raw", "driver:=topic: raw (sensor_msgs/Image on /camera/image_raw) or "
                          "compressed (JPEG/PNG CompressedImage on /camera/image_raw/compressed)."),
     "tracking": ("auto", "Face model of camera tracking: mesh (mediapipe, no assets), flame (needs a "
@@ -42,13 +48,16 @@ ARGUMENTS = {
     "record": ("", "Record as well: an .mp4 gets /avatar/image as video, an .mcap gets the expression "
                "and image topics for ROS 2 tools, Foxglove and replay (empty: do not record)."),
     "bridge": ("true", "Start the WebRTC bridge."),
+    "port": ("8080", "TCP port of the bridge's pages (viewer /, kiosk /kiosk, operator /operator)."),
+    "robot_camera": ("", "driver:=operator: an Image topic of the robot's camera, shown on the operator's "
+                     "page (empty: none)."),
 }
 
 #: ros2 launch starts a node again this long after it failed (a crash, or a worker that died and
 #: ended its process: gaga_ros.nodes.guard); `gaga-ros launch` restarts at once.
 RESPAWN_DELAY_S = 2.0
 
-DRIVERS = ("scripted", "video", "webcam", "topic")
+DRIVERS = ("scripted", "video", "webcam", "topic", "operator")
 TRANSPORTS = ("raw", "compressed")
 TRACKING_MODES = ("mesh", "flame", "auto")
 
@@ -99,8 +108,21 @@ def telepresence(args: dict[str, str] | None = None) -> list[NodeSpec]:
     if a["camera_transport"] != "raw" and a["driver"] != "topic":
         raise ValueError("camera_transport:=compressed reads a camera driver's compressed topic: use it "
                          "with driver:=topic (the built-in capture publishes raw images)")
+    if not a["port"].isdigit() or not 0 <= int(a["port"]) <= 65535:
+        raise ValueError(f"port {a['port']!r}: accepted is a TCP port, 0 to 65535")
+    bridge = {"port": int(a["port"])}
     nodes: list[NodeSpec] = []
-    if a["driver"] == "scripted":
+    if a["driver"] == "operator":
+        if a["bridge"].lower() not in ("1", "true", "yes"):
+            raise ValueError("driver:=operator needs the bridge (the operator's page is served by it)")
+        bridge.update(upstream_topic=names.CAMERA_IMAGE, robot_camera=a["robot_camera"])
+        nodes.append(NodeSpec("driver", "driver", {"performance": "idle", "yield_to_tracking": True}))
+        nodes.append(NodeSpec("tracking", "tracking", {"mode": a["tracking"]}))
+        nodes.append(NodeSpec("voice", "voice"))
+    elif a["robot_camera"]:
+        raise ValueError("robot_camera:= shows the robot's camera on the operator's page: use it with "
+                         "driver:=operator")
+    elif a["driver"] == "scripted":
         nodes.append(NodeSpec("driver", "driver"))
     elif a["driver"] == "topic":
         nodes.append(NodeSpec("tracking", "tracking", {"camera_transport": a["camera_transport"],
@@ -119,7 +141,7 @@ def telepresence(args: dict[str, str] | None = None) -> list[NodeSpec]:
     elif a["record"]:
         nodes.append(NodeSpec("recorder", "recorder", {"path": a["record"]}))
     if a["bridge"].lower() in ("1", "true", "yes"):
-        nodes.append(NodeSpec("bridge", "bridge"))
+        nodes.append(NodeSpec("bridge", "bridge", bridge))
     return nodes
 
 

@@ -2,16 +2,20 @@
 
 A `NamedCommand` holds ARKit-52 blendshape weights (gaga_ros.blendshapes.NAMES) and a head turn;
 a `LookAt` names a point for the eyes (and, past EYE_LIMIT, the head) to turn to. `FaceMixer` holds
-the newest of each and combines them with the live driver:
+the newest command of each layer and the newest look_at and combines them with the live driver:
 
 - With a live driver, each live expression gets the overlay added: MESH mode adds the named fields to
   its vertices; FLAME mode adds jawOpen to the jaw pose and the eyeLook* names to the eye poses (the
   other names need MESH); the head turn is applied in the head's own frame before the live pose.
 - Without one (no live expression for LIVE_TIMEOUT_S), `idle()` gives the neutral face with the
   overlay, so frames keep coming while a command holds and fades, ending on one neutral frame.
-- A command ramps in over ATTACK_S from what was shown, holds for its hold_s (counted from its
-  arrival), then fades to nothing over FADE_S. A newer command replaces an older one; a look_at
-  replaces the previous look_at the same way and adds to the command.
+- A command ramps in over ATTACK_S from what was shown (over the time since the previous command on
+  its layer when that is shorter: a stream of commands, like the voice's 60 a second, is followed,
+  not smoothed once more), holds for its hold_s (counted from its arrival), then fades to nothing
+  over FADE_S. Commands go on layers, the default one and at most MAX_LAYERS named ones: a newer
+  command replaces the older one on its own layer, and the layers add, so the voice's mouth (layer
+  "voice", gaga_ros.voice) never erases a robot's smile on the default layer. A look_at
+  replaces the previous look_at the same way and adds to the commands.
 
 Bad input raises NamedError (a ValueError, so node guards log, count and report it) and leaves the
 mixer as it was: the face keeps following its other drivers.
@@ -48,8 +52,12 @@ EYE_LIMIT = math.radians(15.0)
 LIVE_TIMEOUT_S = 0.5
 #: How long a look_at holds before the eyes return (a robot tracking a person repeats it).
 DEFAULT_LOOK_HOLD_S = 2.0
+#: Named layers of commands held at once besides the default one "" (which is never refused), and
+#: the longest layer name: a layer is a source of commands (a behaviour, the voice), not a
+#: per-command id.
+MAX_LAYERS, MAX_LAYER_NAME = 8, 32
 #: Fields of the JSON form (bridge POST /expression and data channel).
-JSON_FIELDS = ("named", "head", "hold_s", "look_at")
+JSON_FIELDS = ("named", "head", "hold_s", "look_at", "layer")
 HEAD_AXES = ("yaw", "pitch", "roll")
 
 
@@ -102,11 +110,13 @@ class NamedCommand:
 
     pose: Pose
     hold_s: float = DEFAULT_HOLD_S
+    layer: str = ""
 
     @classmethod
     def parse(cls, weights: Mapping[str, float], yaw: float = 0.0, pitch: float = 0.0,
-              roll: float = 0.0, hold_s: float = 0.0) -> NamedCommand:
-        """Validate and clamp; raise NamedError for unknown names, NaN/inf or a negative hold."""
+              roll: float = 0.0, hold_s: float = 0.0, layer: str = "") -> NamedCommand:
+        """Validate and clamp; raise NamedError for unknown names, NaN/inf, a negative hold or a bad
+        layer name."""
         unknown = sorted(set(weights) - set(NAMES))
         if unknown:
             raise NamedError(f"unknown expression names {unknown}: accepted are {list(NAMES)}")
@@ -116,11 +126,12 @@ class NamedCommand:
         if hold < 0:
             raise NamedError(f"hold_s {hold:g}: accepted is 0 (the default, {DEFAULT_HOLD_S:g} s) to "
                              f"{MAX_HOLD_S:g} s")
-        return cls(Pose(clean, *head), min(hold, MAX_HOLD_S) if hold > 0 else DEFAULT_HOLD_S)
+        return cls(Pose(clean, *head), min(hold, MAX_HOLD_S) if hold > 0 else DEFAULT_HOLD_S,
+                   _layer_name(layer))
 
     @classmethod
     def from_lists(cls, names: list[str], weights, yaw: float = 0.0, pitch: float = 0.0,
-                   roll: float = 0.0, hold_s: float = 0.0) -> NamedCommand:
+                   roll: float = 0.0, hold_s: float = 0.0, layer: str = "") -> NamedCommand:
         """From the message's parallel names[] and weights[]; a name given twice is refused."""
         names, weights = list(names), [float(w) for w in weights]
         if len(names) != len(weights):
@@ -128,7 +139,14 @@ class NamedCommand:
                              "per name")
         if len(set(names)) != len(names):
             raise NamedError(f"a name is given twice in {names}: accepted is each name once")
-        return cls.parse(dict(zip(names, weights, strict=True)), yaw, pitch, roll, hold_s)
+        return cls.parse(dict(zip(names, weights, strict=True)), yaw, pitch, roll, hold_s, layer)
+
+
+def _layer_name(layer) -> str:
+    if not isinstance(layer, str) or len(layer) > MAX_LAYER_NAME or not layer.isprintable():
+        raise NamedError(f"layer {layer!r}: accepted is a printable name of at most {MAX_LAYER_NAME} "
+                         'characters, e.g. "voice", or empty for the default layer')
+    return layer
 
 
 @dataclass(frozen=True)
@@ -197,12 +215,14 @@ class Display:
 
 def parse_json(payload: Mapping) -> tuple[NamedCommand | None, LookAt | None]:
     """The JSON form: {"named": {name: weight}, "head": {"yaw", "pitch", "roll"}, "hold_s": s,
-    "look_at": {"u", "v"} or {"x", "y", "z"}}; every field optional, at least one given."""
+    "layer": name, "look_at": {"u", "v"} or {"x", "y", "z"}}; every field optional, at least one of
+    them but "layer" given; "layer" goes with a command (named, head or hold_s)."""
     unknown = sorted(set(payload) - set(JSON_FIELDS))
     if unknown:
         raise NamedError(f"unknown fields {unknown}: accepted are {list(JSON_FIELDS)}")
-    if not any(k in payload for k in JSON_FIELDS):
-        raise NamedError(f"a named expression needs one of {list(JSON_FIELDS)}")
+    content = [k for k in JSON_FIELDS if k != "layer"]
+    if not any(k in payload for k in content):
+        raise NamedError(f"a named expression needs one of {content}")
     named, head = payload.get("named", {}), payload.get("head", {})
     if not isinstance(named, dict) or not isinstance(head, dict):
         raise NamedError('named and head must be JSON objects, e.g. {"named": {"jawOpen": 0.5}, '
@@ -213,7 +233,10 @@ def parse_json(payload: Mapping) -> tuple[NamedCommand | None, LookAt | None]:
     command = None
     if "named" in payload or "head" in payload or "hold_s" in payload:
         yaw, pitch, roll = (head.get(k, 0.0) for k in HEAD_AXES)
-        command = NamedCommand.parse(named, yaw, pitch, roll, hold_s=payload.get("hold_s", 0.0))
+        command = NamedCommand.parse(named, yaw, pitch, roll, hold_s=payload.get("hold_s", 0.0),
+                                     layer=payload.get("layer", ""))
+    elif "layer" in payload:
+        raise NamedError('"layer" goes with a command: give "named", "head" or "hold_s" with it')
     look = None
     if "look_at" in payload:
         spec = payload["look_at"]
@@ -253,17 +276,18 @@ def neutral(stamp_ns: int = 0) -> Expression:
 
 
 @dataclass
-class _Layer:
-    """One overlay: ramps from `start` to `target` over ATTACK_S from `t0`, holds until t0 + hold,
+class _Ramp:
+    """One overlay: ramps from `start` to `target` over `attack` from `t0`, holds until t0 + hold,
     then fades out over FADE_S."""
 
     start: Pose
     target: Pose
     t0: float
     hold: float
+    attack: float = ATTACK_S
 
     def at(self, t: float) -> Pose:
-        a = min(1.0, max(0.0, (t - self.t0) / ATTACK_S))
+        a = min(1.0, max(0.0, (t - self.t0) / self.attack)) if self.attack > 0 else 1.0
         fade = min(1.0, max(0.0, (t - self.t0 - self.hold) / FADE_S))
         return Pose().blend(self.start.blend(self.target, a), 1.0 - fade)
 
@@ -272,7 +296,8 @@ class _Layer:
 
 
 class FaceMixer:
-    """The newest command and look_at, combined with the live driver; `clock()` gives seconds.
+    """The newest command of each layer and the newest look_at, combined with the live driver;
+    `clock()` gives seconds.
 
     Thread-safe: commands arrive on subscription threads while frames are made on others.
     """
@@ -283,17 +308,27 @@ class FaceMixer:
         self.display = display or Display()
         self.look_hold_s = float(look_hold_s)
         self._lock = threading.Lock()
-        self._command: _Layer | None = None
-        self._look: _Layer | None = None
+        self._commands: dict[str, _Ramp] = {}
+        self._look: _Ramp | None = None
         self._last_live = -math.inf
         self._settled = True  # idle() has shown the neutral face after the last overlay
 
     def command(self, command: NamedCommand) -> None:
-        """Replace the current command (ramping from what it shows now)."""
+        """Replace the command on its layer (ramping from what that layer shows now); raise
+        NamedError, changing nothing, when it would be a named layer beyond MAX_LAYERS."""
         with self._lock:
             t = self.clock()
-            start = self._command.at(t) if self._command is not None else Pose()
-            self._command = _Layer(start, command.pose, t, command.hold_s)
+            self._commands = {k: r for k, r in self._commands.items() if t < r.end()}
+            previous = self._commands.get(command.layer)
+            named = sorted(k for k in self._commands if k)
+            if previous is None and command.layer and len(named) >= MAX_LAYERS:
+                raise NamedError(f"layer {command.layer!r} refused: {MAX_LAYERS} named layers are in use "
+                                 f"({named}); accepted are commands on those layers or on the default "
+                                 "layer (empty), or a new layer once one of them has faded out")
+            start, attack = Pose(), ATTACK_S
+            if previous is not None:
+                start, attack = previous.at(t), min(ATTACK_S, t - previous.t0)
+            self._commands[command.layer] = _Ramp(start, command.pose, t, command.hold_s, attack)
             self._settled = False
 
     def look_at(self, target: LookAt) -> None:
@@ -302,19 +337,22 @@ class FaceMixer:
         with self._lock:
             t = self.clock()
             start = self._look.at(t) if self._look is not None else Pose()
-            self._look = _Layer(start, pose, t, self.look_hold_s)
+            self._look = _Ramp(start, pose, t, self.look_hold_s)
             self._settled = False
 
     def overlay(self, t: float | None = None) -> Pose:
-        """What the command and the look_at add at time t (now by default)."""
+        """What the commands and the look_at add at time t (now by default)."""
         with self._lock:
             return self._overlay(self.clock() if t is None else t)
 
+    def _ramps(self) -> list[_Ramp]:
+        return [*self._commands.values(), *([self._look] if self._look is not None else [])]
+
     def _overlay(self, t: float) -> Pose:
         pose = Pose()
-        for layer in (self._command, self._look):
-            if layer is not None and t < layer.end():
-                pose = pose + layer.at(t)
+        for ramp in self._ramps():
+            if t < ramp.end():
+                pose = pose + ramp.at(t)
         return pose
 
     def apply(self, live: Expression) -> Expression:
@@ -332,7 +370,7 @@ class FaceMixer:
             t = self.clock()
             if t - self._last_live < LIVE_TIMEOUT_S:
                 return None
-            active = any(layer is not None and t < layer.end() for layer in (self._command, self._look))
+            active = any(t < ramp.end() for ramp in self._ramps())
             if not active:
                 if self._settled:
                     return None

@@ -23,6 +23,42 @@ FLAGS = [
 FAKE_CAMERA = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
 
 
+def fake_media(clip: Path, out_dir: Path, seconds: float = 10.0, width: int = 320, height: int = 304,
+               fps: int = 30, start_s: float = 0.0, sound: Path | None = None) -> list[str]:
+    """Chromium flags that make getUserMedia play `clip` (its picture and its sound, or the sound of
+    `sound`, looped): writes a y4m (raw 4:2:0 frames, what Chromium's fake camera reads) and a 48 kHz
+    mono WAV to out_dir."""
+    import wave
+
+    import av
+    import numpy as np
+
+    from gaga_ros.audio import Resampler, from_frame
+
+    y4m, wav = out_dir / f"{clip.stem}.y4m", out_dir / f"{clip.stem}.wav"
+    with av.open(str(clip)) as c, open(y4m, "wb") as f:
+        f.write(f"YUV4MPEG2 W{width} H{height} F{fps}:1 Ip A1:1 C420jpeg\n".encode())
+        rate = float(c.streams.video[0].average_rate)
+        n = 0
+        for i, frame in enumerate(c.decode(video=0)):
+            t = i / rate
+            while t >= start_s + n / fps and n < seconds * fps:  # the clip's frames at `fps`
+                yuv = frame.reformat(width, height, "yuv420p").to_ndarray()
+                f.write(b"FRAME\n" + yuv.tobytes())
+                n += 1
+    resample, pcm = Resampler(48000, 1), []
+    with av.open(str(sound or clip)) as c:
+        for frame in c.decode(audio=0):
+            pcm.append(resample(from_frame(frame)).samples[:, 0])
+    samples = np.concatenate(pcm)[int(start_s * 48000):int((start_s + seconds) * 48000)]
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(48000)
+        w.writeframes(samples.astype("<i2").tobytes())
+    return [f"--use-file-for-fake-video-capture={y4m}", f"--use-file-for-fake-audio-capture={wav}"]
+
+
 def chromium_path() -> str | None:
     """The Chromium binary on PATH (Debian: apt-get install -y chromium), or None."""
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -88,7 +124,12 @@ class Page:
         deadline = time.monotonic() + timeout
         guarded = f"(() => {{ try {{ return ({expression}); }} catch (e) {{ return null; }} }})()"
         while True:
-            value = await self.evaluate(guarded)
+            try:
+                value = await self.evaluate(guarded)
+            except CdpError as e:  # no page context yet (still navigating): not yet
+                if "execution context" not in str(e):
+                    raise
+                value = None
             if value:
                 return value
             if time.monotonic() > deadline:

@@ -112,3 +112,54 @@ def test_stream_server_logs_reach_rosout(ros_node, tmp_path):
     finally:
         out = stop_process(bridge)
     assert out.count("avatar stream at") == 1, "printed once (through rclpy), not also by logging"
+
+
+def test_turn_credentials_come_from_the_environment_and_reach_every_page(ros_node, tmp_path, monkeypatch):
+    """TURN across NAT: username:credential from an environment variable, never a parameter; every
+    page gets them from /config; a TURN server without them refuses to start, saying what to set."""
+    from rcl_interfaces.srv import GetParameters, ListParameters
+
+    port = free_port()
+    servers = ["stun:127.0.0.1:3478", "turn:127.0.0.1:3478?transport=udp"]
+    monkeypatch.setenv("GAGA_ROS_TURN_CREDENTIALS", "robot:s3cret-turn-pass")
+    bridge = start_node("bridge", params={"port": port, "ice_servers": servers}, tmp_path=tmp_path)
+    try:
+        async def config() -> dict:
+            async with aiohttp.ClientSession() as s:
+                for _ in range(600):
+                    try:
+                        async with s.get(f"http://127.0.0.1:{port}/config") as r:
+                            return await r.json()
+                    except aiohttp.ClientConnectionError:
+                        await asyncio.sleep(0.2)
+            raise AssertionError("the bridge never served /config")
+
+        ice = asyncio.run(config())["iceServers"]
+        assert ice == [{"urls": servers[0]},
+                       {"urls": servers[1], "username": "robot", "credential": "s3cret-turn-pass"}]
+        lister = ros_node.create_client(ListParameters, "/bridge/list_parameters")
+        getter = ros_node.create_client(GetParameters, "/bridge/get_parameters")
+        assert lister.wait_for_service(timeout_sec=30) and getter.wait_for_service(timeout_sec=30)
+        names = lister.call_async(ListParameters.Request())
+        assert wait_for(names.done, 30)
+        values = getter.call_async(GetParameters.Request(names=list(names.result().result.names)))
+        assert wait_for(values.done, 30)
+        assert "s3cret" not in repr(values.result().values)  # not in any parameter
+    finally:
+        stop_process(bridge)
+    monkeypatch.delenv("GAGA_ROS_TURN_CREDENTIALS")
+    lacking = start_node("bridge", params={"port": free_port(), "ice_servers": servers}, tmp_path=tmp_path)
+    out = lacking.communicate(timeout=120)[0]
+    assert lacking.returncode == 2 and "GAGA_ROS_TURN_CREDENTIALS=username:credential" in out, out[-2000:]
+
+
+def test_a_port_in_use_says_which_and_how_to_choose_another(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        bridge = start_node("bridge", params={"port": port}, tmp_path=tmp_path)
+        out = bridge.communicate(timeout=120)[0]
+    assert bridge.returncode == 2, out[-2000:]  # cannot start: the launchers do not restart it
+    assert f"port {port} on 127.0.0.1 is already in use" in out and f"port:={port + 1}" in out, out[-2000:]
+    assert "Traceback" not in out

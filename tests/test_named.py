@@ -33,6 +33,8 @@ from gaga_ros.named import (
     LIVE_TIMEOUT_S,
     MAX_HEAD,
     MAX_HOLD_S,
+    MAX_LAYER_NAME,
+    MAX_LAYERS,
     Display,
     FaceMixer,
     LookAt,
@@ -158,6 +160,89 @@ def test_command_ramps_holds_fades_and_is_replaced():
     assert half.weights["eyeBlinkLeft"] == pytest.approx(0.5)
     assert mixer.overlay(clock.t + ATTACK_S).weights["mouthSmileLeft"] == pytest.approx(0.0)
     assert mixer.overlay(clock.t + 0.5 + FADE_S).empty
+
+
+def test_layers_add_and_a_command_replaces_only_its_own_layer():
+    clock = Clock()
+    mixer = FaceMixer(clock)
+    t0 = clock.t
+    mixer.command(NamedCommand.parse({"mouthSmileLeft": 0.8, "jawOpen": 0.2}, yaw=0.1, hold_s=5.0))
+    mixer.command(NamedCommand.parse({"jawOpen": 0.5}, hold_s=0.2, layer="voice"))
+    pose = mixer.overlay(t0 + ATTACK_S)
+    assert pose.weights["mouthSmileLeft"] == pytest.approx(0.8)  # the voice did not erase the smile
+    assert pose.weights["jawOpen"] == pytest.approx(0.7) and pose.yaw == pytest.approx(0.1)
+    clock.t = t0 + ATTACK_S
+    mixer.command(NamedCommand.parse({"jawOpen": 0.1}, hold_s=0.2, layer="voice"))  # replaces the voice's
+    pose = mixer.overlay(clock.t + ATTACK_S)
+    assert pose.weights["jawOpen"] == pytest.approx(0.3)
+    assert pose.weights["mouthSmileLeft"] == pytest.approx(0.8)
+    # The voice fades out by itself; the default layer holds on.
+    pose = mixer.overlay(clock.t + 0.2 + FADE_S)
+    assert pose.weights["jawOpen"] == pytest.approx(0.2)
+    assert pose.weights["mouthSmileLeft"] == pytest.approx(0.8)
+    # Weights that add past 1 are clamped to 1.
+    mixer.command(NamedCommand.parse({"mouthSmileLeft": 0.9}, layer="greeting"))
+    assert mixer.overlay(clock.t + ATTACK_S).weights["mouthSmileLeft"] == 1.0
+
+
+def test_a_stream_of_commands_is_followed_within_one_interval():
+    """Commands 30 times a second (the voice's) each ramp over the interval since the previous one,
+    not over ATTACK_S: the face reaches each target as the next one arrives."""
+    clock = Clock()
+    mixer = FaceMixer(clock)
+    step = 1 / 30
+    targets = [0.0, 0.6, 0.1, 0.5, 0.5, 0.0]
+    for target in targets:
+        mixer.command(NamedCommand.parse({"jawOpen": target}, hold_s=0.15, layer="voice"))
+        clock.t += step
+        assert mixer.overlay().weights["jawOpen"] == pytest.approx(target)
+    # A lone command after a pause ramps over ATTACK_S again.
+    clock.t += 1.0
+    mixer.command(NamedCommand.parse({"jawOpen": 0.8}, layer="voice"))
+    assert mixer.overlay(clock.t + ATTACK_S / 2).weights["jawOpen"] == pytest.approx(0.4)
+
+
+def test_a_ninth_named_layer_is_refused_until_one_fades():
+    clock = Clock()
+    mixer = FaceMixer(clock)
+    for i in range(1, MAX_LAYERS + 1):
+        mixer.command(NamedCommand.parse({"browInnerUp": 0.1}, hold_s=0.5 * i, layer=f"l{i}"))
+    before = mixer.overlay(clock.t + ATTACK_S)
+    with pytest.raises(NamedError) as err:
+        mixer.command(NamedCommand.parse({"jawOpen": 1.0}, layer="extra"))
+    assert isinstance(err.value, ValueError)
+    assert f"{MAX_LAYERS} named layers are in use" in str(err.value) and "'l8'" in str(err.value)
+    assert mixer.overlay(clock.t + ATTACK_S) == before  # the refused command changed nothing
+    mixer.command(NamedCommand.parse({"browInnerUp": 0.2}, layer="l3"))  # a layer in use is fine
+    mixer.command(NamedCommand.parse({"mouthSmileLeft": 0.5}))  # and so is the default layer, always
+    assert mixer.overlay(clock.t + ATTACK_S).weights["mouthSmileLeft"] == pytest.approx(0.5)
+    clock.t += 0.5 + FADE_S + 0.01  # l1's command has faded out: its place is free
+    mixer.command(NamedCommand.parse({"jawOpen": 1.0}, layer="extra"))
+    assert mixer.overlay(clock.t + ATTACK_S).weights["jawOpen"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("layer, word", [("x" * (MAX_LAYER_NAME + 1), "at most"), ("a\nb", "printable"),
+                                         (3, "printable")])
+def test_bad_layer_names_are_refused(layer, word):
+    with pytest.raises(NamedError, match=word):
+        NamedCommand.parse({"jawOpen": 0.5}, layer=layer)
+    with pytest.raises(NamedError, match=word):
+        parse_json({"named": {"jawOpen": 0.5}, "layer": layer})
+
+
+def test_layer_in_json_and_in_the_message():
+    from gaga_ros.nodes.expression_msg import named_from_msg, named_to_msg
+
+    cmd, look = parse_json({"named": {"jawOpen": 0.4}, "layer": "voice", "hold_s": 0.2})
+    assert cmd.layer == "voice" and look is None
+    assert parse_json({"named": {"jawOpen": 0.4}})[0].layer == ""
+    with pytest.raises(NamedError, match='"layer" goes with a command'):
+        parse_json({"look_at": {"u": 0.5, "v": 0.5}, "layer": "voice"})
+    with pytest.raises(NamedError, match="needs one of"):
+        parse_json({"layer": "voice"})
+    back = named_from_msg(named_to_msg(cmd, stamp=named_msg([], []).header.stamp))
+    assert back.layer == "voice" and back.hold_s == pytest.approx(0.2)
+    assert back.pose.weights["jawOpen"] == pytest.approx(0.4)  # float32 on the wire
 
 
 def test_alone_frames_come_while_holding_and_fading_then_one_neutral():

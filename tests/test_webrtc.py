@@ -296,17 +296,18 @@ def test_viewer_reconnects_after_server_restart():
 
 
 @needs_chromium
-def test_fake_camera_reaches_on_upstream_frame_and_expressions_over_data_channel():
+def test_operator_camera_and_voice_reach_the_callbacks_and_expressions_over_data_channel():
     frames: list[np.ndarray] = []
+    voice: list = []
     exprs: list[Expression] = []
     with StreamServer(port=0, on_upstream_frame=lambda rgb, stamp: frames.append(rgb),
-                      on_expression=exprs.append) as server, Pusher(server):
+                      on_operator_audio=voice.append, on_expression=exprs.append) as server, Pusher(server):
         async def main():
             async with Browser(fake_camera=True) as browser:
-                page = await browser.new_page(server.url + "?upstream=1")
+                page = await browser.new_page(server.url + "operator")
                 await page.wait_for("gaga.frames >= 10", timeout=30)
                 deadline = time.monotonic() + 20
-                while len(frames) < 20 and time.monotonic() < deadline:
+                while (len(frames) < 20 or len(voice) < 50) and time.monotonic() < deadline:
                     await asyncio.sleep(0.2)
                 ok = await page.evaluate(
                     "gaga.sendExpression({face_model: 0, jaw_pose: [0.3, 0, 0], confidence: 0.5})")
@@ -318,6 +319,9 @@ def test_fake_camera_reaches_on_upstream_frame_and_expressions_over_data_channel
     assert frames[0].dtype == np.uint8 and frames[0].ndim == 3 and frames[0].shape[2] == 3
     assert frames[0].shape[:2] == (480, 640)
     assert frames[0].std() > 5 and not np.array_equal(frames[0], frames[-1])  # a live, moving picture
+    # the fake microphone's beeps, 20 ms at a time, as Opus decodes them (48 kHz)
+    assert len(voice) >= 50 and voice[0].sample_rate == 48000 and voice[0].frames == 960
+    assert max(np.abs(c.samples).max() for c in voice) > 1000
     assert ok == {"ok": True}
     assert bad["ok"] is False and "eye_pose" in bad["error"]
     assert garbage["ok"] is False and "JSON" in garbage["error"]

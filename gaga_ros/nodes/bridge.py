@@ -1,29 +1,36 @@
-"""WebRTC bridge node: /avatar/image -> browsers and face displays; operator webcam and JSON
-expressions from the page -> ROS topics (raw ones on /avatar/expression, named ones on
-/avatar/named_expression, look_at targets on /avatar/look_at or /avatar/look_at_display). The
-streaming itself lives in gaga_ros.stream."""
+"""WebRTC bridge node: avatar/image -> browsers and face displays, with the telepresence loop's sound.
+
+Out to the pages: the avatar (all), the operator's voice (kiosk, viewers), the robot's voice from
+robot/audio and the kiosk microphone (operator), the robot's camera (operator, robot_camera).
+In from the pages: the operator's camera -> upstream_topic, the operator's voice -> operator/audio,
+JSON expressions -> avatar/expression, avatar/named_expression, avatar/look_at(_display). The
+pages' plain-words status takes the render node's diagnostics and the tracking status. The
+streaming itself lives in gaga_ros.stream.
+"""
 
 from __future__ import annotations
 
 import os
 
 import numpy as np
+from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PointStamped
 from rcl_interfaces.msg import SetParametersResult
 from sensor_msgs.msg import Image
 
+from gaga_ros import audio
 from gaga_ros.expression import Expression
-from gaga_ros.msg import DisplayPoint, NamedExpression
+from gaga_ros.msg import AudioChunk, DisplayPoint, NamedExpression, TrackingStatus
 from gaga_ros.msg import Expression as ExpressionMsg
 from gaga_ros.named import LookAt, NamedCommand
 from gaga_ros.nodes import names, qos, rosout, stamps
-from gaga_ros.nodes.diagnostics import OK, WARN, Diagnostics, RateMeter
+from gaga_ros.nodes.diagnostics import ERROR, OK, WARN, Diagnostics, RateMeter
 from gaga_ros.nodes.expression_msg import named_to_msg
 from gaga_ros.nodes.expression_msg import to_msg as expression_to_msg
 from gaga_ros.nodes.guard import GuardedNode
 from gaga_ros.nodes.image_msg import from_msg, to_msg
 from gaga_ros.nodes.parameters import Param, declare
-from gaga_ros.stream import StreamServer
+from gaga_ros.stream import StreamServer, stamp_code
 
 PARAMS = (
     Param("host", "127.0.0.1", "Address to listen on. Anything but loopback needs a token."),
@@ -44,9 +51,20 @@ PARAMS = (
     Param("height", 0, "Output height (0: as rendered).", low=0, high=4096),
     Param("certfile", "", "TLS certificate (PEM); with keyfile the bridge serves HTTPS."),
     Param("keyfile", "", "TLS private key (PEM)."),
-    Param("ice_servers", [""], "STUN/TURN URLs, e.g. stun:stun.example.org:3478 (empty: none)."),
+    Param("ice_servers", [""], "STUN/TURN URLs, e.g. stun:stun.example.org:3478 or "
+          "turn:turn.example.org:3478 (empty: none); passed to every page and used by the bridge."),
+    Param("turn_credentials_env", "GAGA_ROS_TURN_CREDENTIALS", "Environment variable holding "
+          "username:credential for the turn: and turns: URLs of ice_servers (kept out of parameters)."),
     Param("image_topic", names.IMAGE, "Frames to stream."),
-    Param("upstream_topic", names.OPERATOR_IMAGE, "Where the operator's webcam is republished."),
+    Param("upstream_topic", names.OPERATOR_IMAGE, "Where the operator's webcam is republished "
+          "(driver:=operator makes it the tracking node's camera topic)."),
+    Param("robot_camera", "", "An Image topic of the robot's camera to show on the operator's page "
+          "(empty: none)."),
+    Param("frame_codes", False, "Paint each frame's stamp (the driving camera frame's time, in ms mod "
+          "65536) as a frame code in the top-left corner, so a page opened with ?codes=1 measures "
+          "camera-to-display latency (bench/loop_bench.py). Off in use: the code is visible."),
+    Param("max_operators", 1, "Operators connected at once; the next one waits (409, the page says "
+          "so).", low=1, high=16),
 )
 
 #: The stream server's logger (gaga_ros.stream logs with the standard library); forwarded to /rosout.
@@ -70,22 +88,49 @@ class BridgeNode(GuardedNode):
         self.pub_look = self.create_publisher(PointStamped, names.LOOK_AT, qos.EXPRESSIONS)
         self.pub_look_display = self.create_publisher(DisplayPoint, names.LOOK_AT_DISPLAY,
                                                       qos.EXPRESSIONS)
+        self.pub_voice = self.create_publisher(AudioChunk, names.OPERATOR_AUDIO, qos.AUDIO)
+        self.voice_out = RateMeter()
         size = (self.p["width"], self.p["height"]) if self.p["width"] and self.p["height"] else (None,
                                                                                               None)
         self.server = StreamServer(
             host=self.p["host"], port=self.p["port"], token=os.environ.get(self.p["token_env"]) or None,
             codec=self.p["codec"], bitrate_kbps=self.p["bitrate_kbps"], max_fps=self.p["max_fps"],
             width=size[0], height=size[1], certfile=self.p["certfile"] or None,
-            keyfile=self.p["keyfile"] or None, ice_servers=[s for s in self.p["ice_servers"] if s],
+            keyfile=self.p["keyfile"] or None, ice_servers=self._ice_servers(),
             token_on_loopback=self.p["token_on_loopback"],
             allowed_hosts=[h for h in self.p["allowed_hosts"] if h],
             allowed_origins=[o for o in self.p["allowed_origins"] if o],
             on_upstream_frame=self._on_upstream, on_expression=self._on_expression,
-            on_named=self._on_named).start()
-        self.get_logger().info(f"viewer at {self.server.url} (kiosk: {self.server.url}kiosk)")
+            on_named=self._on_named, on_operator_audio=self._on_operator_audio,
+            max_operators=self.p["max_operators"], robot_camera=bool(self.p["robot_camera"])).start()
+        self.get_logger().info(f"viewer at {self.server.url} (kiosk: {self.server.url}kiosk, operator: "
+                               f"{self.server.url}operator)")
         self.create_subscription(Image, self.p["image_topic"], self._on_image, qos.FRAMES)
+        self.create_subscription(AudioChunk, names.ROBOT_AUDIO, self._on_robot_audio, qos.AUDIO)
+        self.create_subscription(TrackingStatus, names.TRACKING_STATUS, self._on_tracking, qos.LATCHED)
+        self.create_subscription(DiagnosticArray, names.DIAGNOSTICS, self._on_diagnostics, 10)
+        if self.p["robot_camera"]:
+            self.create_subscription(Image, self.p["robot_camera"], self._on_robot_camera, qos.FRAMES)
         self.add_on_set_parameters_callback(self._on_params)
         self.diagnostics = Diagnostics(self, self._report)
+
+    def _ice_servers(self) -> list[dict]:
+        """ice_servers with the TURN credentials from the environment (never from a parameter)."""
+        secret = os.environ.get(self.p["turn_credentials_env"], "")
+        if secret and ":" not in secret:
+            raise ValueError(f"{self.p['turn_credentials_env']} must be username:credential")
+        user, _, credential = secret.partition(":")
+        servers = []
+        for url in (u for u in self.p["ice_servers"] if u):
+            server = {"urls": url}
+            if url.startswith(("turn:", "turns:")):
+                if not secret:
+                    raise ValueError(f"TURN server {url} needs credentials: set "
+                                     f"{self.p['turn_credentials_env']}=username:credential in the "
+                                     "bridge's environment")
+                server.update(username=user, credential=credential)
+            servers.append(server)
+        return servers
 
     def _on_params(self, params) -> SetParametersResult:
         for p in params:
@@ -94,8 +139,41 @@ class BridgeNode(GuardedNode):
         return SetParametersResult(successful=True)
 
     def _on_image(self, msg: Image) -> None:
-        self.server.push_frame(from_msg(msg), stamps.to_ns(msg.header.stamp))  # bad ones: refused
+        rgb, stamp_ns = from_msg(msg), stamps.to_ns(msg.header.stamp)  # bad ones raise: refused
+        if self.p["frame_codes"]:
+            rgb = stamp_code(rgb.copy(), stamp_ns // 1_000_000)
+        self.server.push_frame(rgb, stamp_ns)
         self.frames_in.tick()
+
+    def _on_robot_camera(self, msg: Image) -> None:
+        self.server.push_robot_camera(from_msg(msg), stamps.to_ns(msg.header.stamp))
+
+    def _on_robot_audio(self, msg: AudioChunk) -> None:
+        """The robot's voice for the operator; a chunk of another rate or channel count is resampled,
+        a malformed one raises (refused and counted)."""
+        self.server.push_robot_audio(audio.pcm(np.asarray(msg.data, np.int16), msg.sample_rate, msg.channels,
+                                               stamps.to_ns(msg.header.stamp)))
+
+    def _on_operator_audio(self, chunk: audio.Pcm) -> None:
+        msg = AudioChunk(sample_rate=chunk.sample_rate, channels=chunk.channels)
+        msg.header.stamp = stamps.from_ns(chunk.stamp_ns)
+        msg.header.frame_id = "operator_mic"
+        msg.data = chunk.samples.reshape(-1).tolist()
+        self.pub_voice.publish(msg)
+        self.voice_out.tick()
+
+    def _on_tracking(self, msg: TrackingStatus) -> None:
+        self.server.set_note("tracking", None if msg.face_found else f"Tracking: {msg.message}.")
+
+    def _on_diagnostics(self, msg: DiagnosticArray) -> None:
+        """The render node of this namespace, as the pages should say it (its refusals, its errors)."""
+        for status in msg.status:
+            namespace, _, name = status.hardware_id.rpartition("/")
+            if "render" not in name or (namespace or "/") != self.get_namespace():
+                continue
+            problem = status.level in (WARN, ERROR) and status.message
+            self.server.set_note("render", f"The avatar renderer says: {status.message}." if problem
+                                 else None)
 
     def _on_upstream(self, rgb: np.ndarray, stamp_ns: int) -> None:
         self.pub_upstream.publish(to_msg(rgb, stamps.from_ns(stamp_ns), "operator_camera"))
@@ -125,6 +203,9 @@ class BridgeNode(GuardedNode):
         values = {"clients": stats["clients"], "frame_rate_in": self.frames_in.rate,
                   "frames_encoded": stats["frames_encoded"], "encode_ms": stats["encode_ms_mean"],
                   "upstream_fps": self.upstream_in.rate, "expressions_in": self.expressions_in,
+                  "operators": stats["operators"], "operator_voice_chunks_per_s": self.voice_out.rate,
+                  "operator_voice_dbfs": stats["voices"]["operator"]["dbfs"],
+                  "robot_voice_dbfs": stats["voices"]["robot"]["dbfs"],
                   "refused_frames": self.guard.counts[self.resolve_topic_name(self.p["image_topic"])]}
         if self.frames_in.rate == 0.0:
             return WARN, f"no frames on {self.p['image_topic']}", values

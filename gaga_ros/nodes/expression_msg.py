@@ -46,11 +46,13 @@ def named_to_msg(command: NamedCommand, stamp) -> NamedExpression:
     """A NamedExpression message for a validated command (its hold resolved, weights clamped)."""
     pose = command.pose
     msg = NamedExpression(names=list(pose.weights), weights=[float(w) for w in pose.weights.values()],
-                          yaw=pose.yaw, pitch=pose.pitch, roll=pose.roll, hold_s=command.hold_s)
+                          yaw=pose.yaw, pitch=pose.pitch, roll=pose.roll, hold_s=command.hold_s,
+                          layer=command.layer)
     msg.header.stamp = stamp
     return msg
 
 
 def named_from_msg(msg: NamedExpression) -> NamedCommand:
     """The validated command; raises NamedError saying what is wrong and what is accepted."""
-    return NamedCommand.from_lists(msg.names, msg.weights, msg.yaw, msg.pitch, msg.roll, msg.hold_s)
+    return NamedCommand.from_lists(msg.names, msg.weights, msg.yaw, msg.pitch, msg.roll, msg.hold_s,
+                                   msg.layer)

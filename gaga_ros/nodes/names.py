@@ -24,8 +24,11 @@ MODEL = "avatar/model"
 IMAGE = "avatar/image"
 IMAGE_COMPRESSED = "avatar/image/compressed"
 
-# The operator's browser, through the bridge.
+# The telepresence loop, through the bridge: the operator's camera and voice in, the robot's voice
+# (its microphone or text-to-speech) and camera out to the operator's page.
 OPERATOR_IMAGE = "operator/image_raw"
+OPERATOR_AUDIO = "operator/audio"
+ROBOT_AUDIO = "robot/audio"
 
 # Absolute on purpose (module docstring).
 DIAGNOSTICS = "/diagnostics"

@@ -235,6 +235,8 @@ class RenderNode(ManagedNode):
         if self.avatar is None:
             return WARN, "waiting for an avatar on /avatar/model", values
         if self.tracking is not None and not self.tracking.face_found:
+            if self.meter.rate > 0:  # another driver keeps the face moving (the loop's idle driver)
+                return OK, f"rendering; tracking: {self.tracking.message}", values
             return WARN, f"driver: {self.tracking.message}", values
         return OK, "rendering", values
 

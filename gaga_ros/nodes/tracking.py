@@ -6,6 +6,8 @@ one-slot mailbox, so a slow frame skips stale camera frames instead of queueing 
 
 from __future__ import annotations
 
+import time
+
 from rcl_interfaces.msg import SetParametersResult
 from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import Trigger
@@ -44,6 +46,9 @@ PARAMS = (
           read_only=False, low=0.0, high=100.0),
     Param("d_cutoff", 1.0, "One Euro filter: cutoff (Hz) of the speed estimate.", read_only=False,
           low=0.01, high=30.0),
+    Param("silent_after_s", 1.0, "No camera frame for this long: the status says the camera is silent "
+          "(no face), so an idle driver takes over; the next frames start a new neutral reference (a "
+          "new operator may be in front of it).", low=0.1, high=60.0),
 )
 
 SMOOTHING = ("min_cutoff", "beta", "d_cutoff")
@@ -70,6 +75,9 @@ class TrackingNode(GuardedNode):
         self.diagnostics = Diagnostics(self, self._report)
         self.create_timer(1.0, self._publish_status)
         self._last_found: bool | None = None
+        self.last_frame: float | None = None  # monotonic time of the newest camera frame
+        self.silent = False
+        self.create_timer(0.25, self._watch_camera)
         self.worker = self.guard.serve("tracking", self.resolve_topic_name(self.camera_topic), self.mailbox,
                                        self._track)
 
@@ -114,8 +122,19 @@ class TrackingNode(GuardedNode):
         response.success, response.message = True, "collecting a new neutral reference"
         return response
 
+    def _watch_camera(self) -> None:
+        if not self.silent and self.last_frame is not None and \
+                time.monotonic() - self.last_frame > self.p["silent_after_s"]:
+            self.silent = True
+            self.get_logger().info(f"camera silent for {self.p['silent_after_s']:g} s")
+            self._publish_status()
+
     def _track(self, msg: Image | CompressedImage) -> None:
         """One camera frame -> one expression (or a status change); a bad image raises (refused)."""
+        self.last_frame = time.monotonic()
+        if self.silent:
+            self.silent = False
+            self.tracker.reset_reference()
         expr = self.tracker.update(to_rgb(msg), stamps.to_ns(msg.header.stamp))
         if expr is None:
             self.get_logger().info(f"no face: {self.tracker.status.message}", throttle_duration_sec=5.0)
@@ -128,9 +147,14 @@ class TrackingNode(GuardedNode):
 
     def _publish_status(self) -> None:
         s = self.tracker.status
-        self._last_found = s.face_found
-        msg = TrackingStatus(face_found=s.face_found, confidence=float(s.confidence),
-                             face_lost_seconds=float(s.face_lost_seconds), message=s.message)
+        if self.silent and self.last_frame is not None:  # silent only after a first frame
+            lost = time.monotonic() - self.last_frame
+            msg = TrackingStatus(face_found=False, confidence=0.0, face_lost_seconds=float(lost),
+                                 message="camera silent")
+        else:
+            msg = TrackingStatus(face_found=s.face_found, confidence=float(s.confidence),
+                                 face_lost_seconds=float(s.face_lost_seconds), message=s.message)
+        self._last_found = msg.face_found
         msg.header.stamp = self.get_clock().now().to_msg()
         self.pub_status.publish(msg)
 
@@ -140,6 +164,8 @@ class TrackingNode(GuardedNode):
                   "confidence": s.confidence, "face_lost_seconds": s.face_lost_seconds,
                   "dropped_frames": self.mailbox.dropped,
                   "refused_images": self.guard.counts[self.resolve_topic_name(self.camera_topic)]}
+        if self.silent:
+            return WARN, f"camera silent ({self.camera_topic} sends no frames)", values
         if not s.face_found:
             return WARN, s.message, values
         return OK, "tracking", values

@@ -1,4 +1,5 @@
-"""The WebRTC stream server: avatar frames out to browsers, operator webcam and expressions in.
+"""The WebRTC stream server: avatar frames and voices out to browsers, the operator's camera, voice
+and expressions in.
 
 aiohttp serves the viewer page and the signalling (POST /offer, as in aiortc's examples); aiortc
 carries the media. The server runs its own asyncio loop in a thread, so plain threads (a ROS
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import hashlib
 import ipaddress
 import json
@@ -32,6 +34,7 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSession
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcrtpsender import RTCRtpSender
 
+from gaga_ros import audio
 from gaga_ros.expression import Expression, ExpressionError
 from gaga_ros.named import JSON_FIELDS as NAMED_FIELDS
 from gaga_ros.named import LookAt, NamedCommand, NamedError, parse_json
@@ -43,6 +46,7 @@ from gaga_ros.stream.auth import (
     normal_origin,
     token_middleware,
 )
+from gaga_ros.stream.sound import BusTrack, SoundBus
 from gaga_ros.stream.tracks import EncodedTrack, NewestFrame, SharedEncoder, check_rgb
 
 log = logging.getLogger(__name__)
@@ -70,6 +74,12 @@ HTTP_LOG.addFilter(ShortParseErrors())
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 CODECS = ("VP8", "H264")
+#: Who a page is (the "role" of its offer). viewer: watches the avatar and hears the operator;
+#: kiosk: the robot's face display, the same plus its microphone as the robot's voice; operator:
+#: drives the face with camera and microphone, hears the robot, sees the robot's camera.
+ROLES = ("viewer", "kiosk", "operator")
+#: Pages served at these paths; the page reads its role from the path.
+PAGES = ("/", "/kiosk", "/operator")
 #: Files the static route may serve: top-level files of static_dir with these suffixes, read once.
 STATIC_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css",
                 ".svg": "image/svg+xml", ".png": "image/png", ".ico": "image/x-icon"}
@@ -89,6 +99,7 @@ EXPRESSION_FIELDS = ("face_model", "expression", "jaw_pose", "neck_pose", "eye_p
                      "transform", "confidence", "stamp_ns", "frame_id")
 
 UpstreamCallback = Callable[[np.ndarray, int], None]
+AudioCallback = Callable[[audio.Pcm], None]
 ExpressionCallback = Callable[[Expression], None]
 NamedCallback = Callable[[NamedCommand | None, LookAt | None], None]
 
@@ -161,9 +172,13 @@ class Client:
     pc: RTCPeerConnection
     remote: str
     codec: str
+    role: str = "viewer"
     track: EncodedTrack | None = None
     sender: RTCRtpSender | None = None
+    camera: EncodedTrack | None = None  # the robot's camera, to an operator
+    voice: BusTrack | None = None  # the voice this page hears
     upstream_frames: int = 0
+    audio_frames: int = 0
     offered_at: float = field(default_factory=time.monotonic)
     connected_at: float | None = None
     expiry: asyncio.TimerHandle | None = None
@@ -185,9 +200,16 @@ class StreamServer:
     Encoding: one shared encode per codec for all viewers (see gaga_ros.stream.tracks for why and
     what it costs). Callbacks run on the server's threads and must return quickly:
     on_upstream_frame(rgb, stamp_ns) gets each operator webcam frame (on one worker thread; frames
-    arriving while it is busy are dropped), on_expression(Expression) each valid expression, and
-    on_named(command, look_at) each valid named expression (gaga_ros.named.parse_json: a JSON object
-    with any of "named", "head", "hold_s", "look_at"; either part may be None).
+    arriving while it is busy are dropped), on_operator_audio(Pcm) each 20 ms of the operator's
+    voice, on_expression(Expression) each valid expression, and on_named(command, look_at) each
+    valid named expression (gaga_ros.named.parse_json: a JSON object with any of "named", "head",
+    "hold_s", "look_at"; either part may be None).
+
+    The telepresence loop (roles in ROLES): at most max_operators operators at once (409 for the
+    next, which the page says); voices travel on sound buses (gaga_ros.stream.sound): the operator's
+    to kiosks and viewers, the robot's (kiosk microphones and push_robot_audio) to operators;
+    push_robot_camera frames go to operators when robot_camera is set. GET /status says in plain
+    words what the pages wait for (set_note adds what the ROS side knows).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8080, token: str | None = None,
@@ -198,6 +220,8 @@ class StreamServer:
                  on_upstream_frame: UpstreamCallback | None = None,
                  on_expression: ExpressionCallback | None = None,
                  on_named: NamedCallback | None = None,
+                 on_operator_audio: AudioCallback | None = None,
+                 max_operators: int = 1, robot_camera: bool = False,
                  max_clients: int = 16, max_body_bytes: int = 256 * 1024,
                  idle_after_s: float = 3.0, keyframe_interval_s: float = 2.0,
                  peer_timeout_s: float = 10.0, allowed_hosts: list[str] | None = None,
@@ -235,8 +259,8 @@ class StreamServer:
         except ValueError as e:
             raise StreamConfigError(f"allowed_origins entry {e}: accepted is scheme://host[:port] with "
                                     "scheme http or https, e.g. https://robot.example") from None
-        if max_pending < 1 or offer_limit < 1:
-            raise StreamConfigError("max_pending and offer_limit: accepted is 1 or more")
+        if max_pending < 1 or offer_limit < 1 or max_operators < 1:
+            raise StreamConfigError("max_pending, offer_limit and max_operators: accepted is 1 or more")
         if pending_timeout_s <= 0 or request_timeout_s <= 0:
             raise StreamConfigError("pending_timeout_s and request_timeout_s: accepted is more than 0")
         self.static_dir = Path(static_dir)
@@ -253,7 +277,11 @@ class StreamServer:
         self.certfile, self.keyfile = certfile, keyfile
         self.ice_servers = [_ice_server(s) for s in (ice_servers or [])]
         self.on_upstream_frame, self.on_expression = on_upstream_frame, on_expression
-        self.on_named = on_named
+        self.on_named, self.on_operator_audio = on_named, on_operator_audio
+        self.max_operators, self.robot_camera = int(max_operators), bool(robot_camera)
+        self._robot_frames = NewestFrame()
+        self._voices = {"operator": SoundBus("operator"), "robot": SoundBus("robot")}
+        self._notes: dict[str, str] = {}
         self.max_clients, self.max_body_bytes = max_clients, max_body_bytes
         self.idle_after_s, self.keyframe_interval_s = idle_after_s, keyframe_interval_s
         self.peer_timeout_s = peer_timeout_s
@@ -327,6 +355,21 @@ class StreamServer:
         """
         self._frames.put(check_rgb(rgb).copy(), stamp_ns)
 
+    def push_robot_camera(self, rgb: np.ndarray, stamp_ns: int = 0) -> None:
+        """Offer a frame of the robot's camera for operators (as push_frame; needs robot_camera)."""
+        self._robot_frames.put(check_rgb(rgb).copy(), stamp_ns)
+
+    def push_robot_audio(self, chunk: audio.Pcm) -> None:
+        """The robot's own sound (text-to-speech, a microphone) for operators; thread-safe."""
+        self._voices["robot"].push_threadsafe("topic", chunk)
+
+    def set_note(self, key: str, text: str | None) -> None:
+        """A plain-words state the pages show while they wait (None clears it); thread-safe."""
+        if text:
+            self._notes[key] = text
+        else:
+            self._notes.pop(key, None)
+
     # -- state ----------------------------------------------------------------------------
 
     @property
@@ -372,18 +415,28 @@ class StreamServer:
             "frames_encoded": encoded,
             "encode_ms_mean": 1000 * sum(e.encode_seconds for e in enc) / encoded if encoded else None,
             "upstream_dropped": self.upstream_dropped,
+            "operators": self._operators(connected_only=True),
+            "voices": {name: {"dbfs": bus.level_dbfs, "dropped_s": bus.dropped_s}
+                       for name, bus in self._voices.items()},
             "per_client": {
-                c.id: {"remote": c.remote, "codec": c.codec, "state": c.pc.connectionState,
+                c.id: {"remote": c.remote, "codec": c.codec, "role": c.role, "state": c.pc.connectionState,
                        "frames_sent": c.track.frames_sent if c.track else 0,
-                       "upstream_frames": c.upstream_frames}
+                       "upstream_frames": c.upstream_frames, "audio_frames": c.audio_frames}
                 for c in list(self._clients.values())
             },
         }
+
+    def _operators(self, connected_only: bool = False) -> int:
+        return sum(c.role == "operator" and (c.connected_at is not None or not connected_only)
+                   for c in list(self._clients.values()))
 
     # -- server (loop thread) -------------------------------------------------------------
 
     async def _serve(self) -> None:
         self._frames.bind(asyncio.get_running_loop())
+        self._robot_frames.bind(asyncio.get_running_loop())
+        for bus in self._voices.values():
+            bus.start()
         for path in sorted(self.static_dir.iterdir()):
             if path.is_file() and path.suffix in STATIC_TYPES:
                 self._static[path.name] = (path.read_bytes(), STATIC_TYPES[path.suffix])
@@ -392,8 +445,9 @@ class StreamServer:
                                            host_origin_middleware(self.allowed_hosts, self.allowed_origins),
                                            token_middleware(self.token, self.token_on_loopback)],
                               client_max_size=self.max_body_bytes)
-        app.router.add_get("/", self._viewer)
-        app.router.add_get("/kiosk", self._viewer)
+        for page in PAGES:
+            app.router.add_get(page, self._viewer)
+        app.router.add_get("/status", self._status)
         app.router.add_get("/static/{name}", self._static_file)
         app.router.add_get("/config", self._config)
         app.router.add_post("/offer", self._offer)
@@ -406,7 +460,15 @@ class StreamServer:
             ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ssl_ctx.load_cert_chain(self.certfile, self.keyfile)
         site = web.TCPSite(self._runner, self.host, self._port, ssl_context=ssl_ctx)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as e:
+            await self._runner.cleanup()
+            if e.errno != errno.EADDRINUSE:
+                raise
+            raise StreamConfigError(
+                f"port {self._port} on {self.host} is already in use (another bridge or program listens "
+                f"there): stop it, or choose another port, e.g. port:={self._port + 1}") from None
         self._port = site._server.sockets[0].getsockname()[1]
         self._watchdog = asyncio.get_running_loop().create_task(self._watch_peers())
         log.info("avatar stream at %s", self.url)
@@ -437,6 +499,8 @@ class StreamServer:
         await asyncio.gather(*(c.pc.close() for c in list(self._clients.values())),
                              return_exceptions=True)
         self._clients.clear()
+        for bus in self._voices.values():
+            await bus.stop()
         for enc in self._encoders.values():
             await enc.close()
         self._encoders.clear()
@@ -470,6 +534,17 @@ class StreamServer:
         return web.json_response(
             {"codec": self.codec, "iceServers": [_ice_dict(s) for s in self.ice_servers],
              "idleAfterS": self.idle_after_s, "maxFps": self.max_fps, "csrf": self._csrf.issue()},
+            headers={"Cache-Control": "no-store"})
+
+    async def _status(self, request: web.Request) -> web.Response:
+        """What the pages wait for, in plain words and as fields (polled about once a second)."""
+        frame = self._frames.latest()
+        age = time.monotonic() - frame.arrived if frame is not None else None
+        avatar = "none" if age is None else "live" if age < self.idle_after_s else "paused"
+        return web.json_response(
+            {"avatar": avatar, "avatar_age_s": age, "operator": self._operators(connected_only=True) > 0,
+             "max_operators": self.max_operators, "viewers": self.clients, "notes": dict(self._notes),
+             "voices": {name: round(bus.level_dbfs, 1) for name, bus in self._voices.items()}},
             headers={"Cache-Control": "no-store"})
 
     def _check_post(self, request: web.Request) -> None:
@@ -542,12 +617,18 @@ class StreamServer:
         codec = str(body.get("codec") or self.codec).upper()
         if codec not in CODECS:
             raise web.HTTPBadRequest(text=f"codec {codec!r}: accepted are {CODECS}")
+        role = body.get("role", "viewer")
+        if role not in ROLES:
+            raise web.HTTPBadRequest(text=f"role {role!r}: accepted are {', '.join(ROLES)}")
         self._limit_offers(request.remote)  # counts offers that would cost a peer connection
         if self.clients >= self.max_clients:
             raise web.HTTPServiceUnavailable(text=f"{self.max_clients} viewers already connected")
+        if role == "operator" and self._operators() >= self.max_operators:
+            raise web.HTTPConflict(text=f"an operator is already connected (at most {self.max_operators} at "
+                                        "a time): this page retries and takes over when they leave")
         victim = self._pending_victim()
         pc = RTCPeerConnection(RTCConfiguration(iceServers=self.ice_servers))
-        client = Client(uuid.uuid4().hex[:8], pc, request.remote or "?", codec)
+        client = Client(uuid.uuid4().hex[:8], pc, request.remote or "?", codec, role)
         self._clients[client.id] = client  # before any await, so concurrent offers see the slot taken
         if victim is not None:
             await self._drop(victim)
@@ -590,8 +671,10 @@ class StreamServer:
 
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
-            if track.kind == "video":
+            if track.kind == "video" and client.role == "operator":
                 asyncio.ensure_future(self._consume_upstream(client, track))
+            elif track.kind == "audio" and client.role in ("operator", "kiosk"):
+                asyncio.ensure_future(self._consume_audio(client, track))
 
         @pc.on("datachannel")
         def on_datachannel(channel) -> None:
@@ -608,19 +691,40 @@ class StreamServer:
         client.track = enc.subscribe()
         transceiver = pc.addTransceiver(client.track, direction="sendonly")
         client.sender = transceiver.sender
-        caps = RTCRtpSender.getCapabilities("video").codecs
-        transceiver.setCodecPreferences([c for c in caps if c.mimeType == f"video/{client.codec}"])
+        caps = [c for c in RTCRtpSender.getCapabilities("video").codecs
+                if c.mimeType == f"video/{client.codec}"]
+        transceiver.setCodecPreferences(caps)
+        # In the order the pages add theirs (viewer.js): avatar video, then the operator's camera (up)
+        # with the robot's camera (down), then the voices.
+        if client.role == "operator":
+            if self.robot_camera:
+                client.camera = self._camera_encoder(client.codec).subscribe()
+            camera = pc.addTransceiver(client.camera or "video",
+                                       direction="sendrecv" if client.camera else "recvonly")
+            camera.setCodecPreferences(caps)
+        client.voice = self._voices["robot" if client.role == "operator" else "operator"].subscribe()
+        pc.addTransceiver(client.voice, direction="sendonly" if client.role == "viewer" else "sendrecv")
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         await pc.setLocalDescription(await pc.createAnswer())
         return pc.localDescription
+
+    def _camera_encoder(self, codec: str) -> SharedEncoder:
+        key = f"robot camera {codec}"
+        if key not in self._encoders:
+            self._encoders[key] = SharedEncoder(self._robot_frames, codec, self.bitrate_kbps, self.max_fps,
+                                                None, self.keyframe_interval_s)
+        return self._encoders[key]
 
     async def _drop(self, client: Client) -> None:
         if self._clients.pop(client.id, None) is None:
             return
         if client.expiry is not None:
             client.expiry.cancel()
-        if client.track is not None:
-            client.track.stop()
+        for track in (client.track, client.camera, client.voice):
+            if track is not None:
+                track.stop()
+        for bus in self._voices.values():
+            bus.forget(client.id)
         await _close_peer(client.pc)
 
     async def _consume_upstream(self, client: Client, track: MediaStreamTrack) -> None:
@@ -639,6 +743,24 @@ class StreamServer:
             self._upstream_busy = True
             stamp = time.time_ns()
             loop.run_in_executor(self._upstream_pool, self._deliver_upstream, frame, stamp)
+
+    async def _consume_audio(self, client: Client, track: MediaStreamTrack) -> None:
+        """A page's microphone: the operator's onto the operator bus (and on_operator_audio), a
+        kiosk's onto the robot bus."""
+        bus = self._voices["operator" if client.role == "operator" else "robot"]
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            client.audio_frames += 1
+            chunk = audio.from_frame(frame, time.time_ns())
+            bus.push(client.id, chunk)
+            if client.role == "operator" and self.on_operator_audio is not None:
+                try:
+                    self.on_operator_audio(chunk)
+                except Exception:
+                    log.exception("on_operator_audio failed")
 
     def _deliver_upstream(self, frame, stamp_ns: int) -> None:
         try:

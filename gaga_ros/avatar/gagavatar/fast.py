@@ -1,18 +1,31 @@
-"""The GAGAvatar frame path at GPU speed: static buffers, a captured refiner, one readback per frame.
+"""The GAGAvatar frame path at GPU speed: static buffers, captured graphs, one readback per frame.
 
 `GAGAvatar.render` is the plain reference: it builds a Camera on the host, concatenates the
 Gaussians, recomputes their covariances and runs the StyleUNet eagerly in float32, one source at a
-time. `FastRenderer` keeps every source's Gaussians in preallocated per-slot buffers (covariances
-computed once per source), writes only the 5023 expression positions and the view matrix per
-frame, rasterizes all slots in one batched gsplat call, and replays the StyleUNet from a CUDA graph
-(fp16 autocast by default, channels_last, optional torch.compile) whose last step writes the uint8 image
-that one non-blocking copy moves into pinned host memory. gsplat itself still synchronises once per
-call (it sizes its tile-intersection buffer on the host), so rasterization stays outside the graph.
+time. `FastRenderer` keeps every slot's Gaussians in preallocated buffers (covariances computed once
+per source), writes only the 5023 expression positions and the camera per frame, and replays two
+CUDA graphs: rasterization of all slots (`gaga_ros.render.static_splat`: gsplat's stages with a
+fixed-size intersection buffer, so no host sync and the same image as `gsplat.rasterization`) and
+the StyleUNet (fp16 autocast by default, channels_last, optional torch.compile), whose last step
+writes the uint8 image that one non-blocking copy moves into pinned host memory.
 
 The refiner copy runs its modulated convolutions unfused (StyleGAN2's non-fused form: scale the
 input by the style, one shared-weight conv, scale the output by the demodulation), which is the same
 function and lets a batch of styles run as one ordinary convolution instead of a grouped one.
 `reference=True` switches back to `GAGAvatar.render` for every slot.
+
+Slots (a fleet of avatars on one GPU): the renderer is built for a fixed number of slots, e.g.
+`FastRenderer(model, [source, None, None, None], compile_mode="default")` (None: a free slot), and
+its graphs cover all of them; each `render(vertices (N,5023,3), transforms (N,3,4) or one (3,4))`
+returns the N images at once. Every call renders every slot, free or not, at the cost of a full
+slot. A join, `set_source(slot, source)`, copies the source's Gaussians and covariances into the
+slot's buffers: 1.0-1.1 ms on the H200 (`fast join (set_source)` in bench/fast_bench.py), no graph
+recaptured. A leave, `clear_slot(slot)`, zeroes the slot's opacities: its Gaussians are culled in
+projection and the slot shows the refiner's output for an empty splat. Only when a frame needs
+more tile intersections than the buffer holds (sized at the first frame: 1.5x the busiest slot's
+count, for every slot) is the rasterization graph recaptured with a larger buffer (one warm-up
+call and a capture, not timed yet; the refiner graph stays) and the frame rendered again, so no
+frame loses Gaussians.
 """
 
 from __future__ import annotations
@@ -20,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeAlias
 
 import numpy as np
@@ -33,7 +46,7 @@ from gaga_ros.avatar.gagavatar.refiner import DEMOD_EPS, ModulatedConv2d
 from gaga_ros.camera import Camera
 from gaga_ros.config import FLAME_VERTICES
 from gaga_ros.render.covariance import raw_quat_covariance
-from gaga_ros.render.rasterize import EPS2D, NEAR_PLANE
+from gaga_ros.render.static_splat import StaticRasterizer, required_capacity, triu6
 
 #: fp32: strict float32; tf32: float32 storage, TF32 matrix units; bf16/fp16: autocast refiner.
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
@@ -102,7 +115,7 @@ def precision_mode(precision: str) -> Iterator[None]:
          torch.backends.cudnn.benchmark) = saved
 
 
-def _captured(fn, warmup: int = 3) -> torch.cuda.CUDAGraph:
+def _captured(fn: Callable[[], object], warmup: int = 3) -> torch.cuda.CUDAGraph:
     """A CUDA graph of `fn` (which reads and writes only static buffers), after side-stream warm-up."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -120,10 +133,11 @@ def _captured(fn, warmup: int = 3) -> torch.cuda.CUDAGraph:
 class FastRenderer:
     """Renders B avatar slots per call, expression in -> 512x512 image out.
 
-    model: a GAGAvatar in eval mode; sources: one GagaSource per slot (all from this model).
-    precision: refiner arithmetic (PRECISIONS); cuda_graph: replay the refiner from a CUDA graph;
-    compile_mode: torch.compile mode for the refiner (None: eager kernels), e.g.
-    "max-autotune-no-cudagraphs"; encoder_precision: arithmetic of `reconstruct`.
+    model: a GAGAvatar in eval mode; sources: one GagaSource per slot (all from this model), None
+    for a slot that starts free (at least one must be a source).
+    precision: refiner arithmetic (PRECISIONS); cuda_graph: replay rasterization and refiner from
+    CUDA graphs; compile_mode: torch.compile mode for the refiner (None: eager kernels), e.g.
+    "default"; encoder_precision: arithmetic of `reconstruct`.
     reference=True: every call goes through GAGAvatar.render (float32, any device).
     """
 
@@ -133,15 +147,17 @@ class FastRenderer:
         if not isinstance(model, GAGAvatar):
             raise FastRenderError(f"model must be a GAGAvatar, got {type(model).__name__}")
         sources = [sources] if isinstance(sources, GagaSource) else list(sources)
-        if not sources or not all(isinstance(s, GagaSource) for s in sources):
-            raise FastRenderError("sources must be one GagaSource or a non-empty sequence of them")
+        if not all(s is None or isinstance(s, GagaSource) for s in sources):
+            raise FastRenderError("sources must be one GagaSource or a sequence of GagaSource or None")
+        if not any(isinstance(s, GagaSource) for s in sources):
+            raise FastRenderError("sources must hold at least one GagaSource (None marks a free slot)")
         for p in (precision, encoder_precision):
             if p not in PRECISIONS:
                 raise FastRenderError(f"unknown precision {p!r}; accepted: {', '.join(PRECISIONS)}")
         self.model, self.reference, self.batch = model, reference, len(sources)
-        self.precision, self.encoder_precision = precision, encoder_precision
+        self.precision, self.encoder_precision, self.cuda_graph = precision, encoder_precision, cuda_graph
         self.size = model.cfg.render_size
-        self._sources = sources
+        self._sources: list[GagaSource | None] = list(sources)
         self._encoder_graph: torch.cuda.CUDAGraph | None = None
         if reference:
             return
@@ -151,17 +167,24 @@ class FastRenderer:
         import gsplat  # noqa: F401  (fail here, not on the first frame, when it is missing)
 
         dev, b, size = model.device, self.batch, self.size
-        n, channels = len(sources[0].opacities), sources[0].colors.shape[1]
-        self._means = torch.empty(b, n, 3, device=dev)
-        self._covars = torch.empty(b, n, 3, 3, device=dev)
+        first = next(s for s in sources if s is not None)
+        n, channels = len(first.opacities), first.colors.shape[1]
+        self._means = torch.zeros(b, n, 3, device=dev)
+        self._covars = torch.zeros(b, n, 6, device=dev)
         self._opacities = torch.empty(b, n, device=dev)
-        self._colors = torch.empty(b, n, channels, device=dev)
+        self._colors = torch.zeros(b, n, channels, device=dev)
         for slot, source in enumerate(sources):
-            self.set_source(slot, source)
+            if source is None:
+                self.clear_slot(slot)
+            else:
+                self.set_source(slot, source)
+        self._means[:, :FLAME_VERTICES] = 0.0
+        self._transforms = torch.zeros(b, 3, 4, device=dev)
+        self._transforms[:, :, :3] = torch.eye(3, device=dev)
         self._view = torch.zeros(b, 1, 4, 4, device=dev)
         self._view[..., 3, 3] = 1.0
         camera = Camera.from_transform(np.eye(3, 4), size, model.cfg.focal)
-        self._K = torch.as_tensor(camera.K, device=dev).expand(b, 1, 3, 3).contiguous()
+        self._K = torch.as_tensor(camera.K, device=dev, dtype=torch.float32).expand(b, 1, 3, 3).contiguous()
         self._splat = torch.zeros(b, channels, size, size, device=dev).contiguous(
             memory_format=torch.channels_last)  # (B,C,H,W) view of gsplat's (B,H,W,C) layout
         self._rgb = torch.empty(b, 3, size, size, device=dev)
@@ -169,27 +192,50 @@ class FastRenderer:
         self._host = [torch.empty(b, size, size, 3, dtype=torch.uint8).pin_memory() for _ in range(2)]
         self._turn = 0
         self._copied = torch.cuda.Event()
+        self._total = torch.zeros((), dtype=torch.int64, device=dev)
+        self._total_host = torch.zeros((), dtype=torch.int64).pin_memory()
         refiner = fast_refiner(model.upsampler)
         self._refiner = torch.compile(refiner, mode=compile_mode) if compile_mode else refiner
-        self._graph = _captured(self._refine) if cuda_graph else None
+        self._rasterizer: StaticRasterizer | None = None  # sized at the first frame
+        self._raster_graph: torch.cuda.CUDAGraph | None = None
+        self._refine_graph = _captured(self._refine) if cuda_graph else None
+
+    @property
+    def capacity(self) -> int:
+        """Tile-list entries the rasterization buffer holds (0 before the first frame)."""
+        return self._rasterizer.capacity if self._rasterizer is not None else 0
 
     @torch.no_grad()
     def set_source(self, slot: int, source: GagaSource) -> None:
-        """Put `source` in `slot`: its Gaussians and covariances are copied into the slot's buffers."""
-        if not 0 <= slot < self.batch:
-            raise FastRenderError(f"slot must be in 0..{self.batch - 1}, got {slot}")
+        """Put `source` in `slot` (a join): its Gaussians and covariances are copied into the slot's
+        buffers; no graph is recaptured."""
+        self._check_slot(slot)
         if not isinstance(source, GagaSource):
             raise FastRenderError(f"source must be a GagaSource, got {type(source).__name__}")
-        self._sources[slot] = source
         if self.reference:
+            self._sources[slot] = source
             return
         if tuple(source.colors.shape) != tuple(self._colors.shape[1:]):
             raise FastRenderError(f"source has {tuple(source.colors.shape)} Gaussian colours, the slots "
                                   f"hold {tuple(self._colors.shape[1:])}; use sources of one model")
+        self._sources[slot] = source
         self._means[slot, FLAME_VERTICES:] = source.local_means
-        self._covars[slot] = raw_quat_covariance(source.quats, source.scales)
+        self._covars[slot] = triu6(raw_quat_covariance(source.quats, source.scales))
         self._opacities[slot] = source.opacities
         self._colors[slot] = source.colors
+
+    @torch.no_grad()
+    def clear_slot(self, slot: int) -> None:
+        """Free `slot` (a leave): its Gaussians are made transparent; the slot renders an empty splat
+        through the refiner until the next `set_source`."""
+        self._check_slot(slot)
+        self._sources[slot] = None
+        if not self.reference:
+            self._opacities[slot] = 0.0
+
+    def _check_slot(self, slot: int) -> None:
+        if not isinstance(slot, int | np.integer) or not 0 <= slot < self.batch:
+            raise FastRenderError(f"slot must be in 0..{self.batch - 1}, got {slot!r}")
 
     @torch.no_grad()
     def reconstruct(self, image: torch.Tensor, transform: Array) -> GagaSource:
@@ -222,33 +268,34 @@ class FastRenderer:
     def frame(self, vertices: Array, transforms: Array) -> torch.Tensor:
         """Refined RGB (B,3,H,W) float32 in [0,1] on the model's device for FLAME `vertices`
         (B,5023,3) and cameras `transforms` (B,3,4) ((5023,3)/(3,4) when B is 1; one (3,4) is
-        shared by all slots). Fast mode returns a static buffer, overwritten by the next call."""
+        shared by all slots). Fast mode returns a static buffer, overwritten by the next call.
+        A free slot (`clear_slot`) gives the refiner's empty image (reference mode: zeros)."""
         vertices, transforms = self._inputs(vertices, transforms)
         if self.reference:
-            return torch.cat([self.model.render(s, v, t).refined
+            return torch.cat([self._reference_frame(s, v, t)
                               for s, v, t in zip(self._sources, vertices, transforms, strict=True)])
-        self._rasterize(vertices, transforms)
-        if self._graph is not None:
-            self._graph.replay()
-        else:
-            self._refine()
+        self._render_checked(readback=False)
         return self._rgb
 
     @torch.no_grad()
     def render(self, vertices: Array, transforms: Array) -> np.ndarray:
         """Images (B,H,W,3) uint8 on the host, round(255 * frame()). Fast mode: a view of pinned
         memory, valid until the second call after this one (two buffers alternate)."""
-        rgb = self.frame(vertices, transforms)
+        vertices, transforms = self._inputs(vertices, transforms)
         if self.reference:
+            rgb = torch.cat([self._reference_frame(s, v, t)
+                             for s, v, t in zip(self._sources, vertices, transforms, strict=True)])
             return _to_uint8(rgb).permute(0, 2, 3, 1).cpu().numpy()
-        host = self._host[self._turn]
-        self._turn ^= 1
-        host.copy_(self._u8, non_blocking=True)
-        self._copied.record()
-        self._copied.synchronize()
-        return host.numpy()
+        return self._render_checked(readback=True)
 
-    def _inputs(self, vertices, transforms) -> tuple[torch.Tensor, torch.Tensor]:
+    def _reference_frame(self, source: GagaSource | None, vertices: torch.Tensor,
+                         transform: torch.Tensor) -> torch.Tensor:
+        if source is None:
+            return torch.zeros(1, 3, self.size, self.size, device=vertices.device)
+        return self.model.render(source, vertices, transform).refined
+
+    def _inputs(self, vertices: Array, transforms: Array) -> tuple[torch.Tensor, torch.Tensor]:
+        """Checks the shapes; fast mode also writes them into the static input buffers."""
         device = self.model.device
         v = torch.as_tensor(vertices, dtype=torch.float32, device=device)
         t = torch.as_tensor(transforms, dtype=torch.float32, device=device)
@@ -262,21 +309,73 @@ class FastRenderer:
         if t.ndim != 3 or t.shape[1:] != (3, 4) or t.shape[0] not in (1, self.batch):
             raise FastRenderError(f"transforms must be [R | T] of shape (3,4) or ({self.batch},3,4), got "
                                   f"{tuple(t.shape)}")
-        return v, t.expand(self.batch, 3, 4)
+        t = t.expand(self.batch, 3, 4)
+        if not self.reference:
+            self._means[:, :FLAME_VERTICES].copy_(v)
+            self._transforms.copy_(t)
+        return v, t
 
-    def _rasterize(self, vertices: torch.Tensor, transforms: torch.Tensor) -> None:
-        import gsplat
+    def _render_checked(self, readback: bool) -> np.ndarray | None:
+        """Renders the frame in the input buffers; again with a larger tile-list buffer if it
+        overflowed (so no frame loses Gaussians)."""
+        if self._rasterizer is None:
+            self._build_rasterizer()
+        while True:
+            self._replay()
+            host = None
+            if readback:
+                host = self._host[self._turn]
+                host.copy_(self._u8, non_blocking=True)
+            self._total_host.copy_(self._total, non_blocking=True)
+            self._copied.record()
+            self._copied.synchronize()
+            total = int(self._total_host)
+            if total <= self._rasterizer.capacity:
+                break
+            self._raster_graph = None  # it writes the buffers that resize replaces
+            self._rasterizer.resize(required_capacity(total))
+            self._capture_raster()
+        if host is None:
+            return None
+        self._turn ^= 1
+        return host.numpy()
 
-        self._means[:, :FLAME_VERTICES].copy_(vertices)
+    def _replay(self) -> None:
+        for graph, eager in ((self._raster_graph, self._rasterize), (self._refine_graph, self._refine)):
+            if graph is not None:
+                graph.replay()
+            else:
+                eager()
+
+    @torch.no_grad()
+    def _build_rasterizer(self) -> None:
+        """Size the tile-list buffer from this frame: 1.5x the busiest slot's count, for every slot
+        (a joining avatar of similar size fits without a recapture)."""
+        self._write_view()
+        n, dev = self._means.shape[1], self._means.device
+        probe = StaticRasterizer(self.batch, n, self.size, self.size, 1, dev)
+        per_slot = probe.needed(self._means, self._covars, self._opacities, self._view, self._K)
+        busiest = max(int(per_slot.max()), 1 << 14)
+        self._rasterizer = StaticRasterizer(self.batch, n, self.size, self.size,
+                                            required_capacity(busiest * self.batch), dev)
+        self._capture_raster()
+
+    def _capture_raster(self) -> None:
+        if self.cuda_graph:
+            self._raster_graph = _captured(self._rasterize, warmup=1)
+
+    def _write_view(self) -> None:
         # Camera.from_transform on the device: rows 0 and 1 of [R^T | T] flipped (OpenCV axes).
-        self._view[:, 0, :3, :3].copy_(transforms[:, :, :3].transpose(1, 2))
-        self._view[:, 0, :3, 3].copy_(transforms[:, :, 3])
-        self._view[:, 0, :2].neg_()
-        image, _, _ = gsplat.rasterization(
-            self._means, None, None, self._opacities, self._colors, self._view, self._K, self.size,
-            self.size, near_plane=NEAR_PLANE, eps2d=EPS2D, sh_degree=None, packed=False,
-            rasterize_mode="classic", covars=self._covars)
-        self._splat.permute(0, 2, 3, 1).copy_(image[:, 0])
+        self._view[:, 0, :3, :3] = self._transforms[:, :, :3].transpose(1, 2)
+        self._view[:, 0, :3, 3] = self._transforms[:, :, 3]
+        self._view[:, 0, :2] *= -1.0
+
+    def _rasterize(self) -> None:
+        self._write_view()
+        image = self._rasterizer(self._means, self._covars, self._opacities, self._colors, self._view,
+                                 self._K)
+        self._splat.permute(0, 2, 3, 1).copy_(image)
+        self._total.copy_(self._rasterizer.total)
 
     def _refine(self) -> None:
         with precision_mode(self.precision):

@@ -1,19 +1,25 @@
-// gaga_ros avatar viewer: one WebRTC connection (avatar down, optional webcam up, "expression"
-// data channel), automatic reconnect, stats overlay, kiosk mode, frame-code latency probe.
+// gaga_ros pages: one WebRTC connection each (avatar down, voices both ways, the operator's camera
+// up and the robot's camera down, an "expression" data channel), automatic reconnect, plain-words
+// status, stats overlay, frame-code latency probe. The role comes from the path: / is a viewer,
+// /kiosk the robot's face display (its microphone is the robot's), /operator drives the face.
 'use strict';
 
 const params = new URLSearchParams(location.search);
 const flag = (name) => params.has(name) && params.get(name) !== '0';
-const kiosk = flag('kiosk') || location.pathname.replace(/\/+$/, '').endsWith('/kiosk');
+const path = location.pathname.replace(/\/+$/, '');
+const kiosk = flag('kiosk') || path.endsWith('/kiosk');
+const role = path.endsWith('/operator') ? 'operator' : kiosk ? 'kiosk' : 'viewer';
 const token = params.get('token');
 const authHeaders = token ? { Authorization: 'Bearer ' + token } : {};
 const $ = (id) => document.getElementById(id);
 const video = $('video');
+const voice = $('voice');
 
 // Everything a test, bench or operator script may read (Runtime.evaluate / the console).
 const gaga = window.gaga = {
-  state: 'new', connects: 0, frames: 0, codes: [], stats: {}, errors: [],
-  upstream: flag('upstream'), wanted: true,
+  role, state: 'new', connects: 0, frames: 0, codes: [], stats: {}, errors: [], wanted: true,
+  media: null, mediaError: null, busy: null, status: {}, voiceLevels: [], cameraFrames: 0,
+  micMuted: false, soundMuted: false, cameraOff: false,
 };
 
 let pc = null;
@@ -24,10 +30,11 @@ let retryMs = 500;
 let retryTimer = null;
 let connectingSince = 0;
 let lastFrameAt = 0;
+let cameraTransceiver = null;
 
+document.body.classList.add(role);
 if (kiosk) document.body.classList.add('kiosk');
 if (kiosk || params.get('stats') === '0') $('stats').classList.add('hidden');
-$('upstream').checked = gaga.upstream;
 
 function setStatus(text) {
   gaga.state = text;
@@ -39,8 +46,59 @@ async function fetchJson(path, options = {}) {
   // POSTs send back the CSRF token /config handed out: only pages this server served may change state.
   if (options.method === 'POST') headers['X-CSRF-Token'] = config.csrf;
   const res = await fetch(path, { ...options, headers });
-  if (!res.ok) throw new Error(path + ': HTTP ' + res.status + ' ' + (await res.text()));
+  if (!res.ok) {
+    const err = new Error(path + ': HTTP ' + res.status + ' ' + (await res.text()));
+    err.status = res.status;
+    throw err;
+  }
   return res.json();
+}
+
+// Camera and microphone, asked once and kept across reconnects. The browser's echo cancellation,
+// noise suppression and gain control stay on: the kiosk plays the operator's voice next to its own
+// microphone. A page denied one or both goes on with what it got and says so.
+async function getMedia() {
+  if (gaga.media || !navigator.mediaDevices) return gaga.media;
+  const audio = { echoCancellation: true, noiseSuppression: true, autoGainControl: true };
+  const video = role === 'operator' ? { width: 640, height: 480 } : false;
+  const tries = video ? [{ audio, video }, { audio }, { video }] : [{ audio }];
+  const denied = [];
+  for (const constraints of tries) {
+    try {
+      gaga.media = await navigator.mediaDevices.getUserMedia(constraints);
+      break;
+    } catch (err) {
+      denied.push(err.name + ': ' + err.message);
+    }
+  }
+  const has = (kind) => !!(gaga.media && gaga.media.getTracks().some((t) => t.kind === kind));
+  const missing = [video && !has('video') ? 'camera' : null, has('audio') ? null : 'microphone'].filter(Boolean);
+  if (missing.length) {
+    gaga.mediaError = 'No ' + missing.join(' and ') + ' (' + (denied[0] || 'none found') + '). ' +
+      (role === 'operator'
+        ? (missing.includes('camera') ? 'The robot\'s face goes on with its idle motion' +
+           (has('audio') ? ' and your voice moves its mouth' : '') + '. ' : '')
+        : 'The operator will not hear the robot\'s room. ') +
+      'Allow them in the browser\'s site settings and reload.';
+  }
+  applyMutes();
+  return gaga.media;
+}
+
+function applyMutes() {
+  const media = gaga.media;
+  if (media) {
+    media.getAudioTracks().forEach((t) => { t.enabled = !gaga.micMuted; });
+    media.getVideoTracks().forEach((t) => { t.enabled = !gaga.cameraOff; });
+  }
+  voice.muted = gaga.soundMuted;
+  $('mute-mic').textContent = gaga.micMuted ? 'Unmute microphone' : 'Mute microphone';
+  $('mute-sound').textContent = gaga.soundMuted ? 'Unmute sound' : 'Mute sound';
+  $('camera').textContent = gaga.cameraOff ? 'Camera on' : 'Camera off';
+  for (const [id, on] of [['mute-mic', gaga.micMuted], ['kiosk-mute-mic', gaga.micMuted],
+    ['mute-sound', gaga.soundMuted], ['kiosk-mute-sound', gaga.soundMuted], ['camera', gaga.cameraOff]]) {
+    $(id).classList.toggle('on', on);
+  }
 }
 
 function waitIceGathering(peer, timeoutMs) {
@@ -61,20 +119,32 @@ async function connect() {
   connectingSince = performance.now();
   try {
     config = await fetchJson('/config');
+    const media = role === 'viewer' ? null : await getMedia();
     const peer = pc = new RTCPeerConnection({ iceServers: config.iceServers });
+    // The server adds its transceivers in this order (gaga_ros/stream/webrtc.py, _negotiate).
     peer.addTransceiver('video', { direction: 'recvonly' });
-    if (gaga.upstream) {
-      const cam = await navigator.mediaDevices.getUserMedia({ video: { width: 640, height: 480 } });
-      peer.addTransceiver(cam.getVideoTracks()[0], { direction: 'sendonly', streams: [cam] });
+    const streams = media ? [media] : [];
+    if (role === 'operator') {
+      const cam = media && media.getVideoTracks()[0];
+      cameraTransceiver = peer.addTransceiver(cam || 'video', { direction: cam ? 'sendrecv' : 'recvonly', streams });
     }
+    const mic = media && media.getAudioTracks()[0];
+    peer.addTransceiver(mic || 'audio', { direction: mic ? 'sendrecv' : 'recvonly', streams });
     channel = peer.createDataChannel('expression');
     channel.onmessage = (e) => { const r = pendingReplies.shift(); if (r) r(JSON.parse(e.data)); };
     channel.onclose = () => { if (peer === pc) scheduleReconnect('data channel closed'); };
     peer.ontrack = (e) => {
+      if (e.track.kind === 'audio') {
+        voice.srcObject = new MediaStream([e.track]);
+        listen(voice.srcObject);
+        voice.play().then(() => { gaga.audioBlocked = false; }).catch(() => { gaga.audioBlocked = true; });
+        return;
+      }
       if ('jitterBufferTarget' in e.receiver) e.receiver.jitterBufferTarget = 0;
       if ('playoutDelayHint' in e.receiver) e.receiver.playoutDelayHint = 0;
-      video.srcObject = new MediaStream([e.track]);
-      video.play().catch(() => {});
+      const target = cameraTransceiver && e.transceiver === cameraTransceiver ? $('robot-camera') : video;
+      target.srcObject = new MediaStream([e.track]);
+      target.play().catch(() => {});
     };
     peer.onconnectionstatechange = () => {
       if (peer !== pc) return;
@@ -85,21 +155,27 @@ async function connect() {
     };
     await peer.setLocalDescription(await peer.createOffer());
     await waitIceGathering(peer, 2000);
-    const body = { sdp: peer.localDescription.sdp, type: peer.localDescription.type };
+    const body = { sdp: peer.localDescription.sdp, type: peer.localDescription.type, role };
     if (params.get('codec')) body.codec = params.get('codec');
     const answer = await fetchJson('/offer', {
       method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify(body),
     });
     gaga.clientId = answer.id;
+    gaga.busy = null;
     if (peer === pc) await peer.setRemoteDescription(answer);
   } catch (err) {
     gaga.errors.push(String(err));
+    if (err.status === 409) {  // another operator: wait for them to leave, calmly
+      gaga.busy = 'Another operator is connected; one at a time. This page takes over when they leave.';
+      retryMs = 3000;
+    }
     scheduleReconnect(String(err.message || err));
   }
 }
 
 function teardown() {
-  if (pc) { const old = pc; pc = null; old.getSenders().forEach((s) => s.track && s.track.stop()); old.close(); }
+  // The camera and microphone stay open for the next connection (asked once).
+  if (pc) { const old = pc; pc = null; old.close(); }
   channel = null;
   pendingReplies.forEach((r) => r({ ok: false, error: 'disconnected' }));
   pendingReplies = [];
@@ -148,6 +224,41 @@ function readCode() {
   }
   return value;
 }
+
+// Loudness of the voice this page hears (WebAudio analyser on the received stream), about ten
+// times a second as [wall-clock ms, RMS dBFS]: for the page's own meter, tests and benches.
+let audioCtx = null;
+function listen(stream) {
+  try {
+    audioCtx = audioCtx || new AudioContext();
+    const analyser = audioCtx.createAnalyser();
+    analyser.fftSize = 2048;
+    audioCtx.createMediaStreamSource(stream).connect(analyser);
+    const buf = new Float32Array(analyser.fftSize);
+    clearInterval(listen.timer);
+    listen.timer = setInterval(() => {
+      if (audioCtx.state === 'suspended') audioCtx.resume().catch(() => {});
+      analyser.getFloatTimeDomainData(buf);
+      let sum = 0;
+      for (const v of buf) sum += v * v;
+      const db = 10 * Math.log10(Math.max(sum / buf.length, 1e-12));
+      gaga.voiceLevels.push([performance.timeOrigin + performance.now(), db]);
+      if (gaga.voiceLevels.length > 3000) gaga.voiceLevels.splice(0, 1000);
+    }, 100);
+  } catch (err) {
+    gaga.errors.push('audio meter: ' + err);
+  }
+}
+
+// The current avatar picture as a PNG data URL (tests measure the mouth on what the page shows).
+gaga.grab = () => {
+  const c = document.createElement('canvas');
+  c.width = video.videoWidth;
+  c.height = video.videoHeight;
+  if (!c.width) return null;
+  c.getContext('2d').drawImage(video, 0, 0);
+  return c.toDataURL('image/png');
+};
 
 // Mean RGB of the current picture, for tests that check content rather than the code.
 gaga.meanColor = () => {
@@ -218,14 +329,57 @@ async function pollStats() {
   ].join('\n');
 }
 
+// What the page waits for, in plain words: from the connection, the camera and microphone, and the
+// server's GET /status (the avatar's frames, the operator, what the ROS side reported).
+function explain(stale) {
+  const st = gaga.status || {};
+  const notes = Object.values(st.notes || {});
+  const lines = [];
+  let headline = null;
+  if (gaga.busy) headline = gaga.busy;
+  else if (gaga.state !== 'connected') headline = gaga.state.startsWith('reconnecting') ? 'Reconnecting to the robot' : 'Connecting to the robot';
+  else if (st.avatar === 'none') headline = 'No avatar yet: the robot is still building its face';
+  else if (stale) headline = 'No new frames: the avatar has no expressions to show';
+  if (headline && gaga.state === 'connected' && st.avatar !== 'none' && stale && !notes.length) {
+    lines.push('Nothing drives the face: no driver, tracker or operator is sending expressions.');
+  }
+  lines.push(...notes);
+  if (role !== 'operator' && st.operator === false && gaga.state === 'connected') lines.push('Operator not connected.');
+  if (role === 'operator' && gaga.state === 'connected' && $('robot-camera').classList.contains('hidden')) {
+    lines.push('The robot has no camera to show (start it with robot_camera:=<image topic>).');
+  }
+  if (gaga.mediaError) lines.push(gaga.mediaError);
+  if (gaga.audioBlocked) lines.push('Click the page to hear the voice (the browser blocked autoplay).');
+  return { headline, lines };
+}
+
+async function pollStatus() {
+  if (gaga.state !== 'connected') return;
+  try { gaga.status = await fetchJson('/status'); } catch (err) { gaga.status = {}; }
+}
+
 // Idle screen when no picture came for idleAfterS; a connection stuck while connecting is retried.
 setInterval(() => {
   const stale = performance.now() - lastFrameAt > 1000 * config.idleAfterS;
-  $('idle').classList.toggle('gone', !stale);
-  $('idle-text').textContent = gaga.state === 'connected' ? 'Waiting for the avatar' : 'Connecting';
+  const { headline, lines } = explain(stale);
+  gaga.explained = [headline, ...lines].filter(Boolean);
+  // The operator's page keeps its views and says it in a banner; the others show the idle screen.
+  $('idle').classList.toggle('gone', role === 'operator' || (!stale && !gaga.busy));
+  $('idle-text').textContent = headline || 'Waiting for the avatar';
+  $('idle-detail').textContent = lines.join(' ');
+  const banner = role === 'operator' ? [headline, ...lines].filter(Boolean).join(' ') : (stale ? '' : lines.join(' '));
+  $('notice').textContent = banner;
+  $('notice').classList.toggle('hidden', !banner || kiosk);
+  const cam = $('robot-camera');
+  cam.classList.toggle('hidden', !(cam.srcObject && cam.videoWidth));
   if (pc && gaga.state !== 'connected' && performance.now() - connectingSince > 15000) scheduleReconnect('timeout');
   pollStats().catch(() => {});
+  pollStatus().catch(() => {});
 }, 1000);
+$('robot-camera').requestVideoFrameCallback(function counted() {
+  gaga.cameraFrames += 1;
+  $('robot-camera').requestVideoFrameCallback(counted);
+});
 
 function toggleStats() { if (!kiosk) $('stats').classList.toggle('hidden'); }
 $('stats-toggle').onclick = toggleStats;
@@ -235,7 +389,14 @@ $('connect').onclick = () => {
   $('connect').textContent = gaga.wanted ? 'Disconnect' : 'Connect';
   if (gaga.wanted) connect(); else { teardown(); setStatus('disconnected'); }
 };
-$('upstream').onchange = () => { gaga.upstream = $('upstream').checked; connect(); };
+const toggle = (key) => () => { gaga[key] = !gaga[key]; applyMutes(); };
+$('mute-mic').onclick = $('kiosk-mute-mic').onclick = toggle('micMuted');
+$('mute-sound').onclick = $('kiosk-mute-sound').onclick = toggle('soundMuted');
+$('camera').onclick = toggle('cameraOff');
+// For tests and scripts: the same as the buttons.
+gaga.setCamera = (on) => { gaga.cameraOff = !on; applyMutes(); };
+gaga.setMic = (on) => { gaga.micMuted = !on; applyMutes(); };
+document.addEventListener('click', () => { if (voice.srcObject) voice.play().then(() => { gaga.audioBlocked = false; }).catch(() => {}); });
 // Leaving the page closes the connection at once (DTLS close), so the server frees the slot now.
 window.addEventListener('pagehide', () => { gaga.wanted = false; teardown(); });
 if (kiosk) document.addEventListener('click', () => document.documentElement.requestFullscreen().catch(() => {}));

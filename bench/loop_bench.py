@@ -1,0 +1,219 @@
+"""The telepresence loop on one host (issue 15): camera-to-kiosk latency, the kiosk's frame rate, the
+operator's voice latency to the kiosk, and how soon the idle face returns when the operator leaves.
+
+Everything runs on this machine: the graph as processes (what `driver:=operator` builds, see
+gaga_ros.graph; render on the CPU at 256x256), an operator page (Chromium's fake camera playing a
+speaking face from ../shared/media, its fake microphone playing tone bursts) and a kiosk page, each
+in its own headless Chromium.
+
+Method.
+- Camera to kiosk. The bridge stamps each operator camera frame with the wall-clock time it arrived
+  (decoded); the stamp travels with the expression through tracking and render into the avatar
+  image; the bridge paints it as a frame code (ms mod 65536, `frame_codes:=true`) and the kiosk page
+  (?codes=1) records when it showed each code. Measured: bridge arrival -> kiosk display. Added to
+  it: the operator browser's share (capture -> bridge), estimated from that page's WebRTC
+  statistics as encode time per frame + pacer delay per packet + half the round trip.
+- Kiosk frame rate: codes shown per second over the window.
+- Voice: an analyser polled every 5 ms on the operator page's own microphone and on the kiosk's
+  received voice (injected by this script); a burst's onset is the first poll whose newest 256
+  samples (5 ms) exceed -30 dBFS after 200 ms below it; latency = kiosk onset - the operator onset
+  just before it. It covers the whole path: the page's audio processing and Opus, the bridge's
+  decode and sound bus (40 ms prebuffer), Opus again, the kiosk's jitter buffer, playout.
+- Idle return: from closing the operator page to the first idle-driver expression on DDS.
+
+    .venv/bin/python bench/loop_bench.py [--seconds 20] [--size 256]
+
+Prints a table and writes bench/results/loop_bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import wave
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+MEDIA = REPO.parent / "shared" / "media"
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+from browser import FAKE_CAMERA, Browser, fake_media  # noqa: E402
+from test_faults import Graph, Observer  # noqa: E402
+
+#: Injected into a page: onsets(stream) records the wall-clock times of sound bursts in `stream`.
+ONSETS_JS = """
+window.onsets = (stream, key) => {
+  const ctx = new AudioContext();
+  const analyser = ctx.createAnalyser();
+  analyser.fftSize = 256;
+  ctx.createMediaStreamSource(stream).connect(analyser);
+  const buf = new Float32Array(256);
+  const out = window[key] = [];
+  let quietSince = performance.now();
+  setInterval(() => {
+    if (ctx.state === 'suspended') ctx.resume();
+    analyser.getFloatTimeDomainData(buf);
+    let s = 0;
+    for (const v of buf) s += v * v;
+    const loud = 10 * Math.log10(s / 256 + 1e-12) > -30;
+    const now = performance.now();
+    if (loud && quietSince !== null && now - quietSince > 200) out.push(performance.timeOrigin + now);
+    if (loud) quietSince = null; else if (quietSince === null) quietSince = now;
+  }, 5);
+};
+"""
+#: The operator page's send-side share of the camera path, from its WebRTC statistics (ms).
+SEND_SIDE_JS = """
+(async () => {
+  const r = await pc.getStats();
+  let enc = null, pace = null, rtt = null;
+  r.forEach((s) => {
+    if (s.type === 'outbound-rtp' && s.kind === 'video' && s.framesEncoded) {
+      enc = 1000 * s.totalEncodeTime / s.framesEncoded;
+      pace = s.packetsSent ? 1000 * s.totalPacketSendDelay / s.packetsSent : 0;
+    }
+    if (s.type === 'candidate-pair' && s.nominated && s.currentRoundTripTime !== undefined) {
+      rtt = 1000 * s.currentRoundTripTime;
+    }
+  });
+  return {encode_ms: enc, pacer_ms: pace, rtt_ms: rtt};
+})()
+"""
+
+
+def bursts_wav(path: Path, seconds: float = 7.0, every: float = 0.7, length: float = 0.06) -> Path:
+    t = np.arange(int(seconds * 48000)) / 48000
+    tone = 0.5 * np.sin(2 * np.pi * 700 * t) * ((t % every) < length)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(48000)
+        w.writeframes((tone * 32767).astype("<i2").tobytes())
+    return path
+
+
+async def measure(g: Graph, seen: dict, flags: list[str], seconds: float) -> dict:
+    async with Browser() as kb, Browser(extra_flags=flags) as ob:
+        kiosk = await kb.new_page(g.url + "kiosk?codes=1")
+        operator = await ob.new_page(g.url + "operator")
+        await operator.wait_for("gaga.state === 'connected' && !!gaga.media", timeout=90)
+        await kiosk.wait_for("gaga.state === 'connected' && !!voice.srcObject", timeout=90)
+        t0 = time.monotonic()
+        while not any(f for t, f in seen["tracking"] if t > t0):
+            if time.monotonic() - t0 > 90:
+                raise RuntimeError("tracking never found the operator's face")
+            await asyncio.sleep(0.1)
+        await kiosk.evaluate(ONSETS_JS + "; onsets(voice.srcObject, 'heard'); true")
+        await operator.evaluate(ONSETS_JS + "; onsets(gaga.media, 'spoken'); true")
+        await asyncio.sleep(3.0)  # warm: the first codes and bursts after connecting are not steady
+        await kiosk.evaluate("gaga.codes.length = 0; heard.length = 0; true")
+        await operator.evaluate("spoken.length = 0; true")
+        start = time.time() * 1000
+        await asyncio.sleep(seconds)
+        codes = await kiosk.evaluate("gaga.codes")
+        heard = await kiosk.evaluate("heard")
+        spoken = await operator.evaluate("spoken")
+        send = await operator.evaluate(SEND_SIDE_JS)
+        end = time.time() * 1000
+        await operator.close()
+        t_left = time.monotonic()
+        while not any(f == "scripted_driver" for t, f in seen["expr"] if t > t_left):
+            if time.monotonic() - t_left > 30:
+                break
+            await asyncio.sleep(0.02)
+        back = next((t for t, f in seen["expr"] if t > t_left and f == "scripted_driver"), None)
+    # code = stamp ms mod 65536, shown = display wall-clock ms: the difference mod 65536 is the latency
+    bridge_to_kiosk = np.array([(shown - code) % 65536 for code, shown in codes])
+    bridge_to_kiosk = bridge_to_kiosk[bridge_to_kiosk < 5000]  # a code misread as another frame's
+    send_ms = (send["encode_ms"] or 0) + (send["pacer_ms"] or 0) + (send["rtt_ms"] or 0) / 2
+    spoken_arr = np.array(spoken)
+    audio = []
+    for t in heard:
+        before = spoken_arr[spoken_arr < t]
+        if before.size and t - before[-1] < 600:
+            audio.append(t - before[-1])
+    total = bridge_to_kiosk + send_ms
+    return {
+        "camera_to_kiosk_median_ms": float(np.median(total)),
+        "camera_to_kiosk_p95_ms": float(np.percentile(total, 95)),
+        "bridge_to_kiosk_median_ms": float(np.median(bridge_to_kiosk)),
+        "operator_send_side_ms": send_ms, "operator_send_stats": send,
+        "kiosk_fps": len(codes) / ((end - start) / 1000), "frames": int(len(bridge_to_kiosk)),
+        "audio_latency_median_ms": float(np.median(audio)) if audio else None,
+        "audio_latency_p95_ms": float(np.percentile(audio, 95)) if audio else None,
+        "audio_bursts": len(audio), "bursts_sent": len(spoken),
+        "idle_return_s": None if back is None else back - t_left,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--size", type=int, default=256)
+    args = ap.parse_args()
+
+    # Its own DDS domain on localhost, shared memory for the frames (as gaga-ros launch and the tests).
+    os.environ.setdefault("ROS_DOMAIN_ID", str(random.randint(1, 101)))
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    from gaga_ros.graph import dds_environment
+    from gaga_ros.msg import Expression, TrackingStatus
+    from gaga_ros.nodes import qos
+
+    os.environ.update(dds_environment(dict(os.environ)))
+
+    work = Path(tempfile.mkdtemp(prefix="loop-bench-"))
+    params = {"driver": {"rate": 30.0, "performance": "idle", "yield_to_tracking": True},
+              "tracking": {"mode": "mesh"}, "voice": {}, "reconstruction": {},
+              "render": {"device": "cpu", "size": args.size},
+              "bridge": {"upstream_topic": "camera/image_raw", "frame_codes": True}}
+    flags = FAKE_CAMERA + fake_media(MEDIA / "talking_glasses.mp4", work, seconds=10.0)[:1] + [
+        f"--use-file-for-fake-audio-capture={bursts_wav(work / 'bursts.wav')}"]
+    g, obs = Graph(work, params), Observer()
+    seen = {"tracking": [], "expr": []}
+    obs.node.create_subscription(TrackingStatus, "/tracking/status",
+                                 lambda m: seen["tracking"].append((time.monotonic(), m.face_found)),
+                                 qos.LATCHED)
+    obs.node.create_subscription(Expression, "/avatar/expression",
+                                 lambda m: seen["expr"].append((time.monotonic(), m.header.frame_id)),
+                                 qos.EXPRESSIONS)
+    g.start_all()
+    try:
+        if not obs.serving(timeout=180):
+            raise SystemExit("the graph never rendered:\n" + "\n".join(g.log(n)[-800:] for n in g.procs))
+        result = asyncio.run(measure(g, seen, flags, args.seconds))
+    finally:
+        g.stop()
+        obs.close()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=REPO).stdout.strip()
+    cores = len(os.sched_getaffinity(0))
+    result.update(machine=f"{platform.node()} ({platform.machine()}, {cores} cores)", commit=commit,
+                  command="python bench/loop_bench.py " + " ".join(sys.argv[1:]), size=args.size,
+                  seconds=args.seconds)
+    out = REPO / "bench" / "results" / "loop_bench.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    rows = [("loop camera-to-kiosk median ms", result["camera_to_kiosk_median_ms"], "goal <= 150"),
+            ("loop camera-to-kiosk p95 ms", result["camera_to_kiosk_p95_ms"], ""),
+            ("  of which bridge arrival -> kiosk display", result["bridge_to_kiosk_median_ms"], "measured"),
+            ("  of which operator page -> bridge", result["operator_send_side_ms"], "estimated"),
+            ("loop kiosk fps", result["kiosk_fps"], "goal >= 25"),
+            ("loop audio latency ms", result["audio_latency_median_ms"], f"{result['audio_bursts']} bursts"),
+            ("loop idle return s", result["idle_return_s"], "goal <= 2")]
+    for name, value, note in rows:
+        shown = "-" if value is None else f"{value:8.1f}"
+        print(f"{name:45s} {shown:>10s}  {note}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,328 @@
+"""The telepresence loop (issue 15) through the real graph and two headless Chromium: an operator
+page fed by Chromium's fake camera and microphone (a speaking face from ../shared/media) and a kiosk
+page whose fake microphone is the robot's room.
+
+The graph runs as real processes over DDS (tests/test_faults.py's Graph and Observer); the pages
+talk WebRTC to the real bridge. Assertions are on what the pages show and hear, and on the ROS topics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+import wave
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from browser import FAKE_CAMERA, Browser, chromium_path, fake_media
+from conftest import wait_for
+from test_faults import Graph, Observer
+
+MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
+CLIP = MEDIA / "talking_glasses.mp4"
+#: The operator's voice: expressive.mp4's sound track (talking_glasses.mp4's is near silence, -65 dBFS).
+VOICE = MEDIA / "expressive.mp4"
+#: The loop as `driver:=operator` builds it (gaga_ros.graph), sized for 2 shared CPU cores.
+LOOP_GRAPH = {
+    "driver": {"rate": 15.0, "performance": "idle", "yield_to_tracking": True},
+    "tracking": {"mode": "mesh"},
+    "voice": {},
+    "reconstruction": {"grid": 96},
+    "render": {"device": "cpu", "size": 192},
+    "bridge": {"upstream_topic": "camera/image_raw"},
+}
+#: mediapipe FaceMesh indices: inner lips, and the face's width (cheek to cheek) as its size.
+UPPER_LIP, LOWER_LIP, CHEEKS = 13, 14, (234, 454)
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(chromium_path() is None, reason="needs chromium (test.sh installs it)")]
+
+
+def robot_room_wav(path: Path, seconds: float = 4.0) -> Path:
+    """The kiosk microphone's sound: 300 Hz bursts, 0.4 s on, 0.4 s off (unlike speech on purpose)."""
+    t = np.arange(int(seconds * 48000)) / 48000
+    tone = 0.3 * np.sin(2 * np.pi * 300 * t) * ((t % 0.8) < 0.4)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(48000)
+        w.writeframes((tone * 32767).astype("<i2").tobytes())
+    return path
+
+
+class Mouth:
+    """Mouth opening (inner-lip gap over face width) measured by mediapipe on a picture."""
+
+    def __init__(self) -> None:
+        from gaga_ros.tracking.landmarks import FaceLandmarker
+
+        self.landmarker = FaceLandmarker(static_image_mode=True)
+
+    def __call__(self, rgb: np.ndarray) -> float | None:
+        faces = self.landmarker.detect(rgb)
+        if not faces:
+            return None
+        p = faces[0].points[:, :2]
+        width = np.linalg.norm(p[CHEEKS[0]] - p[CHEEKS[1]])
+        return float(np.linalg.norm(p[UPPER_LIP] - p[LOWER_LIP]) / width)
+
+
+async def until(predicate, timeout: float) -> bool:
+    """wait_for for coroutines: polls without blocking the event loop (the pages' sessions)."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            return False
+        await asyncio.sleep(0.1)
+    return True
+
+
+def decode_png(data_url: str) -> np.ndarray:
+    raw = base64.b64decode(data_url.split(",", 1)[1])
+    return cv2.cvtColor(cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+async def grab_series(page, seconds: float, every: float = 0.2) -> list[tuple[float, np.ndarray]]:
+    """(wall-clock time, RGB) of what the page shows, every `every` seconds for `seconds`."""
+    out = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        url = await page.evaluate("gaga.grab()")
+        if url:
+            out.append((time.time(), decode_png(url)))
+        await asyncio.sleep(every)
+    return out
+
+
+def best_lag_correlation(times: np.ndarray, values: np.ndarray, reference: np.ndarray, fps: float) -> float:
+    """Largest Pearson correlation of values(t) with the looped reference at any offset (the fake
+    camera's loop started at an unknown time); reference is sampled at fps."""
+    period = len(reference) / fps
+    best = -1.0
+    for offset in np.arange(0.0, period, 1.0 / fps):
+        ref = reference[((times - times[0] + offset) * fps).astype(int) % len(reference)]
+        if ref.std() > 0 and values.std() > 0:
+            best = max(best, float(np.corrcoef(values, ref)[0, 1]))
+    return best
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory):
+    from diagnostic_msgs.msg import DiagnosticArray  # noqa: F401  (the observer's, imported early)
+
+    from gaga_ros.msg import AudioChunk, Expression, NamedExpression, TrackingStatus
+    from gaga_ros.nodes import qos
+
+    work = tmp_path_factory.mktemp("loop")
+    g = Graph(work, LOOP_GRAPH)
+    obs = Observer()
+    seen = {"audio": [], "named": [], "expr": [], "tracking": []}
+    obs.node.create_subscription(AudioChunk, "/operator/audio",
+                                 lambda m: seen["audio"].append((time.monotonic(), np.abs(m.data).max())),
+                                 qos.AUDIO)
+    obs.node.create_subscription(NamedExpression, "/avatar/named_expression",
+                                 lambda m: seen["named"].append((time.monotonic(), m)), qos.EXPRESSIONS)
+    obs.node.create_subscription(Expression, "/avatar/expression",
+                                 lambda m: seen["expr"].append((time.monotonic(), m.header.frame_id)),
+                                 qos.EXPRESSIONS)
+    obs.node.create_subscription(TrackingStatus, "/tracking/status",
+                                 lambda m: seen["tracking"].append((time.monotonic(), m.face_found)),
+                                 qos.LATCHED)
+    operator_flags = FAKE_CAMERA + fake_media(CLIP, work, seconds=10.0, sound=VOICE)
+    kiosk_flags = FAKE_CAMERA + [f"--use-file-for-fake-audio-capture={robot_room_wav(work / 'room.wav')}"]
+    g.start_all()
+    try:
+        ok = wait_for(lambda: obs.status("render")[1].startswith("rendering"), 150, 0.1)
+        assert ok, "render never rendered:\n" + "\n".join(f"--- {n}\n{g.log(n)[-1500:]}" for n in g.procs)
+        yield g, obs, seen, operator_flags, kiosk_flags
+    finally:
+        g.stop()
+        obs.close()
+
+
+def test_operator_face_and_voice_drive_the_kiosk_and_the_robot_is_heard(loop):
+    g, obs, seen, operator_flags, kiosk_flags = loop
+    mouth = Mouth()
+    reference = np.array([m if m is not None else np.nan for m in map(mouth, clip_frames())])
+    reference = np.where(np.isnan(reference), np.nanmean(reference), reference)
+
+    async def main():
+        async with Browser(extra_flags=kiosk_flags) as kb, Browser(extra_flags=operator_flags) as ob:
+            kiosk = await kb.new_page(g.url + "kiosk")
+            await kiosk.wait_for("gaga.state === 'connected' && gaga.frames > 10 "
+                                 "&& gaga.voiceLevels.length > 20", timeout=60)
+            quiet = await kiosk.evaluate("gaga.voiceLevels")  # no operator yet: the bus sends silence
+            operator = await ob.new_page(g.url + "operator")
+            await operator.wait_for("gaga.state === 'connected'", timeout=60)
+            t0 = time.monotonic()
+            assert await until(lambda: any(f for t, f in seen["tracking"] if t > t0), 60), "no face tracked"
+            series = await grab_series(kiosk, 12.0)
+            kiosk_levels = await kiosk.evaluate("gaga.voiceLevels")
+            operator_levels = await operator.evaluate("gaga.voiceLevels")
+            second = await ob.new_page(g.url + "operator")
+            await second.wait_for("gaga.busy !== null && (gaga.explained || []).length > 0", timeout=30)
+            said = await second.evaluate("gaga.explained.join(' ')")
+            return series, quiet, kiosk_levels, operator_levels, said
+
+    series, quiet, kiosk_levels, operator_levels, said = asyncio.run(main())
+    # the operator's face drives the avatar the kiosk shows: its mouth follows the speaker's
+    times = np.array([t for t, _ in series])
+    opening = [mouth(rgb) for _, rgb in series]
+    keep = np.array([m is not None for m in opening])
+    assert keep.sum() >= 0.8 * len(series) >= 30, f"the kiosk's face was found in {keep.sum()}/{len(series)}"
+    values = np.array([m for m in opening if m is not None])
+    corr = best_lag_correlation(times[keep], values, reference, 30.0)
+    assert values.std() > 0.01 and corr > 0.4, (values.std(), corr)
+    # the operator's voice: on the kiosk page and on the ROS topic; the kiosk microphone: on the operator's
+    floor = max(db for _, db in quiet)
+    assert max(db for _, db in kiosk_levels) > max(floor + 20, -50), ("the kiosk did not hear the operator",
+                                                                      floor)
+    assert sum(1 for _, peak in seen["audio"] if peak > 1000) >= 50, "operator/audio carried no speech"
+    assert max(db for _, db in operator_levels) > max(floor + 20, -50), "the operator did not hear the room"
+    assert "Another operator" in said, said
+
+
+def clip_frames(seconds: float = 10.0, fps: int = 30):
+    """The operator's fake camera frames (as fake_media samples them)."""
+    import av
+
+    with av.open(str(CLIP)) as c:
+        rate = float(c.streams.video[0].average_rate)
+        n = 0
+        for i, frame in enumerate(c.decode(video=0)):
+            while i / rate >= n / fps and n < seconds * fps:
+                yield frame.to_ndarray(format="rgb24")
+                n += 1
+
+
+def voice_weights(seen: dict, since: float) -> list[float]:
+    """jawOpen of the voice node's commands since a time."""
+    out = []
+    for t, m in seen["named"]:
+        if t > since and m.layer == "voice" and "jawOpen" in m.names:
+            out.append(m.weights[list(m.names).index("jawOpen")])
+    return out
+
+
+def test_voice_moves_the_mouth_without_the_camera_and_the_idle_face_returns(loop):
+    g, obs, seen, operator_flags, kiosk_flags = loop
+
+    async def main():
+        async with Browser(extra_flags=kiosk_flags) as kb, Browser(extra_flags=operator_flags) as ob:
+            kiosk = await kb.new_page(g.url + "kiosk")
+            operator = await ob.new_page(g.url + "operator")
+            await operator.wait_for("gaga.state === 'connected'", timeout=60)
+            t0 = time.monotonic()
+            assert await until(lambda: any(f for t, f in seen["tracking"] if t > t0), 60), "no face tracked"
+            await operator.evaluate("gaga.setCamera(false)")  # black frames: the face is lost
+            t_off = time.monotonic()
+            assert await until(lambda: any(not f for t, f in seen["tracking"] if t > t_off), 30), "found"
+            t_lost = time.monotonic()
+            await kiosk.wait_for("gaga.frames > 10", timeout=30)
+            series = await grab_series(kiosk, 6.0)
+            jaw = voice_weights(seen, t_lost)
+            await operator.evaluate("gaga.setCamera(true)")
+            t_on = time.monotonic()
+            assert await until(lambda: any(f for t, f in seen["tracking"] if t > t_on), 60), "face not back"
+            await operator.close()  # the operator leaves mid-sentence
+            t_left = time.monotonic()
+            idle = lambda: any(f == "scripted_driver" for t, f in seen["expr"] if t > t_left)  # noqa: E731
+            assert await until(idle, 30), "the idle driver did not come back"
+            back = next(t for t, f in seen["expr"] if t > t_left and f == "scripted_driver") - t_left
+            await kiosk.wait_for(f"gaga.frames > {await kiosk.evaluate('gaga.frames') + 10}", timeout=30)
+            return series, jaw, back
+
+    series, jaw, back = asyncio.run(main())
+    assert len(jaw) >= 30 and max(jaw) - min(jaw) > 0.2, f"the voice did not drive the mouth: {jaw[:50]}"
+    mouth = Mouth()
+    opening = [m for m in (mouth(rgb) for _, rgb in series) if m is not None]
+    assert len(opening) >= 10 and np.std(opening) > 0.005, opening  # the kiosk shows the mouth moving
+    print(f"idle driver back {back:.2f} s after the operator left")
+    assert back < 10.0  # goal 2 s (bench/loop_bench.py measures it); bound for a loaded 2-core machine
+
+
+def test_denied_media_bad_and_flooded_audio_keep_the_loop_running(loop):
+    from gaga_ros.msg import AudioChunk
+    from gaga_ros.nodes import qos
+
+    g, obs, seen, operator_flags, kiosk_flags = loop
+    robot = obs.publisher(AudioChunk, "/robot/audio", qos.AUDIO)
+
+    def chunk(rate: int, channels: int, seconds: float = 0.02, amplitude: float = 0.3) -> AudioChunk:
+        t = np.arange(int(rate * seconds)) / rate
+        tone = (amplitude * 32767 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
+        return AudioChunk(sample_rate=rate, channels=channels, data=np.repeat(tone, channels).tolist())
+
+    async def main():
+        # no fake-UI flag: headless Chromium denies camera and microphone
+        async with Browser(extra_flags=["--use-fake-device-for-media-stream"]) as ob:
+            operator = await ob.new_page(g.url + "operator")
+            await operator.wait_for("gaga.state === 'connected' && gaga.frames > 5", timeout=60)
+            await operator.wait_for("(gaga.explained || []).join(' ').includes('No camera and microphone')",
+                                    timeout=20)
+            quiet = max(db for _, db in await operator.evaluate("gaga.voiceLevels") or [(0, -120)])
+            refused = int(obs.status("bridge")[2].get("refused_inputs", 0))
+            assert await until(lambda: robot.get_subscription_count() > 0, 20)  # discovery, before sending
+            for _ in range(3):  # best effort: a chunk may be lost, so each is sent three times
+                robot.publish(AudioChunk(sample_rate=100, channels=1, data=[0] * 10))  # refused: the rate
+                robot.publish(AudioChunk(sample_rate=16000, channels=2, data=[0] * 3))  # refused: odd samples
+                await asyncio.sleep(0.3)
+            for _ in range(400):  # a flood: 8 s of sound in an instant, 16 kHz stereo (resampled)
+                robot.publish(chunk(16000, 2))
+            t_flood = time.monotonic()
+            for _ in range(100):  # then a steady voice
+                robot.publish(chunk(16000, 2))
+                await asyncio.sleep(0.02)
+            levels = [db for t, db in await operator.evaluate("gaga.voiceLevels")]
+            assert await until(lambda: int(obs.status("bridge")[2].get("refused_inputs", 0)) >= refused + 2,
+                               20), (obs.status("bridge"), g.log("bridge")[-3000:])
+            frames = await operator.evaluate("gaga.frames")
+            await operator.wait_for(f"gaga.frames > {frames + 10}", timeout=30)  # still streaming
+            return quiet, levels, time.monotonic() - t_flood
+
+    quiet, levels, _ = asyncio.run(main())
+    assert max(levels) > max(quiet + 20, -40), (quiet, max(levels))  # robot/audio reached the operator
+    assert "refused" in obs.status("bridge")[1] or obs.status("bridge")[0] == 0
+    assert g.procs["bridge"].poll() is None
+
+
+def test_pages_say_what_they_wait_for(loop, tmp_path):
+    """No avatar yet, operator not connected, expressions refused and why: in plain words."""
+    from conftest import start_node, stop_process
+    from test_faults import free_port
+
+    from gaga_ros.msg import Expression
+    from gaga_ros.nodes import qos
+
+    g, obs, seen, operator_flags, kiosk_flags = loop
+    port = free_port()
+    lone = start_node("bridge", "-r", "__ns:=/lone", params={"port": port}, tmp_path=tmp_path)
+    bad = Expression(face_model=0, confidence=1.0)
+    bad.transform = [float("nan")] * 12
+    pub = obs.publisher(Expression, "/avatar/expression", qos.EXPRESSIONS)
+
+    async def main():
+        async with Browser() as b:
+            empty = await b.new_page(f"http://127.0.0.1:{port}/kiosk")
+            await empty.wait_for("(gaga.explained || []).join(' ').includes('No avatar yet')", timeout=90)
+            kiosk = await b.new_page(g.url + "kiosk")
+            await kiosk.wait_for("(gaga.explained || []).includes('Operator not connected.')", timeout=60)
+            viewer = await b.new_page(g.url)
+            await viewer.wait_for("gaga.state === 'connected'", timeout=60)
+            for _ in range(40):  # until the render node's diagnostics carry the refusal to the page
+                pub.publish(bad)
+                said = " ".join(await viewer.evaluate("gaga.explained || []"))
+                if "refused" in said:
+                    return said
+                await asyncio.sleep(0.5)
+            return said
+
+    try:
+        said = asyncio.run(main())
+    finally:
+        stop_process(lone)
+    assert "The avatar renderer says:" in said, said
+    assert "refused /avatar/expression: transform contains NaN" in said, said
