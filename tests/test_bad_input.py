@@ -161,6 +161,39 @@ def test_reconstruct_two_faces_uses_the_largest_and_says_so(photos, backend, med
     assert abs(alone) > 0.05 and abs(used - alone) < abs(used + alone), (used, alone)
 
 
+@pytest.fixture(scope="module")
+def gaga_backend(tmp_path_factory):
+    from test_gagavatar_backend import make_models_dir
+
+    from gaga_ros.avatar.gagavatar.backend import GagaAvatarBackend
+
+    return GagaAvatarBackend.load(make_models_dir(tmp_path_factory.mktemp("models")), config="tiny")
+
+
+CASES += [f"reconstruct (gagavatar): {k}" for k in NO_FACE]
+
+
+@pytest.mark.parametrize("name", sorted(NO_FACE))
+def test_gagavatar_refuses_the_same_photos(photos, gaga_backend, name):
+    """Both backends take a photo's face through one path (avatar.base.source_face): the same
+    refusals, the same minimum face size."""
+    from gaga_ros.avatar.base import NoFaceError
+
+    with pytest.raises(NoFaceError) as exc:
+        gaga_backend.reconstruct(load_image(photos / name))
+    assert_clear(exc.value, NO_FACE[name])
+
+
+def test_gagavatar_uses_the_largest_of_two_faces_and_says_so(photos, gaga_backend, media_dir):
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        avatar = gaga_backend.reconstruct(load_image(photos / "two_faces.jpg"))
+    assert any("largest" in w for w in avatar.warnings), avatar.warnings
+    alone = gaga_backend.reconstruct(load_image(media_dir / "monroe.jpg")).source_transform[0, 2]
+    used = avatar.source_transform[0, 2]
+    assert abs(alone) > 0.05 and abs(used - alone) < abs(used + alone), (used, alone)
+
+
 # ---- core: expressions ------------------------------------------------------------------------
 
 def mesh(**kw) -> dict:

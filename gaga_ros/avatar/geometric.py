@@ -10,7 +10,6 @@ openings are bound to triangles that the avatar adds across the mouth and the ey
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,22 +17,17 @@ import cv2
 import numpy as np
 import torch
 
-from gaga_ros.avatar.base import CAMERA_FIXED, Avatar, Binding, NoFaceError, content_id
+from gaga_ros.avatar.base import CAMERA_FIXED, Avatar, Binding, content_id, photo_landmarker, source_face
 from gaga_ros.avatar.deform import anchors, deform, matrix_to_quat, quat_to_matrix
 from gaga_ros.camera import Camera, frontal_transform
-from gaga_ros.conventions import CROP_SCALE, CROP_SIZE
+from gaga_ros.conventions import CROP_SIZE
 from gaga_ros.errors import InputError
 from gaga_ros.expression import Expression, ExpressionError, FaceModel
 from gaga_ros.faces.conversion import FaceConverter
 from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES, FACE_LANDMARKS, REGIONS, TRIANGLES
 from gaga_ros.gaussians import Gaussians
 from gaga_ros.image import to_uint8
-from gaga_ros.source import as_rgb
 
-#: Smallest face accepted, as the face-oval width in source pixels (FaceMesh is unreliable below).
-MIN_FACE_PX = 40
-#: Faces looked for in a source photo (the largest is used) and the detection confidence they need.
-PHOTO_FACES, PHOTO_MIN_CONFIDENCE = 4, 0.5
 #: Head ellipsoid of the canonical face (centre, radii), canonical units; scaled to each source.
 HEAD_CENTRE = np.array([0.0, 0.02, -0.02])
 HEAD_RADII = np.array([0.40, 0.62, 0.50])
@@ -170,25 +164,13 @@ class GeometricAvatar:
 
     def reconstruct(self, rgb: np.ndarray) -> Avatar:
         """Lift one photo into an avatar; NoFaceError if it holds no usable face."""
-        from gaga_ros.crop import crop_head, head_box
         from gaga_ros.tracking.mesh_tracker import fit_head
 
-        rgb = as_rgb(rgb)
-        notes: list[str] = []
-        faces = self._detect(rgb)
-        if not faces:
-            raise NoFaceError("no face found in the photo; accepted is a photo with one clearly "
-                              f"visible face at least {MIN_FACE_PX} pixels wide")
-        widths = [np.ptp(f.points[REGIONS["face_oval"], 0]) for f in faces]
-        face = faces[int(np.argmax(widths))]
-        if len(faces) > 1:
-            notes.append(f"{len(faces)} faces found; used the largest")
-            warnings.warn(notes[-1], stacklevel=2)
-        if max(widths) < MIN_FACE_PX:
-            raise NoFaceError(f"the face is only {max(widths):.0f} pixels wide; accepted are faces "
-                              f"at least {MIN_FACE_PX} pixels wide")
-        crop = crop_head(rgb, head_box(face.points[:, :2]), size=CROP_SIZE, scale=CROP_SCALE)
-        fit = fit_head(crop.to_crop(face.points).astype(np.float32), size=CROP_SIZE)
+        if self._landmarker is None:
+            self._landmarker = photo_landmarker()
+        source = source_face(rgb, self._landmarker)
+        crop = source.crop
+        fit = fit_head(source.points, size=CROP_SIZE)
         neutral = np.asarray(fit.canonical_points, np.float64)
         layers = _Lifter(crop.image, self._matte(crop.image), neutral,
                          np.asarray(fit.transform, np.float64), self.grid).layers()
@@ -201,15 +183,7 @@ class GeometricAvatar:
         return Avatar(self.name, avatar_id, gaussians, binding,
                       torch.from_numpy(neutral.astype(np.float32)).to(self.device),
                       torch.from_numpy(AVATAR_TRIANGLES).to(self.device),
-                      np.asarray(fit.transform, np.float32), warnings=tuple(notes))
-
-    def _detect(self, rgb: np.ndarray):
-        from gaga_ros.tracking.landmarks import FaceLandmarker
-
-        if self._landmarker is None:
-            self._landmarker = FaceLandmarker(static_image_mode=True, max_faces=PHOTO_FACES,
-                                              min_confidence=PHOTO_MIN_CONFIDENCE)
-        return self._landmarker.detect(rgb)
+                      np.asarray(fit.transform, np.float32), warnings=source.notes)
 
     def _matte(self, crop: np.ndarray) -> np.ndarray:
         """Soft person matte (H, W) in [0, 1] of the crop (mediapipe selfie segmentation)."""

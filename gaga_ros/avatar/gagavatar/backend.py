@@ -16,11 +16,11 @@ import numpy as np
 import torch
 
 from gaga_ros.assets import find_assets
-from gaga_ros.avatar.base import Avatar, Binding, NoFaceError, content_id
+from gaga_ros.avatar.base import Avatar, Binding, content_id, photo_landmarker, source_face
 from gaga_ros.avatar.gagavatar.checkpoint import load_state_dict_strict, read_state_dict
 from gaga_ros.avatar.gagavatar.model import GagaFrame, GagaSource, GAGAvatar, source_image
 from gaga_ros.avatar.gagavatar.sizes import FULL, TINY
-from gaga_ros.conventions import CROP_SCALE, CROP_SIZE, FLAME_VERTICES
+from gaga_ros.conventions import CROP_SIZE, FLAME_VERTICES
 from gaga_ros.errors import InputError
 from gaga_ros.expression import Expression, FaceModel
 from gaga_ros.faces.conversion import FaceConverter
@@ -77,21 +77,13 @@ class GagaAvatarBackend:
 
     def reconstruct(self, rgb: np.ndarray) -> Avatar:
         """Crop the head, fit FLAME (identity + camera), encode once; NoFaceError without a face."""
-        from gaga_ros.crop import crop_head, head_box
         from gaga_ros.tracking.flame_fitter import FlameFitter
-        from gaga_ros.tracking.landmarks import FaceLandmarker
 
         if self._landmarker is None:
-            self._landmarker = FaceLandmarker(static_image_mode=True, max_faces=4)
-        faces = self._landmarker.detect(rgb)
-        if not faces:
-            raise NoFaceError("no face found in the photo; accepted is a photo with one clearly "
-                              "visible face")
-        face = max(faces, key=lambda f: np.ptp(f.points[:, 0]))
-        notes = (f"{len(faces)} faces found; used the largest",) if len(faces) > 1 else ()
-        crop = crop_head(rgb, head_box(face.points[:, :2]), size=CROP_SIZE, scale=CROP_SCALE)
-        fit = FlameFitter(self.flame_assets, device=str(self.device)).fit(crop.to_crop(face.points))[0]
-        return self.reconstruct_crop(crop.image, fit.transform_matrix, fit.shapecode, notes)
+            self._landmarker = photo_landmarker()
+        source = source_face(rgb, self._landmarker)
+        fit = FlameFitter(self.flame_assets, device=str(self.device)).fit(source.points)[0]
+        return self.reconstruct_crop(source.crop.image, fit.transform_matrix, fit.shapecode, source.notes)
 
     def reconstruct_crop(self, crop: np.ndarray, transform: np.ndarray, shapecode: np.ndarray,
                          warnings: tuple[str, ...] = ()) -> Avatar:
