@@ -133,34 +133,6 @@ def backend():
     return GeometricAvatar(grid=64)
 
 
-NO_FACE = {"landscape.png": "no face", "cat.png": "no face", "tiny_face.png": "pixels wide"}
-CASES += [f"reconstruct: {k}" for k in NO_FACE]
-
-
-@pytest.mark.parametrize("name", sorted(NO_FACE))
-def test_reconstruct_refuses_photos_without_a_usable_face(photos, backend, name):
-    from gaga_ros.avatar.base import NoFaceError
-
-    with pytest.raises(NoFaceError) as exc:
-        backend.reconstruct(load_image(photos / name))
-    assert_clear(exc.value, NO_FACE[name])
-
-
-CASES += ["reconstruct: two faces (uses the largest, says so)"]
-
-
-def test_reconstruct_two_faces_uses_the_largest_and_says_so(photos, backend, media_dir):
-    with warnings.catch_warnings(record=True):
-        warnings.simplefilter("always")
-        avatar = backend.reconstruct(load_image(photos / "two_faces.jpg"))
-    assert any("largest" in w for w in avatar.warnings), avatar.warnings
-    # The small face is mirrored, so it turns the other way: the avatar's head turn (the yaw
-    # term R[0, 2] of its source camera) must be that of the large, unmirrored face.
-    alone = backend.reconstruct(load_image(media_dir / "monroe.jpg")).source_transform[0, 2]
-    used = avatar.source_transform[0, 2]
-    assert abs(alone) > 0.05 and abs(used - alone) < abs(used + alone), (used, alone)
-
-
 @pytest.fixture(scope="module")
 def gaga_backend(tmp_path_factory):
     from test_gagavatar_backend import make_models_dir
@@ -170,26 +142,36 @@ def gaga_backend(tmp_path_factory):
     return GagaAvatarBackend.load(make_models_dir(tmp_path_factory.mktemp("models")), config="tiny")
 
 
-CASES += [f"reconstruct (gagavatar): {k}" for k in NO_FACE]
+#: Both backends take a photo's face through one path (avatar.base.source_face): the same refusals,
+#: the same minimum face size, the same choice among several faces. Backend -> its fixture.
+BACKENDS = {"geometric": "backend", "gagavatar": "gaga_backend"}
+NO_FACE = {"landscape.png": "no face", "cat.png": "no face", "tiny_face.png": "pixels wide"}
+CASES += [f"reconstruct ({kind}): {k}" for kind in BACKENDS for k in NO_FACE]
 
 
+@pytest.mark.parametrize("kind", sorted(BACKENDS))
 @pytest.mark.parametrize("name", sorted(NO_FACE))
-def test_gagavatar_refuses_the_same_photos(photos, gaga_backend, name):
-    """Both backends take a photo's face through one path (avatar.base.source_face): the same
-    refusals, the same minimum face size."""
+def test_reconstruct_refuses_photos_without_a_usable_face(request, photos, kind, name):
     from gaga_ros.avatar.base import NoFaceError
 
     with pytest.raises(NoFaceError) as exc:
-        gaga_backend.reconstruct(load_image(photos / name))
+        request.getfixturevalue(BACKENDS[kind]).reconstruct(load_image(photos / name))
     assert_clear(exc.value, NO_FACE[name])
 
 
-def test_gagavatar_uses_the_largest_of_two_faces_and_says_so(photos, gaga_backend, media_dir):
+CASES += [f"reconstruct ({kind}): two faces (uses the largest, says so)" for kind in BACKENDS]
+
+
+@pytest.mark.parametrize("kind", sorted(BACKENDS))
+def test_reconstruct_two_faces_uses_the_largest_and_says_so(request, photos, media_dir, kind):
+    backend = request.getfixturevalue(BACKENDS[kind])
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
-        avatar = gaga_backend.reconstruct(load_image(photos / "two_faces.jpg"))
+        avatar = backend.reconstruct(load_image(photos / "two_faces.jpg"))
     assert any("largest" in w for w in avatar.warnings), avatar.warnings
-    alone = gaga_backend.reconstruct(load_image(media_dir / "monroe.jpg")).source_transform[0, 2]
+    # The small face is mirrored, so it turns the other way: the avatar's head turn (the yaw
+    # term R[0, 2] of its source camera) must be that of the large, unmirrored face.
+    alone = backend.reconstruct(load_image(media_dir / "monroe.jpg")).source_transform[0, 2]
     used = avatar.source_transform[0, 2]
     assert abs(alone) > 0.05 and abs(used - alone) < abs(used + alone), (used, alone)
 
