@@ -21,6 +21,7 @@ from gaga_ros.expression import Expression, FaceModel
 from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES, FACE_LANDMARKS, REGIONS
 from gaga_ros.tracking.landmarks import FaceLandmarker
 from gaga_ros.tracking.smoothing import OneEuroFilter
+from gaga_ros.tracking.tracker import TrackingState, nearest_rotation
 
 #: Landmarks that move little with expression (forehead, nose, cheeks, eye corners): the rigid fit uses
 #: these only, so a smile or an open jaw does not tilt the head.
@@ -98,21 +99,6 @@ def fit_head(crop_points: np.ndarray, size: int = CROP_SIZE,
     canonical = (cam - tvec) @ rot_cv
     transform = from_opencv(rot_cv, tvec).astype(np.float32)
     return HeadFit(transform, canonical.astype(np.float32), rmse)
-
-
-@dataclass(frozen=True)
-class TrackingState:
-    """Health of the tracker after its latest frame (mirrors msg/TrackingStatus.msg)."""
-
-    face_found: bool
-    confidence: float
-    face_lost_seconds: float
-    message: str
-
-
-def _project_rotation(m: np.ndarray) -> np.ndarray:
-    u, _, vt = np.linalg.svd(m)
-    return u @ np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))]) @ vt
 
 
 class MeshTracker:
@@ -214,7 +200,7 @@ class MeshTracker:
             self._ref_rots.append(rot)
             self._ref_trans.append(trans)
             self._reference = (np.mean(self._ref_points, axis=0),
-                               _project_rotation(np.mean(self._ref_rots, axis=0)),
+                               nearest_rotation(np.mean(self._ref_rots, axis=0)),
                                np.mean(self._ref_trans, axis=0))
         if self._reference is None:
             return self._lost(t, "face found, confidence too low to take a reference", found=True,
