@@ -97,3 +97,28 @@ def test_fast_path_matches_reference_on_gpu(tmp_path, media_dir):
     b = reference.render(avatar, expr, size).astype(np.float64)
     psnr = 10 * np.log10(255.0**2 / max(np.mean((a - b) ** 2), 1e-12))
     assert psnr >= 40, psnr
+
+
+def test_backend_factory_chooses_and_builds(tmp_path):
+    """The one factory both nodes use (gaga_ros.avatar.backends)."""
+    from gaga_ros.avatar.backends import choose_backend, make_backend, resolve_device
+    from gaga_ros.avatar.geometric import GeometricAvatar
+    from gaga_ros.errors import InputError
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    name, note = choose_backend("auto", empty)
+    assert name == "geometric" and "not found" in note
+    models = make_models_dir(tmp_path / "models")
+    assert choose_backend("auto", models) == ("gagavatar", "")
+    assert choose_backend("geometric", models) == ("geometric", "")
+    with pytest.raises(InputError, match="accepted are auto, geometric and gagavatar"):
+        choose_backend("nerf", models)
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(InputError, match="accepted are auto, cpu and cuda"):
+        resolve_device("tpu")
+    geometric = make_backend("geometric", "cpu", models, grid=48)
+    assert isinstance(geometric, GeometricAvatar) and geometric.grid == 48
+    assert isinstance(make_backend("gagavatar", "cpu", models, config="tiny"), GagaAvatarBackend)
+    with pytest.raises(FileNotFoundError):
+        make_backend("gagavatar", "cpu", empty, config="tiny")

@@ -40,22 +40,6 @@ PARAMS = (
 )
 
 
-def choose_backend(requested: str, models_dir: str, logger) -> str:
-    """The backend to use: `auto` takes gagavatar only when its licensed files are present."""
-    from gaga_ros.assets import find_assets
-
-    if requested not in ("auto", "geometric", "gagavatar"):
-        raise ValueError(f"backend {requested!r}: accepted are auto, geometric and gagavatar")
-    if requested != "auto":
-        return requested
-    status = find_assets(models_dir or None)
-    if status.complete:
-        return "gagavatar"
-    logger.info("GAGAvatar weights or FLAME not found, using the geometric backend "
-                "(`gaga-ros assets` explains; `gaga-ros fetch-assets` downloads them)")
-    return "geometric"
-
-
 class ReconstructionNode(ManagedNode):
     """Builds avatars from photos and publishes the current one, reliable and transient-local."""
 
@@ -88,21 +72,15 @@ class ReconstructionNode(ManagedNode):
         return full
 
     def configure(self) -> None:
-        device = self.p["device"]
-        if device == "auto":
-            import torch
+        from gaga_ros.avatar.backends import choose_backend, make_backend, resolve_device
 
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        name = choose_backend(self.p["backend"], self.p["models_dir"], self.get_logger())
-        if name == "geometric":
-            from gaga_ros.avatar.geometric import GeometricAvatar
-
-            self.backend = GeometricAvatar(grid=self.p["grid"], device="cpu")
-        else:
-            from gaga_ros.avatar.gagavatar.backend import GagaAvatarBackend
-
-            self.backend = GagaAvatarBackend.load(self.p["models_dir"] or None,
-                                                  self.p["gagavatar_config"], device=device)
+        models_dir = self.p["models_dir"] or None
+        name, note = choose_backend(self.p["backend"], models_dir)
+        if note:
+            self.get_logger().info(note)
+        # the geometric avatar lifts a photo on the CPU whatever the device (numpy, once per photo)
+        device = "cpu" if name == "geometric" else resolve_device(self.p["device"])
+        self.backend = make_backend(name, device, models_dir, self.p["gagavatar_config"], self.p["grid"])
 
     def activate(self) -> None:
         if self.avatar is None:
