@@ -16,6 +16,7 @@ audio opens the mouth at all.
 
     .venv/bin/python bench/voice_bench.py            # the three clips with sound
     .venv/bin/python bench/voice_bench.py --sweep    # and the tuning's sensitivity on the goal clip
+    .venv/bin/python bench/voice_bench.py --node 20  # and the voice node's CPU share, as a process
 
 Writes bench/results/voice.json.
 """
@@ -49,6 +50,7 @@ from gaga_ros.voice import (  # noqa: E402
     COMMAND_HOLD_S,
     COMMAND_RATE,
     LAYER,
+    OPERATOR,
     ROBOT,
     MouthEstimator,
     Smoother,
@@ -160,9 +162,66 @@ def lag_scan(audios: list[np.ndarray], film: np.ndarray, fps: float) -> dict[str
             "r_min": min(correlation(a, film) for a in audios)}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def node_cost(sound: Pcm, seconds: float) -> dict[str, float]:
+    """The voice node as a process over DDS: its CPU share of one core while both voices stream
+    sound in 20 ms chunks (50 a second each, the face lost so both are analysed), and while silent."""
+    import random
+    import tempfile
+    import threading
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import wait_for
+    from test_faults import Graph, Observer
+    from test_voice import VoiceProbe
+
+    from gaga_ros.graph import dds_environment
+
+    os.environ.setdefault("ROS_DOMAIN_ID", str(random.randint(1, 101)))  # apart from other graphs
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    os.environ.update(dds_environment(dict(os.environ)))
+    graph = Graph(Path(tempfile.mkdtemp(prefix="voice_bench_")), {"voice": {}})
+    obs = Observer()
+    probe = VoiceProbe(obs)
+    graph.start_all()
+    try:
+        pid = graph.pid("voice")
+        if not wait_for(lambda: obs.status("voice")[0] >= 0 and
+                        all(p.get_subscription_count() for p in probe.audio.values()), 60, 0.1):
+            raise SystemExit(f"the voice node did not come up:\n{graph.log('voice')[-2000:]}")
+        t0, c0 = time.monotonic(), cpu_seconds(pid)
+        time.sleep(seconds)
+        idle = (cpu_seconds(pid) - c0) / (time.monotonic() - t0)
+        loops = int(np.ceil(seconds / sound.duration_s))
+        looped = Pcm(np.concatenate([sound.samples] * loops)[:int(seconds * sound.sample_rate)],
+                     sound.sample_rate)
+        sent = probe.since(0.0)
+        t0, c0 = time.monotonic(), cpu_seconds(pid)
+        threads = [threading.Thread(target=probe.send, args=(voice, looped)) for voice in (ROBOT, OPERATOR)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.monotonic() - t0
+        busy = (cpu_seconds(pid) - c0) / elapsed
+        commands = len(probe.since(0.0)) - len(sent)
+    finally:
+        graph.stop()
+        obs.close()
+    return {"busy_percent": 100.0 * busy, "idle_percent": 100.0 * idle, "seconds": elapsed,
+            "commands_per_s": commands / elapsed}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sweep", action="store_true", help="also each tuning variant on the goal clip")
+    parser.add_argument("--node", type=float, default=0.0, metavar="S",
+                        help="also the voice node's CPU share over S seconds of sound (and S of silence)")
     args = parser.parse_args()
     results, clips = {}, {}
     for name in CLIPS:
@@ -197,9 +256,14 @@ def main() -> None:
             raw = audio_opening(sound, times, replace(Tuning(), **change))["raw"]
             sweep[label] = correlation(raw, film)
             print(f"  {label:26s} r = {sweep[label]:.3f}")
+    node = {}
+    if args.node > 0:
+        node = node_cost(clips["expressive.mp4"][0], args.node)
+        print(f"voice node: {node['busy_percent']:.1f} % of a core with both voices sounding "
+              f"({node['commands_per_s']:.0f} commands/s), {node['idle_percent']:.1f} % silent")
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({"clips": results, "goal_clip": GOAL_CLIP, "goal": GOAL,
-                               "audio_mouth_correlation": goal, "sweep": sweep,
+                               "audio_mouth_correlation": goal, "sweep": sweep, "node": node,
                                "chunk_s": CHUNK_S, "command_rate": COMMAND_RATE, "hold_s": COMMAND_HOLD_S,
                                "machine": platform.node(), "cpus": os.cpu_count(),
                                "load_average": os.getloadavg()}, indent=2))

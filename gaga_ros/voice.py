@@ -233,7 +233,7 @@ class Backlog:
                                       head.stamp_ns + n * 1_000_000_000 // head.sample_rate)
             taken = n / head.sample_rate
             seconds -= taken
-            self.seconds = max(0.0, self.seconds - taken)
+            self.seconds = max(0.0, self.seconds - taken) if self._chunks else 0.0
         return out
 
 
@@ -317,3 +317,8 @@ class VoiceMouth:
                 mouth = {k: max(w, share * weights[k]) for k, w in mouth.items()}
         self.driving, self.jaw = tuple(driving), mouth["jawOpen"]
         return mouth if driving else None
+
+    def idle(self, now: float) -> bool:
+        """Nothing to play and nothing playing: update() gives None until a voice is heard again."""
+        return not self.driving and all(v.backlog.seconds == 0.0 and now - v.played_at > self.sound_timeout_s
+                                        for v in self.voices.values())

@@ -155,8 +155,9 @@ ROSDEP_KEYS = {"numpy": "python3-numpy", "yaml": "python3-yaml", "aiohttp": "pyt
 #: (package.xml says why).
 PIP_ONLY = {"torch": "torch", "gsplat": "gsplat", "mediapipe": "mediapipe", "aiortc": "aiortc", "av": "av",
             "numba": "numba", "mcap": "mcap", "mcap_ros2": "mcap-ros2-support"}
-#: Imported only when present (a progress bar).
-OPTIONAL = {"tqdm"}
+#: Imported only when present: a progress bar; Triton, which torch's CUDA wheels install and only
+#: the GPU rasterization path (gaga_ros/render/static_splat.py) imports.
+OPTIONAL = {"tqdm", "triton"}
 
 
 def _third_party_imports() -> set[str]:

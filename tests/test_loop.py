@@ -32,10 +32,23 @@ LOOP_GRAPH = {
     "voice": {},
     "reconstruction": {"grid": 96},
     "render": {"device": "cpu", "size": 192},
-    "bridge": {"upstream_topic": "camera/image_raw"},
+    "bridge": {"upstream_topic": "camera/image_raw", "robot_camera": "robot/camera/image_raw"},
 }
 #: mediapipe FaceMesh indices: inner lips, and the face's width (cheek to cheek) as its size.
 UPPER_LIP, LOWER_LIP, CHEEKS = 13, 14, (234, 454)
+
+#: [width, height, mean red, mean blue] of what a <video> element shows.
+MEAN_COLOR_JS = """(() => {
+  const v = document.getElementById('%s');
+  const c = document.createElement('canvas');
+  c.width = v.videoWidth; c.height = v.videoHeight;
+  const x = c.getContext('2d');
+  x.drawImage(v, 0, 0);
+  const d = x.getImageData(0, 0, c.width, c.height).data;
+  let r = 0, b = 0;
+  for (let i = 0; i < d.length; i += 4) { r += d[i]; b += d[i + 2]; }
+  return [c.width, c.height, r / (d.length / 4), b / (d.length / 4)];
+})()"""
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(chromium_path() is None, reason="needs chromium (test.sh installs it)")]
@@ -326,3 +339,33 @@ def test_pages_say_what_they_wait_for(loop, tmp_path):
         stop_process(lone)
     assert "The avatar renderer says:" in said, said
     assert "refused /avatar/expression: transform contains NaN" in said, said
+
+
+def test_the_operator_sees_the_robot_camera(loop):
+    from sensor_msgs.msg import Image
+
+    from gaga_ros.nodes import qos
+    from gaga_ros.nodes.image_msg import to_msg
+
+    g, obs, seen, operator_flags, kiosk_flags = loop
+    camera = obs.publisher(Image, "/robot/camera/image_raw", qos.FRAMES)
+    picture = np.zeros((240, 320, 3), np.uint8)
+    picture[:, :, 2] = 200  # a blue room
+
+    async def main():
+        async with Browser(extra_flags=operator_flags) as ob:
+            operator = await ob.new_page(g.url + "operator")
+            await operator.wait_for("gaga.state === 'connected'", timeout=60)
+            for _ in range(600):
+                camera.publish(to_msg(picture, obs.node.get_clock().now().to_msg(), "robot_camera"))
+                if await operator.evaluate("gaga.cameraFrames > 10"):
+                    break
+                await asyncio.sleep(0.1)
+            shown = await operator.evaluate(MEAN_COLOR_JS % "robot-camera")
+            await asyncio.sleep(1.5)
+            said = " ".join(await operator.evaluate("gaga.explained"))
+            return shown, said
+
+    (width, height, red, blue), said = asyncio.run(main())
+    assert (width, height) == (320, 240) and blue > 150 > 50 > red, (width, height, red, blue)
+    assert "no camera to show" not in said, said

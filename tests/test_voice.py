@@ -232,8 +232,10 @@ def test_robot_always_operator_only_without_a_face(speech):
     assert back[-1] == (None, 0.0) and back[0][1] == pytest.approx(1 - CHUNK_S / 0.3)
     # A voice that stops sending stops moving the mouth after sound_timeout_s.
     step(ROBOT, True)
+    assert not mouth.idle(t)
     t += mouth.sound_timeout_s + 0.01
     assert mouth.update(t, True) is None and mouth.driving == ()
+    assert mouth.idle(t)  # the node stops ticking until a voice is heard again
 
 
 # ---- the node, over real DDS ---------------------------------------------------------------------------
@@ -337,6 +339,7 @@ def test_robot_speech_moves_the_mouth_on_the_voice_layer(voice_node, speech):
     assert wait_for(lambda: len(probe.reports) >= seen + 2, 30, 0.05)
     later = probe.reports[seen:]
     assert later[0]["commands"] == later[-1]["commands"] and later[-1]["driving"] == "none"
+    assert wait_for(lambda: diag(obs, "ticking") == "False", 30, 0.05)  # silence costs no ticks
 
 
 @pytest.mark.slow

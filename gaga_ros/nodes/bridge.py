@@ -74,6 +74,8 @@ STREAM_LOGGER = "gaga_ros.stream"
 class BridgeNode(GuardedNode):
     """Feeds the newest avatar frame to the stream server and publishes what the page sends back."""
 
+    executor_threads = 1  # callbacks hand frames and sound to the stream server's thread
+
     def __init__(self) -> None:
         super().__init__("bridge")
         self.p = declare(self, PARAMS)

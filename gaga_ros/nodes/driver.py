@@ -31,6 +31,8 @@ PARAMS = (
 class DriverNode(GuardedNode):
     """Publishes the scripted driver's expression for the current time at a fixed rate."""
 
+    executor_threads = 1  # one timer
+
     def __init__(self) -> None:
         super().__init__("driver")
         self.p = declare(self, PARAMS)

@@ -78,6 +78,8 @@ def make_backend(name: str, device: str, models_dir: str, config: str, fast: boo
 class RenderNode(ManagedNode):
     """Keeps the avatar on the device and renders each newest expression."""
 
+    executor_threads = 1  # its callbacks fill a mailbox; rendering runs on the worker thread
+
     def __init__(self) -> None:
         super().__init__("render", PARAMS)
         self.device = "cpu"

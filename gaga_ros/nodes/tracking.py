@@ -56,6 +56,8 @@ SMOOTHING = ("min_cutoff", "beta", "d_cutoff")
 class TrackingNode(GuardedNode):
     """Runs the mesh tracker on the newest camera frame."""
 
+    executor_threads = 1  # its callbacks fill a mailbox; tracking runs on the worker thread
+
     def __init__(self) -> None:
         super().__init__("tracking")
         self.p = declare(self, PARAMS)

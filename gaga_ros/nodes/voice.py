@@ -49,6 +49,8 @@ TOPICS = {ROBOT: names.ROBOT_AUDIO, OPERATOR: names.OPERATOR_AUDIO}
 class VoiceNode(GuardedNode):
     """AudioChunk -> VoiceMouth -> NamedExpression on the voice layer."""
 
+    executor_threads = 1  # its callbacks queue sound; the mouth is computed on a timer
+
     def __init__(self) -> None:
         super().__init__("voice")
         self.p = declare(self, PARAMS)
@@ -64,18 +66,22 @@ class VoiceNode(GuardedNode):
             self.create_subscription(AudioChunk, topic, lambda msg, v=voice: self._on_audio(v, msg),
                                      qos.AUDIO)
         self.create_subscription(TrackingStatus, names.TRACKING_STATUS, self._on_status, qos.LATCHED)
-        self.create_timer(1.0 / self.p["rate"], self._tick)
+        self.timer = self.create_timer(1.0 / self.p["rate"], self._tick)  # runs while there is sound
         self.diagnostics = Diagnostics(self, self._report)
 
     def _on_audio(self, voice: str, msg: AudioChunk) -> None:
         chunk = pcm(msg.data, msg.sample_rate, msg.channels, stamps.to_ns(msg.header.stamp))  # AudioError
         with self.lock:
             self.mouth.hear(voice, chunk, time.monotonic())
+            if self.timer.is_canceled():
+                self.timer.reset()
         self.meters[voice].tick()
 
     def _on_status(self, msg: TrackingStatus) -> None:
         with self.lock:
             self.status, self.status_at = msg, time.monotonic()
+            if self.timer.is_canceled():
+                self.timer.reset()  # one tick brings the operator's share up to date
 
     def _face(self, now: float) -> bool:
         return self.status is not None and self.status.face_found and \
@@ -85,6 +91,8 @@ class VoiceNode(GuardedNode):
         with self.lock:
             now = time.monotonic()
             weights = self.mouth.update(now, self._face(now))
+            if weights is None and self.mouth.idle(now):
+                self.timer.cancel()  # silence costs no ticks; the next chunk starts them again
         if weights is None:
             return
         command = NamedCommand.parse(weights, hold_s=self.p["hold_s"], layer=LAYER)
@@ -99,7 +107,8 @@ class VoiceNode(GuardedNode):
             voices = self.mouth.voices
             driving = "+".join(self.mouth.driving) or "none"
             values = {"driving": driving, "jaw_open": self.mouth.jaw, "face": face,
-                      "operator_share": self.mouth.operator_share, "commands": self.commands}
+                      "operator_share": self.mouth.operator_share, "commands": self.commands,
+                      "ticking": not self.timer.is_canceled()}
             dropped = 0
             for voice, topic in TOPICS.items():
                 backlog = voices[voice].backlog

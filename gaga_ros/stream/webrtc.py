@@ -695,15 +695,18 @@ class StreamServer:
                 if c.mimeType == f"video/{client.codec}"]
         transceiver.setCodecPreferences(caps)
         # In the order the pages add theirs (viewer.js): avatar video, then the operator's camera (up)
-        # with the robot's camera (down), then the voices.
-        if client.role == "operator":
+        # with the robot's camera (down), then the voices; only those the offer has m-lines for (aiortc
+        # cannot answer with a transceiver that no m-line took).
+        kinds = [line[2:].split(" ", 1)[0] for line in sdp.splitlines() if line.startswith("m=")]
+        if client.role == "operator" and kinds.count("video") >= 2:
             if self.robot_camera:
                 client.camera = self._camera_encoder(client.codec).subscribe()
             camera = pc.addTransceiver(client.camera or "video",
                                        direction="sendrecv" if client.camera else "recvonly")
             camera.setCodecPreferences(caps)
-        client.voice = self._voices["robot" if client.role == "operator" else "operator"].subscribe()
-        pc.addTransceiver(client.voice, direction="sendonly" if client.role == "viewer" else "sendrecv")
+        if "audio" in kinds:
+            client.voice = self._voices["robot" if client.role == "operator" else "operator"].subscribe()
+            pc.addTransceiver(client.voice, direction="sendonly" if client.role == "viewer" else "sendrecv")
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         await pc.setLocalDescription(await pc.createAnswer())
         return pc.localDescription

@@ -74,13 +74,15 @@ async function getMedia() {
   const has = (kind) => !!(gaga.media && gaga.media.getTracks().some((t) => t.kind === kind));
   const missing = [video && !has('video') ? 'camera' : null, has('audio') ? null : 'microphone'].filter(Boolean);
   if (missing.length) {
+    const refused = denied.some((d) => d.startsWith('NotAllowedError'));
     gaga.mediaError = 'No ' + missing.join(' and ') + ' (' + (denied[0] || 'none found') + '). ' +
       (role === 'operator'
         ? (missing.includes('camera') ? 'The robot\'s face goes on with its idle motion' +
            (has('audio') ? ' and your voice moves its mouth' : '') + '. ' : '')
         : 'The operator will not hear the robot\'s room. ') +
-      'Allow them in the browser\'s site settings and reload.';
+      (refused ? 'Allow them in the browser\'s site settings and reload.' : 'Connect one and reload.');
   }
+  if (role === 'operator' && has('video')) $('self-view').srcObject = gaga.media;
   applyMutes();
   return gaga.media;
 }
@@ -333,7 +335,8 @@ async function pollStats() {
 // server's GET /status (the avatar's frames, the operator, what the ROS side reported).
 function explain(stale) {
   const st = gaga.status || {};
-  const notes = Object.values(st.notes || {});
+  // What tracking says matters only while an operator is there to be tracked.
+  const notes = Object.entries(st.notes || {}).filter(([k]) => k !== 'tracking' || st.operator);
   const lines = [];
   let headline = null;
   if (gaga.busy) headline = gaga.busy;
@@ -343,10 +346,10 @@ function explain(stale) {
   if (headline && gaga.state === 'connected' && st.avatar !== 'none' && stale && !notes.length) {
     lines.push('Nothing drives the face: no driver, tracker or operator is sending expressions.');
   }
-  lines.push(...notes);
+  lines.push(...notes.map(([, text]) => text));
   if (role !== 'operator' && st.operator === false && gaga.state === 'connected') lines.push('Operator not connected.');
   if (role === 'operator' && gaga.state === 'connected' && $('robot-camera').classList.contains('hidden')) {
-    lines.push('The robot has no camera to show (start it with robot_camera:=<image topic>).');
+    lines.push('The robot has no camera to show (start it with robot_camera:=<image topic>): this is your camera.');
   }
   if (gaga.mediaError) lines.push(gaga.mediaError);
   if (gaga.audioBlocked) lines.push('Click the page to hear the voice (the browser blocked autoplay).');
@@ -372,6 +375,8 @@ setInterval(() => {
   $('notice').classList.toggle('hidden', !banner || kiosk);
   const cam = $('robot-camera');
   cam.classList.toggle('hidden', !(cam.srcObject && cam.videoWidth));
+  // Without the robot's camera the operator sees themself (as the tracker does), mirrored.
+  $('self-view').classList.toggle('hidden', !cam.classList.contains('hidden') || !$('self-view').srcObject);
   if (pc && gaga.state !== 'connected' && performance.now() - connectingSince > 15000) scheduleReconnect('timeout');
   pollStats().catch(() => {});
   pollStatus().catch(() => {});
