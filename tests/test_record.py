@@ -452,9 +452,10 @@ def test_mp4_timeline_survives_bad_stamps(ros_node, tmp_path):
         assert wait_for(lambda: int(status.get("recorder", {}).get("frames", 0)) >= 1, timeout=60)
         good_from.append(frames.sent)
         # past the leap, then 20 more frames
-        assert wait_for(lambda: status["recorder"].get("discontinuities") == "2", timeout=30), status
+        # bounds for a loaded machine (2 cores shared with other jobs), not timings
+        assert wait_for(lambda: status["recorder"].get("discontinuities") == "2", timeout=90), status
         done = int(status["recorder"]["frames"]) + 20
-        assert wait_for(lambda: int(status["recorder"]["frames"]) >= done, timeout=30), status
+        assert wait_for(lambda: int(status["recorder"]["frames"]) >= done, timeout=90), status
     finally:
         frames.running = False
         out = stop_process(proc)
