@@ -19,17 +19,16 @@ Run: python bench/conversion_bench.py [--frames N]
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from record import write
 from tracking_bench import load_frames  # the same 512x512 obama frames
 
-from gaga_ros.expression import frontal_transform
+from gaga_ros.camera import frontal_transform
 from gaga_ros.faces.conversion import FaceConverter, project
 from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES
 from gaga_ros.faces.synthetic_flame import make_synthetic_flame
@@ -101,17 +100,13 @@ def main() -> None:
     width = max(map(len, rows))
     for name, value in rows.items():
         print(f"{name:<{width}}  {value:.3f}" if isinstance(value, float) else f"{name:<{width}}  {value}")
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({
+    write(OUT, {
         "results": rows,
         "pixels": "512 head crop through the frontal camera (focal 12), mean over the landmarks",
         "asset": "synthetic FLAME (seed 0): fit quality is a self-check only",
         "input": f"obama.mp4, {args.frames} frames at 512x512, MeshTracker defaults",
-        "load_average_before": load_before, "load_average_after": os.getloadavg(),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "command": ".venv/bin/python bench/conversion_bench.py",
-    }, indent=2))
-    print(f"wrote {OUT}")
+        "load_average_before": load_before,
+    })
 
 
 if __name__ == "__main__":

@@ -26,13 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from record import write
 
 REPO = Path(__file__).resolve().parents[1]
 SUBNET = "10.200.0"
@@ -251,8 +252,7 @@ def run(seconds: float) -> dict:
         lan.close()
     expr, img, jpg = phase1["/avatar/expression"], phase1[IMAGE_TOPIC], phase2["/avatar/image/compressed"]
     return {
-        "machine": f"{platform.node()} ({os.cpu_count()} cores), one kernel, 3 netns + bridge",
-        "command": f"python bench/cross_host_bench.py --seconds {seconds:g}",
+        "hosts": "one kernel, 3 network namespaces + a bridge",
         "cross-host expression latency ms": round(expr["latency_ms_median"], 2),
         "cross-host expression latency p95 ms": round(expr["latency_ms_p95"], 2),
         "cross-host expression rate hz": round(expr["fps"], 1),
@@ -282,9 +282,7 @@ def main() -> None:
     results = run(ns.seconds)
     for key, value in results.items():
         print(f"{key:<45} {value}")
-    out = REPO / "bench" / "results" / "cross_host.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    write(REPO / "bench" / "results" / "cross_host.json", results)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,12 @@ import argparse
 import asyncio
 import http.client
 import json
-import platform
 import ssl
 import sys
 import urllib.parse
 from pathlib import Path
+
+from record import write
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -150,8 +151,8 @@ def run(url: str | None) -> dict:
         if server is not None:
             server.stop()
     refused = sum(r["refused"] for r in rows)
-    return {"url": url or "a StreamServer started by the probe", "machine": platform.node(),
-            "probes": rows, "control": control, "refused": refused, "total": len(rows)}
+    return {"url": url or "a StreamServer started by the probe", "probes": rows, "control": control,
+            "refused": refused, "total": len(rows)}
 
 
 def main() -> None:
@@ -166,8 +167,7 @@ def main() -> None:
         print(f"{r['kind']:{width}s}  {r['status']:6d}  {'yes' if r['refused'] else 'NO'}")
     c = result["control"]
     print(f"{c['kind']:{width}s}  {c['status']:6d}  accepted: {'yes' if c['accepted'] else 'NO'}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write(args.out, result)
     print(f"\ncross-origin probes refused: {result['refused']} of {result['total']}")
     if not c["accepted"]:
         raise SystemExit("the control was not accepted: the probe cannot tell a refusal from a broken server")

@@ -1,10 +1,11 @@
 """FastRenderer speed and accuracy on one CUDA GPU against the plain float32 GAGAvatar.render path.
 
-Full-size model with the deterministic SPEC 10 weights and the stored noise maps (fresh noise would
-make every two renders differ). Measures: FLAME on the GPU, and per stage of the fast frame
-(expression upload, rasterize, refine, readback) at batch sizes 1/4/8/16; whole frames, frames/s
-and peak GPU memory per batch size; refine time and PSNR against the strict-fp32 reference for
-each precision; reconstruction (reference and fast encoder) and new-source-to-first-frame latency.
+Full-size model with the deterministic reference weights (docs/gagavatar.md, "Reference data") and
+the stored noise maps (fresh noise would make every two renders differ). Measures: FLAME on the
+GPU, and per stage of the fast frame (expression upload, rasterize, refine, readback) at batch
+sizes 1/4/8/16; whole frames, frames/s and peak GPU memory per batch size; refine time and PSNR
+against the strict-fp32 reference for each precision; reconstruction (reference and fast encoder)
+and new-source-to-first-frame latency.
 Prints a table and writes bench/results/fast.json.
 Run on the GPU machine: python bench/fast_bench.py [--compile max-autotune-no-cudagraphs]
 """

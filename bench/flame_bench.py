@@ -19,21 +19,20 @@ Run: python bench/flame_bench.py [--frames N] [--still N]
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+from record import write
 from tracking_bench import MEDIA, load_frames, square_512  # the same 512x512 obama frames
 
-from gaga_ros.config import FLAME_SCALE
+from gaga_ros.camera import project_points
+from gaga_ros.conventions import FLAME_SCALE
 from gaga_ros.faces.flame import Flame
 from gaga_ros.faces.synthetic_flame import make_synthetic_flame
-from gaga_ros.tracking.flame_fitter import project
 from gaga_ros.tracking.flame_tracker import FlameTracker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,8 +111,8 @@ def still_run(assets, flame: Flame, image: np.ndarray, n: int) -> dict:
                           jaw_pose=torch.from_numpy(out.jaw_pose)[None].float(),
                           eye_pose=torch.from_numpy(out.eye_pose)[None].float())
             points = flame.landmarks(verts, "full")
-            lmk.append(project(points, torch.from_numpy(out.transform[None, :, :3]).float(),
-                               torch.from_numpy(out.transform[None, :, 3]).float())[0].numpy())
+            lmk.append(project_points(points, torch.from_numpy(out.transform[None, :, :3]).float(),
+                                      torch.from_numpy(out.transform[None, :, 3]).float())[0].numpy())
     tracker.close()
 
     def spread(values: list[np.ndarray]) -> float:  # RMS over points of the per-point std
@@ -182,8 +181,7 @@ def main() -> None:
     width = max(map(len, rows))
     for name, value in rows.items():
         print(f"{name:<{width}}  {value:.3f}" if isinstance(value, float) else f"{name:<{width}}  {value}")
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({
+    write(OUT, {
         "results": rows,
         "jitter": jitter,
         "jitter_bounds": JITTER_BOUNDS,
@@ -191,11 +189,8 @@ def main() -> None:
                         "independent per copy; smoothed tracker output after identity + 10 frames",
         "asset": "synthetic FLAME (seed 0): landmark error and jitter are a self-check only",
         "frames": len(frames), "identity_frames": IDENTITY_FRAMES, "input": "obama.mp4, 512x512 RGB",
-        "load_average_before": load_before, "load_average_after": os.getloadavg(),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "command": ".venv/bin/python bench/flame_bench.py",
-    }, indent=2))
-    print(f"wrote {OUT}")
+        "load_average_before": load_before,
+    })
 
 
 if __name__ == "__main__":

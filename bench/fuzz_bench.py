@@ -12,13 +12,12 @@ Writes bench/results/fuzz.json (or --out).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from record import write
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -56,14 +55,10 @@ def main() -> None:
         print(f"{name:44} {r['sent']:6d} {r['refused']:8d} {r['unexplained']:12d}")
     print(f"\nfuzz inputs survived: {total if not exits else 0} in {seconds:.0f} s "
           f"({args.examples} draws per target); node exits: {len(exits)}; frames after: {serving}")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "machine": f"{platform.node()} ({platform.machine()}, {platform.processor() or 'cpu'})",
-        "commit": commit, "examples_per_target": args.examples, "seconds": round(seconds, 1),
+    write(args.out, {
+        "examples_per_target": args.examples, "seconds": round(seconds, 1),
         "inputs": total, "node_exits": exits, "serving_after": serving, "stop_codes": codes,
-        "targets": rows}, indent=2) + "\n")
+        "targets": rows})
     print(f"wrote {args.out}")
     if exits or not serving or any(r["unexplained"] for r in rows.values()):
         sys.exit(1)

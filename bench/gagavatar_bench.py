@@ -1,9 +1,9 @@
 """GAGAvatar speed: reconstruction once per source, then the per-frame path (expression branch,
 rasterize, StyleUNet refine, readback to a uint8 host image), and peak GPU memory.
 
-Full size with the deterministic SPEC 10 weights (realistic Gaussian sizes and opacities for the
-rasterizer), matmul precision 'high' as the published inference sets. Prints a table and writes
-bench/results/gagavatar.json (gagavatar_tiny.json with --tiny).
+Full size with the deterministic reference weights of docs/gagavatar.md (realistic Gaussian sizes
+and opacities for the rasterizer), matmul precision 'high' as the published inference sets. Prints a
+table and writes bench/results/gagavatar.json (gagavatar_tiny.json with --tiny).
 Run on the GPU machine: python bench/gagavatar_bench.py ; CPU smoke check: --tiny --frames 3
 """
 
@@ -11,20 +11,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
-import platform
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from record import stats, timed_ms, write
 
 from gaga_ros.avatar.gagavatar import FULL, TINY, GAGAvatar, load_state_dict_strict
 from gaga_ros.avatar.gagavatar.checkpoint import reference_fill
-from gaga_ros.camera import Camera
-from gaga_ros.expression import frontal_transform
+from gaga_ros.camera import Camera, frontal_transform
 from gaga_ros.render import rasterize
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -40,22 +36,8 @@ def head_vertices(frame: int) -> torch.Tensor:
 
 
 def timed(fn: Callable[[], object], sync: Callable[[], None], repeats: int, warmup: int) -> list[float]:
-    """Milliseconds of each of `repeats` calls after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(1e3 * (time.perf_counter() - start))
-    return times
-
-
-def stats(times: list[float]) -> dict:
-    ordered = sorted(times)
-    return {"median_ms": ordered[len(ordered) // 2], "min_ms": ordered[0], "max_ms": ordered[-1]}
+    """Milliseconds of each of `repeats` calls after `warmup` untimed ones (bench/record.py)."""
+    return list(timed_ms(lambda _: fn(), range(warmup + repeats), warmup, sync))
 
 
 def main() -> None:
@@ -115,8 +97,6 @@ def main() -> None:
     rows += [{"name": f"{prefix} per-frame: {stage} ms", **stats(t)} for stage, t in stages.items()]
     if peak_gb is not None:
         rows.append({"name": f"{prefix} GPU memory GB", "value": peak_gb})
-    machine = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
-               "cpu_count": os.cpu_count(), "torch": torch.__version__, "backend": args.backend}
     print(f"{'benchmark':<52} {'median':>10} {'min':>10} {'max':>10}")
     for row in rows:
         if "value" in row:
@@ -124,12 +104,10 @@ def main() -> None:
         else:
             times = (row["median_ms"], row["min_ms"], row["max_ms"])
             print(f"{row['name']:<52} " + " ".join(f"{t:>10.2f}" for t in times))
-    RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / ("gagavatar_tiny.json" if args.tiny else "gagavatar.json")
     config = {"gaussians": len(gaussians), "render_size": cfg.render_size, "image_size": cfg.image_size,
               "randomize_noise": cfg.randomize_noise, "frames": args.frames, "matmul_precision": "high"}
-    path.write_text(json.dumps({"machine": machine, "config": config, "rows": rows}, indent=2))
-    print(f"wrote {path}")
+    write(path, {"config": config, "backend": args.backend, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -11,9 +11,7 @@ Run: python bench/reenactment_bench.py [--step 5] [--max-frames 100] [--device c
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -21,11 +19,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from record import stats, timed_ms, write
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from gaga_ros.avatar.geometric import GeometricAvatar
 from gaga_ros.camera import Camera
-from gaga_ros.config import CROP_SIZE
+from gaga_ros.conventions import CROP_SIZE
 from gaga_ros.driver import ScriptedDriver
 from gaga_ros.faces.mediapipe_mesh import FACE_LANDMARKS, REGIONS
 from gaga_ros.source import default_source
@@ -58,19 +57,9 @@ def render_speed(backend: GeometricAvatar, avatar, size: int, frames: int = 30) 
     """Deform + rasterize + readback of scripted frames; min is the unloaded-machine figure."""
     driver = ScriptedDriver()
     expressions = [driver.expression_at(t) for t in np.linspace(0, driver.period, frames)]
-    sync = torch.cuda.synchronize if avatar.device.type == "cuda" else (lambda: None)
-    for e in expressions[:2]:
-        backend.render(avatar, e, size)
-    times = []
-    for e in expressions:
-        sync()
-        start = time.perf_counter()
-        backend.render(avatar, e, size)
-        sync()
-        times.append(time.perf_counter() - start)
-    median = float(np.median(times))
-    return {"size": size, "median_ms": 1e3 * median, "min_ms": 1e3 * min(times), "fps": 1.0 / median,
-            "fps_at_min": 1.0 / min(times)}
+    sync = torch.cuda.synchronize if avatar.device.type == "cuda" else None
+    ms = stats(timed_ms(lambda e: backend.render(avatar, e, size), expressions[:2] + expressions, 2, sync))
+    return {"size": size, **ms, "fps": 1e3 / ms["median_ms"], "fps_at_min": 1e3 / ms["min_ms"]}
 
 
 def main() -> None:
@@ -139,19 +128,17 @@ def main() -> None:
         "reconstruct_s": reconstruct_s,
         "render": speed,
     }
-    machine = {"cpu_count": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__,
-               "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-               "torch_threads": torch.get_num_threads(), "load_avg_1min": os.getloadavg()[0]}
-    out = {"summary": summary, "machine": machine, "command": " ".join(sys.argv), "rows": rows}
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     name = "reenactment.json" if raster == "cpu" else "reenactment_gpu.json"
-    (RESULTS / name).write_text(json.dumps(out, indent=2))
+    write(RESULTS / name, {"summary": summary, "device": device, "torch_threads": torch.get_num_threads(),
+                           "rows": rows})
     print(f"\n{'metric':34s} value")
     for key in ("self-reenactment PSNR", "self-reenactment SSIM", "self-reenactment landmark error"):
         print(f"{key:34s} {summary[key]:.4f}" if summary[key] is not None else f"{key:34s} -")
     for s in speed:
-        print(f"render {s['size']}x{s['size']} ({machine['device']}){'':10s} median {s['median_ms']:.1f} ms "
+        print(f"render {s['size']}x{s['size']} ({device}){'':10s} median {s['median_ms']:.1f} ms "
               f"({s['fps']:.1f} fps), min {s['min_ms']:.1f} ms ({s['fps_at_min']:.1f} fps)")
-    print(f"(1-min load average {machine['load_avg_1min']:.1f} on {machine['cpu_count']} cores)")
+    print(f"(1-min load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     print(f"reconstruct{'':23s} {reconstruct_s:.2f} s, {len(avatar)} Gaussians")
 
 

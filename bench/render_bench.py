@@ -8,18 +8,16 @@ bench/results/render.json. Run: python bench/render_bench.py [--frames 30]
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from record import write
 
-from gaga_ros.camera import Camera
-from gaga_ros.expression import frontal_transform
+from gaga_ros.camera import Camera, frontal_transform
 from gaga_ros.gaussians import Gaussians
 from gaga_ros.render import rasterize
 
@@ -67,7 +65,7 @@ def first_call_seconds() -> dict:
             "c = Camera.from_transform(frontal_transform(), size=64); t = time.perf_counter(); "
             "rasterize(g, c, backend='cpu'); print(time.perf_counter() - t)")
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(repo)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "bench")])}
     run = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True,
                          text=True, check=True)
     return {"first_call_s": float(run.stdout.strip())}
@@ -96,10 +94,6 @@ def main() -> None:
             rows.append({"name": "gsplat render 512", "channels": channels, "size": 512,
                          "gaussians": len(scene), **time_render(scene, camera, "gsplat", args.frames)})
 
-    machine = {"cpu_count": os.cpu_count(), "load_average_1min_at_end": os.getloadavg()[0],
-               "machine": platform.machine(),
-               "processor": platform.processor() or platform.machine(), "torch": torch.__version__,
-               "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     print(f"{'benchmark':<62} {'C':>3} {'median ms':>10} {'min ms':>8} {'fps':>8} {'cpu ms':>8}")
     for row in rows:
         if "first_call_s" in row:
@@ -107,9 +101,8 @@ def main() -> None:
         else:
             print(f"{row['name']:<62} {row['channels']:>3} {row['median_ms']:>10.2f} {row['min_ms']:>8.2f} "
                   f"{row['fps']:>8.1f} {row['cpu_ms_per_frame']:>8.1f}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"machine": machine, "frames": args.frames, "rows": rows}, indent=2))
-    print(f"load average (1 min) at the end: {machine['load_average_1min_at_end']:.2f}; wrote {RESULTS}")
+    print(f"load average (1 min) at the end: {os.getloadavg()[0]:.2f}")
+    write(RESULTS, {"frames": args.frames, "rows": rows})
 
 
 if __name__ == "__main__":

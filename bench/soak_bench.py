@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import random
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from record import write
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -116,10 +116,7 @@ def main() -> None:
     ns = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="gaga_soak_") as tmp:
         r = run_soak(ns.seconds, ns.clients, Path(tmp), sample_s=10.0 if ns.seconds > 120 else 5.0)
-    r["machine"] = f"{platform.node()}: {os.cpu_count()} CPU cores, {platform.processor() or 'cpu'}"
-    r["command"] = " ".join(["bench/soak_bench.py", *sys.argv[1:]])
-    ns.out.parent.mkdir(parents=True, exist_ok=True)
-    ns.out.write_text(json.dumps(r, indent=1))
+    write(ns.out, r)
     print(f"soak: {r['clients']} clients, {r['seconds']} s, render {r['render_fps']:.1f} fps, "
           f"{r['frames_rendered']} frames rendered")
     print(f"{'client':>6} {'state':>10} {'connects':>8} {'decoded':>8} {'dropped':>8} {'fps':>6}")

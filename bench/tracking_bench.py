@@ -8,14 +8,12 @@ stages alone. Run: python bench/tracking_bench.py [--frames N]
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import time
 from pathlib import Path
 
 import cv2
 import numpy as np
+from record import timed_ms, write
 
 from gaga_ros.crop import crop_head, crop_window, head_box
 from gaga_ros.tracking.landmarks import FaceLandmarker
@@ -50,15 +48,6 @@ def load_frames(n: int) -> list[np.ndarray]:
     return frames
 
 
-def timed(fn, items) -> np.ndarray:
-    out = []
-    for item in items:
-        t0 = time.perf_counter()
-        fn(item)
-        out.append(time.perf_counter() - t0)
-    return np.array(out[WARMUP:]) * 1000
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--frames", type=int, default=240)
@@ -69,15 +58,15 @@ def main() -> None:
 
     with MeshTracker() as tracker:
         found = []
-        full = timed(lambda i: found.append(tracker.update(frames[i], stamps[i]) is not None),
-                     range(len(frames)))
+        full = timed_ms(lambda i: found.append(tracker.update(frames[i], stamps[i]) is not None),
+                        range(len(frames)), WARMUP)
     with FaceLandmarker() as lm:
         faces = []
-        mp_ms = timed(lambda f: faces.append(lm.detect(f)), frames)
+        mp_ms = timed_ms(lambda f: faces.append(lm.detect(f)), frames, WARMUP)
     crops = [crop_window(head_box(f[0].points)).to_crop(f[0].points) for f in faces if f]
-    fit_ms = timed(fit_head, crops)
-    cut_ms = timed(lambda f: crop_head(f[0], head_box(f[1][0].points)),
-                   [(fr, fc) for fr, fc in zip(frames, faces, strict=True) if fc])
+    fit_ms = timed_ms(fit_head, crops, WARMUP)
+    cut_ms = timed_ms(lambda f: crop_head(f[0], head_box(f[1][0].points)),
+                      [(fr, fc) for fr, fc in zip(frames, faces, strict=True) if fc], WARMUP)
 
     rows = {
         "tracking mesh per frame (median ms)": float(np.median(full)),
@@ -93,14 +82,7 @@ def main() -> None:
     width = max(map(len, rows))
     for name, value in rows.items():
         print(f"{name:<{width}}  {value:.2f}" if isinstance(value, float) else f"{name:<{width}}  {value}")
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({
-        "results": rows,
-        "frames": len(frames), "warmup": WARMUP, "input": "obama.mp4, 512x512 RGB",
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "command": "PYTHONPATH=. python bench/tracking_bench.py",
-    }, indent=2))
-    print(f"wrote {OUT}")
+    write(OUT, {"results": rows, "frames": len(frames), "warmup": WARMUP, "input": "obama.mp4, 512x512 RGB"})
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ GPU machine: python bench/train_bench.py --data .data/obama ; CPU smoke: --tiny 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import tempfile
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from record import write
 
 from gaga_ros.train.trainer import TrainConfig, Trainer
 
@@ -82,9 +82,7 @@ def main() -> None:
         print(f"{k:<24}{str(result[k]):>12}")
     print(f"device {device}, batch {args.batch}, {args.steps} timed steps, model {cfg.model}")
     print("loss curve (step: total):", ", ".join(f"{c['step']}: {c['total']:.4f}" for c in curve))
-    RESULTS.mkdir(exist_ok=True)
-    name = "train_tiny.json" if args.tiny else "train.json"
-    (RESULTS / name).write_text(json.dumps(result, indent=1))
+    write(RESULTS / ("train_tiny.json" if args.tiny else "train.json"), result)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,7 @@ the renderer see each one. Writes bench/results/transfer.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import threading
@@ -29,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from record import write
 
 REPO = Path(__file__).resolve().parents[1]
 MEDIA = REPO.parent / "shared" / "media"
@@ -195,13 +193,7 @@ def main() -> None:
     print("\nworst clip per signal (goal >= 0.85):")
     for n, r in worst.items():
         print(f"  transfer {n} correlation: {r['correlation'][n]:.3f} ({r['clip']})")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": f"{platform.node()} ({platform.machine()})", "commit": commit,
-                                    "rate_hz": args.rate, "size": args.size, "goal": GOAL,
-                                    "results": results}, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write(args.out, {"rate_hz": args.rate, "size": args.size, "goal": GOAL, "results": results})
 
 
 if __name__ == "__main__":

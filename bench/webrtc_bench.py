@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fractions
-import json
-import platform
 import sys
 import threading
 import time
@@ -24,6 +22,7 @@ import av
 import numpy as np
 from aiortc.codecs.h264 import H264Encoder
 from aiortc.codecs.vpx import Vp8Encoder
+from record import write
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
@@ -129,8 +128,7 @@ def main() -> None:
     ap.add_argument("--clients", default="1,2,4,8")
     args = ap.parse_args()
     frames = source_frames()
-    results: dict = {"machine": f"{platform.node()} {platform.machine()}, 2-core CPU, headless Chromium",
-                     "size": f"{SIZE}x{SIZE}", "fps": 30,
+    results: dict = {"browser": "headless Chromium", "size": f"{SIZE}x{SIZE}", "fps": 30,
                      "source": MEDIA.name if MEDIA.exists() else "synthetic"}
     results["aiortc_encode_ms_per_frame"] = encode_ms(frames)
     g2g = {}
@@ -154,9 +152,6 @@ def main() -> None:
         results[f"viewers_{label}"] = held
         results[f"clients_at_30fps_{label}"] = max(
             [n for n, v in held.items() if isinstance(n, int) and v["min_fps"] >= 28], default=0)
-    out = REPO / "bench" / "results" / "webrtc.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
     print(f"\n{'metric':44s} value")
     for codec, r in g2g.items():
         print(f"{'glass-to-glass median ms (' + codec + ')':44s} {r['median_ms']:.1f}")
@@ -167,7 +162,7 @@ def main() -> None:
     for label in ("windows", "background_tabs"):
         print(f"{'clients at 30 fps (' + args.codec + ', ' + label + ')':44s} "
               f"{results['clients_at_30fps_' + label]}")
-    print(f"wrote {out}")
+    write(REPO / "bench" / "results" / "webrtc.json", results)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,13 @@ the launch's demo profile renders on the CPU.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from record import write
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -93,15 +92,10 @@ def main() -> None:
         raise SystemExit(missing)
     with tempfile.TemporaryDirectory(prefix="gaga_ros_ws_") as tmp:
         figures = measure(Path(tmp))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    result = {"figures": figures, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-              "load_average": os.getloadavg(), "commit": commit, "command": "python bench/workspace_bench.py"}
     width = max(map(len, figures))
     for name, value in figures.items():
         print(f"{name:<{width}}  {value}")
-    ns.out.parent.mkdir(parents=True, exist_ok=True)
-    ns.out.write_text(json.dumps(result, indent=1))
+    write(ns.out, {"figures": figures})
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from gaga_ros.errors import InputError
+
 #: The console command that runs `fetch_assets`.
 FETCH_COMMAND = "gaga-ros fetch-assets"
 FLAME_LICENSE_URL = "https://flame.is.tue.mpg.de"
@@ -66,11 +68,11 @@ FLAME_LANDMARKS = "flame/landmark_embedding.npy"
 MEDIAPIPE_EMBEDDING = "flame/mediapipe_landmark_embedding.npz"
 
 
-class LicenceNotAccepted(ValueError):
+class LicenceNotAccepted(InputError):
     """The user did not type "yes" to the FLAME licence, so nothing was downloaded."""
 
 
-class DownloadError(ValueError):
+class DownloadError(InputError):
     """A download failed or its content does not match the published size or hash."""
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import av
 import numpy as np
 
+from gaga_ros.errors import InputError
+
 #: Accepted sample rates (per channel) of incoming sound.
 MIN_RATE, MAX_RATE = 8000, 48000
 #: Accepted channel counts: mono and interleaved stereo.
@@ -24,7 +26,7 @@ MAX_CHUNK_S = 1.0
 WEBRTC_RATE = 48000
 
 
-class AudioError(ValueError):
+class AudioError(InputError):
     """Sound that cannot be used: the message says what was wrong and what is accepted."""
 
 
@@ -109,6 +111,7 @@ class Resampler:
             self._key = key
             self._resampler = av.AudioResampler(format="s16", layout="mono" if self.channels == 1
                                                 else "stereo", rate=self.rate)
+        assert self._resampler is not None  # made above for this key
         out = [from_frame(f) for f in self._resampler.resample(to_frame(chunk))]
         samples = np.concatenate([o.samples for o in out]) if out else np.zeros((0, self.channels),
                                                                                  np.int16)

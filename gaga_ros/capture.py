@@ -8,10 +8,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from gaga_ros.errors import UnavailableError
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
-class CaptureError(RuntimeError):
+class CaptureError(UnavailableError):
     """A source that cannot be opened or read; the message says which and what is accepted."""
 
 
@@ -76,6 +78,7 @@ class FrameSource:
             if bgr is None:
                 raise CaptureError(f"image {path} cannot be decoded")
             return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        assert self._cap is not None  # opened in __init__ for "video" and "device"
         ok, bgr = self._cap.read()
         if not ok and self.kind == "video" and self.loop:
             self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0)

@@ -1,4 +1,4 @@
-"""The GAGAvatar head crop (SPEC section 8): a square around the head box, zero-padded, resized to 512.
+"""The GAGAvatar head crop (docs/crop.md): a square around the head box, zero-padded, resized to 512.
 
 GAGAvatar boxes come from a head detector (VGGHead); here the box comes from FaceMesh landmarks. The
 face oval stops at the upper forehead and just inside the ears, so head_box extends it: HEAD_SIDE of its
@@ -15,8 +15,10 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from gaga_ros.config import CROP_SCALE, CROP_SIZE
+from gaga_ros.conventions import CROP_SCALE, CROP_SIZE
+from gaga_ros.errors import InputError
 from gaga_ros.faces.mediapipe_mesh import REGIONS
+from gaga_ros.image import check_rgb
 
 #: Fraction of the face-oval width added on each side (ears).
 HEAD_SIDE = 0.10
@@ -25,7 +27,7 @@ HEAD_TOP = 0.40
 
 
 
-class CropError(ValueError):
+class CropError(InputError):
     """A box or image that cannot be cropped; the message says what is accepted."""
 
 
@@ -99,11 +101,7 @@ def crop_window(box: np.ndarray, size: int = CROP_SIZE, scale: float = CROP_SCAL
 def crop_head(image: np.ndarray, box: np.ndarray, size: int = CROP_SIZE,
               scale: float = CROP_SCALE) -> HeadCrop:
     """Crop the square of `scale` around a head box (integer-truncated, zero-padded) and resize it."""
-    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
-            and image.shape[2] == 3 and image.size > 0):
-        shape = getattr(image, "shape", None)
-        raise CropError(f"image {type(image).__name__} {shape}: accepted is a non-empty (H, W, 3) "
-                        "uint8 array")
+    image = check_rgb(image)
     win = crop_window(box, size, scale)
     (x0, y0), side = win.origin, win.side
     h, w = image.shape[:2]

@@ -16,7 +16,9 @@ from collections.abc import Iterator
 import numpy as np
 
 from gaga_ros.blendshapes import JAW_OPEN, displacement, head_rotation
-from gaga_ros.expression import Expression, FaceModel, frontal_transform
+from gaga_ros.camera import frontal_transform
+from gaga_ros.errors import InputError
+from gaga_ros.expression import Expression, FaceModel
 from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES
 
 #: Seconds of each scripted segment, in loop order.
@@ -37,9 +39,9 @@ class ScriptedDriver:
 
     def __init__(self, fps: float = 30.0, seed: int = 0, performance: str = "show"):
         if not fps > 0:
-            raise ValueError(f"fps {fps!r}: accepted is a positive frame rate")
+            raise InputError(f"fps {fps!r}: accepted is a positive frame rate")
         if performance not in PERFORMANCES:
-            raise ValueError(f"performance {performance!r}: accepted are {', '.join(PERFORMANCES)}")
+            raise InputError(f"performance {performance!r}: accepted are {', '.join(PERFORMANCES)}")
         self.fps, self.performance = float(fps), performance
         rng = np.random.default_rng(seed)
         # Speech: a sum of incommensurate sines with seeded phases reads as syllables.

@@ -7,7 +7,9 @@ from enum import IntEnum
 
 import numpy as np
 
-from gaga_ros.config import MAX_EXPRESSION_COEFFS, MESH_LANDMARKS
+from gaga_ros.camera import frontal_transform
+from gaga_ros.conventions import MAX_EXPRESSION_COEFFS, MESH_LANDMARKS
+from gaga_ros.errors import InputError
 
 
 class FaceModel(IntEnum):
@@ -17,7 +19,7 @@ class FaceModel(IntEnum):
     MESH = 1
 
 
-class ExpressionError(ValueError):
+class ExpressionError(InputError):
     """An expression that cannot drive an avatar; the message says what is accepted."""
 
 
@@ -34,11 +36,6 @@ MIN_DEPTH = 2.0
 MAX_VERTEX = 2.0
 #: Largest FLAME expression coefficient accepted (fitted ones stay within a few units).
 MAX_COEFF = 10.0
-
-
-def frontal_transform(distance: float = 9.0) -> np.ndarray:
-    """The camera [R | T] that looks at the canonical head from the front."""
-    return np.array([[-1, 0, 0, 0], [0, 1, 0, 0], [0, 0, -1, distance]], dtype=np.float32)
 
 
 @dataclass

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gaga_ros.errors import InputError
+
 
 @dataclass
 class Gaussians:
@@ -27,10 +29,10 @@ class Gaussians:
         expected = {"means": (n, 3), "quats": (n, 4), "scales": (n, 3), "opacities": (n,)}
         for name, shape in expected.items():
             if tuple(getattr(self, name).shape) != shape:
-                raise ValueError(f"Gaussians.{name} has shape {tuple(getattr(self, name).shape)}, "
+                raise InputError(f"Gaussians.{name} has shape {tuple(getattr(self, name).shape)}, "
                                  f"expected {shape}")
         if self.colors.ndim != 2 or self.colors.shape[0] != n:
-            raise ValueError(f"Gaussians.colors has shape {tuple(self.colors.shape)}, expected ({n}, C)")
+            raise InputError(f"Gaussians.colors has shape {tuple(self.colors.shape)}, expected ({n}, C)")
 
     def __len__(self) -> int:
         return self.means.shape[0]

@@ -31,7 +31,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gaga_ros.blendshapes import EYE_LOOK_MAX, JAW_OPEN, NAMES, displacement, eye_angles, head_rotation
-from gaga_ros.expression import Expression, FaceModel, frontal_transform
+from gaga_ros.camera import frontal_transform
+from gaga_ros.errors import InputError
+from gaga_ros.expression import Expression, FaceModel
 from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES
 
 #: Hold of a command that gives none (hold_s 0), and the longest accepted (longer is clamped): a
@@ -59,7 +61,7 @@ JSON_FIELDS = ("named", "head", "hold_s", "look_at", "layer")
 HEAD_AXES = ("yaw", "pitch", "roll")
 
 
-class NamedError(ValueError):
+class NamedError(InputError):
     """A named command or look_at that cannot be used; the message says what is accepted."""
 
 
@@ -164,7 +166,7 @@ class LookAt:
                 raise NamedError(f"look_at u, v = {u:g}, {v:g} is off the display: accepted are "
                                  "fractions in [0, 1] (u from the left edge, v from the top edge)")
             object.__setattr__(self, "uv", (u, v))
-        else:
+        elif self.point is not None:  # always, since exactly one of the two is given
             x, y, z = (_finite(k, c) for k, c in zip("xyz", self.point, strict=True))
             if z < 0:
                 raise NamedError(f"look_at point z = {z:g} m is behind the display: accepted are "
@@ -230,8 +232,9 @@ def parse_json(payload: Mapping) -> tuple[NamedCommand | None, LookAt | None]:
         raise NamedError(f"unknown head angles {bad_axes}: accepted are {list(HEAD_AXES)} (radians)")
     command = None
     if "named" in payload or "head" in payload or "hold_s" in payload:
-        command = NamedCommand.parse(named, *(head.get(k, 0.0) for k in HEAD_AXES),
-                                     hold_s=payload.get("hold_s", 0.0), layer=payload.get("layer", ""))
+        yaw, pitch, roll = (head.get(k, 0.0) for k in HEAD_AXES)
+        command = NamedCommand.parse(named, yaw, pitch, roll, hold_s=payload.get("hold_s", 0.0),
+                                     layer=payload.get("layer", ""))
     elif "layer" in payload:
         raise NamedError('"layer" goes with a command: give "named", "head" or "hold_s" with it')
     look = None

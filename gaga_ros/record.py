@@ -33,6 +33,8 @@ from mcap.records import Channel, Message, Schema
 from mcap.stream_reader import CRCValidationError, StreamReader
 from mcap.writer import MCAP0_MAGIC, CompressionType, Writer
 
+from gaga_ros.errors import InputError
+
 #: rosbag2's separator between the definitions of a type and of the types it uses.
 SEPARATOR = "=" * 80
 
@@ -49,7 +51,7 @@ CHUNK_S = 1.0
 _RECORD_HEAD = struct.Struct("<BQ")
 
 
-class RecordingError(ValueError):
+class RecordingError(InputError):
     """A recording cannot be written or read as asked: the message says what was wrong."""
 
 
@@ -91,6 +93,7 @@ def create_new_file(path: str | Path) -> NewFile:
                 continue
     except OSError as exc:
         raise RecordingError(f"cannot create a recording at {requested}: {exc}") from exc
+    raise AssertionError("itertools.count() does not end")
 
 
 @dataclass(frozen=True)
@@ -327,7 +330,8 @@ def _unclosed_messages(f: BinaryIO) -> Iterator[tuple[Schema | None, Channel, Me
     channels: dict[int, Channel] = {}
     with mmap.mmap(f.fileno(), end, access=mmap.ACCESS_READ) as data:
         try:
-            for record in StreamReader(data, validate_crcs=True).records:  # chunk CRCs: torn writes
+            # mcap's hints want a file object; an mmap reads like one (chunk CRCs catch torn writes)
+            for record in StreamReader(data, validate_crcs=True).records:  # type: ignore[arg-type]
                 if isinstance(record, Schema):
                     schemas[record.id] = record
                 elif isinstance(record, Channel):

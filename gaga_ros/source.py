@@ -9,14 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
+from gaga_ros.image import ImageError, check_rgb
+
 #: Largest image accepted, in pixels (a 40-megapixel photo); larger headers are refused undecoded.
 MAX_PIXELS = 40_000_000
 #: Formats accepted by load_image (PIL format names).
 ACCEPTED_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF", "PPM")
-
-
-class ImageError(ValueError):
-    """An image that cannot be used as a source photo; the message says why and what is accepted."""
+#: Smallest source photo side accepted, in pixels: below it no face is found.
+MIN_SIDE = 16
 
 
 def default_source() -> np.ndarray:
@@ -78,13 +78,5 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 
 
 def as_rgb(image: np.ndarray) -> np.ndarray:
-    """Check that an in-memory image is RGB uint8 (H, W, 3) and return it contiguous."""
-    if not isinstance(image, np.ndarray):
-        raise ImageError(f"expected a numpy RGB image, got {type(image).__name__}")
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ImageError(f"image has dtype {image.dtype} and shape {image.shape}; accepted is RGB "
-                         "uint8 of shape (H, W, 3)")
-    if min(image.shape[:2]) < 16:
-        raise ImageError(f"image of {image.shape[1]}x{image.shape[0]} pixels is too small to hold "
-                         "a face; accepted are images of at least 16x16")
-    return np.ascontiguousarray(image)
+    """An in-memory source photo checked (gaga_ros.image.check_rgb, at least MIN_SIDE each way)."""
+    return check_rgb(image, MIN_SIDE)

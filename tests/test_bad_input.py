@@ -22,8 +22,9 @@ import pytest
 from conftest import wait_for
 from test_faults import Graph, Observer
 
-from gaga_ros.config import MAX_EXPRESSION_COEFFS, MESH_LANDMARKS
-from gaga_ros.expression import Expression, ExpressionError, FaceModel, frontal_transform
+from gaga_ros.camera import frontal_transform
+from gaga_ros.conventions import MAX_EXPRESSION_COEFFS, MESH_LANDMARKS
+from gaga_ros.expression import Expression, ExpressionError, FaceModel
 from gaga_ros.source import ImageError, as_rgb, load_image
 
 #: Bad-input cases run by this file, for bench/RELIABILITY.md (counted at collection).
@@ -132,23 +133,38 @@ def backend():
     return GeometricAvatar(grid=64)
 
 
+@pytest.fixture(scope="module")
+def gaga_backend(tmp_path_factory):
+    from test_gagavatar_backend import make_models_dir
+
+    from gaga_ros.avatar.gagavatar.backend import GagaAvatarBackend
+
+    return GagaAvatarBackend.load(make_models_dir(tmp_path_factory.mktemp("models")), config="tiny")
+
+
+#: Both backends take a photo's face through one path (avatar.base.source_face): the same refusals,
+#: the same minimum face size, the same choice among several faces. Backend -> its fixture.
+BACKENDS = {"geometric": "backend", "gagavatar": "gaga_backend"}
 NO_FACE = {"landscape.png": "no face", "cat.png": "no face", "tiny_face.png": "pixels wide"}
-CASES += [f"reconstruct: {k}" for k in NO_FACE]
+CASES += [f"reconstruct ({kind}): {k}" for kind in BACKENDS for k in NO_FACE]
 
 
+@pytest.mark.parametrize("kind", sorted(BACKENDS))
 @pytest.mark.parametrize("name", sorted(NO_FACE))
-def test_reconstruct_refuses_photos_without_a_usable_face(photos, backend, name):
+def test_reconstruct_refuses_photos_without_a_usable_face(request, photos, kind, name):
     from gaga_ros.avatar.base import NoFaceError
 
     with pytest.raises(NoFaceError) as exc:
-        backend.reconstruct(load_image(photos / name))
+        request.getfixturevalue(BACKENDS[kind]).reconstruct(load_image(photos / name))
     assert_clear(exc.value, NO_FACE[name])
 
 
-CASES += ["reconstruct: two faces (uses the largest, says so)"]
+CASES += [f"reconstruct ({kind}): two faces (uses the largest, says so)" for kind in BACKENDS]
 
 
-def test_reconstruct_two_faces_uses_the_largest_and_says_so(photos, backend, media_dir):
+@pytest.mark.parametrize("kind", sorted(BACKENDS))
+def test_reconstruct_two_faces_uses_the_largest_and_says_so(request, photos, media_dir, kind):
+    backend = request.getfixturevalue(BACKENDS[kind])
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         avatar = backend.reconstruct(load_image(photos / "two_faces.jpg"))

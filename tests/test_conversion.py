@@ -4,7 +4,8 @@ head pose carried through the registration, and a clear error without a FLAME mo
 import numpy as np
 import pytest
 
-from gaga_ros.expression import Expression, FaceModel, frontal_transform
+from gaga_ros.camera import frontal_transform
+from gaga_ros.expression import Expression, FaceModel
 from gaga_ros.faces.conversion import FaceConverter, project
 from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES, REGIONS
 from gaga_ros.faces.synthetic_flame import make_synthetic_flame

@@ -5,8 +5,9 @@ import itertools
 import numpy as np
 import pytest
 
+from gaga_ros.camera import frontal_transform
 from gaga_ros.driver import ScriptedDriver
-from gaga_ros.expression import FaceModel, frontal_transform
+from gaga_ros.expression import FaceModel
 from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES, REGIONS
 
 INNER = REGIONS["mouth_inner"]

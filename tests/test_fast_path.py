@@ -12,7 +12,7 @@ import torch
 from gaga_ros.avatar.gagavatar import FULL, TINY, GAGAvatar, load_state_dict_strict
 from gaga_ros.avatar.gagavatar.checkpoint import reference_fill
 from gaga_ros.avatar.gagavatar.fast import FastRenderer, FastRenderError, precision_mode, psnr
-from gaga_ros.expression import frontal_transform
+from gaga_ros.camera import frontal_transform
 from gaga_ros.render.static_splat import TRIU
 
 

@@ -8,7 +8,7 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from gaga_ros.assets import FETCH_COMMAND, LicenceNotAccepted, fetch_assets, find_assets
-from gaga_ros.config import FLAME_SCALE, FLAME_VERTICES
+from gaga_ros.conventions import FLAME_SCALE, FLAME_VERTICES
 from gaga_ros.faces.flame import Flame, FlameInputError
 from gaga_ros.faces.flame_assets import FlameAssetError, load_flame_assets
 from gaga_ros.faces.synthetic_flame import (
@@ -213,7 +213,7 @@ def test_pkl_loads_the_same_model_as_pt(files, flame):
 
 
 def test_published_pt_layout_loads(tmp_path, assets):
-    """The key layout of SPEC section 8, with the singleton landmark dims and integer types varied."""
+    """The key layout of docs/flame.md, with the singleton landmark dims and integer types varied."""
     t = torch.from_numpy
     kintree = torch.tensor([[4294967295 % 2**31, 0, 1, 1, 1], [0, 1, 2, 3, 4]], dtype=torch.int64)
     extra = np.concatenate([assets.shapedirs, assets.shapedirs[:, :, :20]], 2)  # >= 400 bases

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from gaga_ros.config import MESH_LANDMARKS
+from gaga_ros.camera import project_points
+from gaga_ros.conventions import MESH_LANDMARKS
 from gaga_ros.expression import Expression, FaceModel
 from gaga_ros.faces.flame import Flame, rodrigues
 from gaga_ros.faces.synthetic_flame import make_synthetic_flame
-from gaga_ros.tracking.flame_fitter import FitInputError, FlameFitter, project, rotation_derivative
+from gaga_ros.tracking.flame_fitter import FitInputError, FlameFitter, rotation_derivative
 
 FRONTAL = torch.diag(torch.tensor([-1.0, 1, -1]))
 N_SHAPE, N_EXP = 100, 50  # the coefficients the ground truth uses
@@ -85,7 +86,7 @@ def _observe(flame, fitter, shape, expression, jaw, head, translation):
         model = _model_landmarks(flame, shape=shape.expand(expression.shape[0], -1), expression=expression,
                                  jaw_pose=jaw)
         rotation = rodrigues(head).transpose(1, 2) @ FRONTAL
-        pixels = project(model, rotation, translation)
+        pixels = project_points(model, rotation, translation)
     out = np.zeros((expression.shape[0], MESH_LANDMARKS, 3), np.float32)
     out[:, fitter.mediapipe_index.numpy(), :2] = pixels.numpy()
     return out, rotation.numpy()

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import start_node, stop_process, wait_for
 
-from gaga_ros.config import CROP_SIZE
+from gaga_ros.conventions import CROP_SIZE
 from gaga_ros.expression import FaceModel
 from gaga_ros.faces.synthetic_flame import make_synthetic_flame, write_synthetic_flame
 from gaga_ros.tracking.flame_tracker import FlameTracker

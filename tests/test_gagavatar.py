@@ -1,8 +1,8 @@
 """GAGAvatar: published key layout, equivalence with the reference vectors, and the per-frame path.
 
-The equivalence tests fill the full model by the deterministic rule of SPEC section 10 and compare
-every stored output of reference_vectors.pt (relative L2 error < 1e-4, CPU float32). The tiny model
-runs reconstruct + render end to end on the compiled CPU rasterizer.
+The equivalence tests fill the full model by the deterministic rule of docs/gagavatar.md (reference
+data) and compare every stored output of reference_vectors.pt (relative L2 error < 1e-4, CPU
+float32). The tiny model runs reconstruct + render end to end on the compiled CPU rasterizer.
 """
 
 import dataclasses
@@ -25,8 +25,7 @@ from gaga_ros.avatar.gagavatar import (
 )
 from gaga_ros.avatar.gagavatar.checkpoint import reference_fill
 from gaga_ros.avatar.gagavatar.lifting import plane_points
-from gaga_ros.camera import Camera
-from gaga_ros.expression import frontal_transform
+from gaga_ros.camera import Camera, frontal_transform
 from gaga_ros.render import rasterize
 
 TOL = 1e-4
@@ -65,7 +64,7 @@ def reference(reference_dir):
 
 @pytest.fixture(scope="module")
 def full_model(reference_dir, reference):
-    """The full model filled by the SPEC 10 rule, after checking the fill's checksums."""
+    """The full model filled by the reference rule (docs/gagavatar.md), after checking its checksums."""
     shapes = published_shapes(reference_dir)
     state = reference_fill(shapes)
     keys = sorted(shapes)
@@ -141,7 +140,7 @@ def test_matches_reference_vectors(full_run, reference, name):
 
 def test_source_renders_like_the_published_rasterizer(full_run, reference, reference_dir):
     """The cached source with the reference vertices, through the CPU rasterizer, against the image
-    the published 32-channel CUDA rasterizer drew for the same Gaussians (SPEC 11)."""
+    the published 32-channel CUDA rasterizer drew for the same Gaussians (docs/gagavatar.md)."""
     _, source = full_run
     official = torch.load(reference_dir / "official_render.pt")
     camera = Camera.from_transform(reference["transform_matrix"][0].numpy())
@@ -315,7 +314,7 @@ def test_bad_frame_inputs_are_value_errors(tiny):
 @pytest.mark.gpu
 def test_gpu_reconstruct_and_render_match_published_render(reference_dir, reference):
     """Full model on CUDA with PyTorch's default numerics (TF32 convolutions, fp32 matmuls), as the
-    published run: the public reconstruct + render path against the published rasterizer (SPEC 11
+    published run: the public reconstruct + render path against the published rasterizer (docs/gagavatar.md
     measured 1.4e-4 on that run's own tensors; see tests/test_rasterize.py)."""
     flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True

@@ -8,8 +8,8 @@ import torch
 
 from gaga_ros.avatar.base import Avatar
 from gaga_ros.avatar.gagavatar.backend import GagaAvatarBackend
-from gaga_ros.avatar.gagavatar.config import TINY
 from gaga_ros.avatar.gagavatar.model import GAGAvatar
+from gaga_ros.avatar.gagavatar.sizes import TINY
 from gaga_ros.expression import Expression, FaceModel
 from gaga_ros.faces.synthetic_flame import write_synthetic_flame
 
@@ -83,7 +83,7 @@ def test_fast_path_matches_reference_on_gpu(tmp_path, media_dir):
     """The backend's default CUDA path (FastRenderer) stays within 40 dB of the fp32 reference."""
     from PIL import Image
 
-    from gaga_ros.expression import frontal_transform
+    from gaga_ros.camera import frontal_transform
 
     root = make_models_dir(tmp_path / "models")
     crop = np.asarray(Image.open(media_dir / "monroe.jpg").convert("RGB").resize((512, 512)))
@@ -97,3 +97,28 @@ def test_fast_path_matches_reference_on_gpu(tmp_path, media_dir):
     b = reference.render(avatar, expr, size).astype(np.float64)
     psnr = 10 * np.log10(255.0**2 / max(np.mean((a - b) ** 2), 1e-12))
     assert psnr >= 40, psnr
+
+
+def test_backend_factory_chooses_and_builds(tmp_path):
+    """The one factory both nodes use (gaga_ros.avatar.backends)."""
+    from gaga_ros.avatar.backends import choose_backend, make_backend, resolve_device
+    from gaga_ros.avatar.geometric import GeometricAvatar
+    from gaga_ros.errors import InputError
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    name, note = choose_backend("auto", empty)
+    assert name == "geometric" and "not found" in note
+    models = make_models_dir(tmp_path / "models")
+    assert choose_backend("auto", models) == ("gagavatar", "")
+    assert choose_backend("geometric", models) == ("geometric", "")
+    with pytest.raises(InputError, match="accepted are auto, geometric and gagavatar"):
+        choose_backend("nerf", models)
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(InputError, match="accepted are auto, cpu and cuda"):
+        resolve_device("tpu")
+    geometric = make_backend("geometric", "cpu", models, grid=48)
+    assert isinstance(geometric, GeometricAvatar) and geometric.grid == 48
+    assert isinstance(make_backend("gagavatar", "cpu", models, config="tiny"), GagaAvatarBackend)
+    with pytest.raises(FileNotFoundError):
+        make_backend("gagavatar", "cpu", empty, config="tiny")

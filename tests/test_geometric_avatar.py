@@ -11,10 +11,10 @@ from gaga_ros.avatar.base import CAMERA_FIXED, Avatar, AvatarError, NoFaceError
 from gaga_ros.avatar.deform import deform, quat_to_matrix
 from gaga_ros.avatar.geometric import AVATAR_TRIANGLES, GeometricAvatar, rebase_transform
 from gaga_ros.blendshapes import displacement
-from gaga_ros.camera import Camera
+from gaga_ros.camera import Camera, frontal_transform
 from gaga_ros.crop import crop_head, head_box
 from gaga_ros.driver import ScriptedDriver
-from gaga_ros.expression import Expression, ExpressionError, FaceModel, frontal_transform
+from gaga_ros.expression import Expression, ExpressionError, FaceModel
 from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES, FACE_LANDMARKS, REGIONS, TRIANGLES
 from gaga_ros.source import default_source
 from gaga_ros.tracking.landmarks import FaceLandmarker

@@ -20,7 +20,8 @@ import pytest
 from conftest import wait_for
 from test_faults import Graph, Observer
 
-from gaga_ros.expression import Expression, ExpressionError, FaceModel, frontal_transform
+from gaga_ros.camera import frontal_transform
+from gaga_ros.expression import Expression, ExpressionError, FaceModel
 
 
 @pytest.fixture(scope="module")

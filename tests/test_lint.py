@@ -1,4 +1,5 @@
-"""Lint and manifest checks: ruff over the code, package.xml against REP 149 (format 3) rules.
+"""Lint and manifest checks: ruff over the code, mypy over gaga_ros/ (mypy.ini), package.xml against
+REP 149 (format 3) rules.
 
 The manifest checks need no network: the element order and required elements of the format 3
 schema, and that every ROS package the code imports or the interfaces use is declared, so
@@ -32,6 +33,16 @@ def test_ruff_reports_nothing():
     res = subprocess.run([sys.executable, "-m", "ruff", "check", "--output-format", "concise", *dirs],
                          cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, f"ruff findings (ruff.toml rules):\n{res.stdout}{res.stderr}"
+
+
+def test_mypy_reports_nothing():
+    """The type checker over gaga_ros/ with mypy.ini (what it checks, and the few modules it leaves
+    out for now, is said there)."""
+    res = subprocess.run([sys.executable, "-m", "mypy", "--config-file", "mypy.ini"], cwd=REPO,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, f"mypy findings (mypy.ini):\n{res.stdout[-6000:]}{res.stderr[-2000:]}"
+    checked = re.search(r"no issues found in (\d+) source files", res.stdout)
+    assert checked and int(checked.group(1)) >= 60, f"mypy checked too little: {res.stdout}"
 
 
 @pytest.fixture(scope="module")

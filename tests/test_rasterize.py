@@ -15,8 +15,7 @@ import pytest
 import torch
 from gsplat.cuda._torch_impl import _fully_fused_projection, _quat_to_rotmat
 
-from gaga_ros.camera import Camera
-from gaga_ros.expression import frontal_transform
+from gaga_ros.camera import Camera, frontal_transform
 from gaga_ros.gaussians import Gaussians
 from gaga_ros.render import RenderInputError, RenderResult, rasterize
 from gaga_ros.render.covariance import raw_quat_covariance, raw_quat_rotation
@@ -238,11 +237,11 @@ def test_gsplat_matches_cpu(channels):
 
 
 def _reference_gaussians(reference_dir, vectors, conv_tf32: bool):
-    """The 180,255 reference Gaussians (SPEC 10 fill and inputs), reconstructed on CUDA with
-    TF32 convolutions on or off (matmuls always fp32; planes built on the CPU by the model)."""
+    """The 180,255 reference Gaussians (reference fill and inputs, docs/gagavatar.md), reconstructed on
+    CUDA with TF32 convolutions on or off (matmuls always fp32; planes built on the CPU by the model)."""
     from gaga_ros.avatar.gagavatar.checkpoint import load_state_dict_strict, reference_fill
-    from gaga_ros.avatar.gagavatar.config import FULL
     from gaga_ros.avatar.gagavatar.model import GAGAvatar
+    from gaga_ros.avatar.gagavatar.sizes import FULL
 
     shapes = {}
     for line in (reference_dir / "state_dict_keys.tsv").read_text().splitlines():
@@ -261,9 +260,10 @@ def _reference_gaussians(reference_dir, vectors, conv_tf32: bool):
 
 @pytest.mark.gpu
 def test_gsplat_matches_published_rasterizer(reference_dir):
-    """SPEC section 11: the 180,255 reference Gaussians, reconstructed as the published run made them
-    (CUDA, PyTorch's default numerics: TF32 convolutions and fp32 matmuls; lifting planes built on
-    the CPU), through gsplat against what the published 32-channel kernel drew.
+    """The published render (docs/gagavatar.md, reference data): the 180,255 reference Gaussians,
+    reconstructed as the published run made them (CUDA, PyTorch's default numerics: TF32 convolutions
+    and fp32 matmuls; lifting planes built on the CPU), through gsplat against what the published
+    32-channel kernel drew.
 
     The scene is dense with overlapping Gaussians whose float32 depths tie or sit an ulp apart, so
     the match needs those numerics: strict fp32 lands at 64 dB, GPU-built planes at 66. Also pinned:
@@ -295,7 +295,7 @@ def test_gsplat_matches_published_rasterizer(reference_dir):
     print(f"gsplat vs published: {psnr:.1f} dB (ch 0..2), rel {rel:.2e} (32 ch); strict fp32 "
           f"{strict_psnr:.1f} dB, rel {strict_rel:.2e}; half-pixel camera shift {shifted_psnr:.1f} dB; "
           f"gsplat vs cpu max abs {cpu_diff:.3g}, rel {cpu_rel:.2e}, {swapped:.3%} of pixels > 1e-3")
-    assert psnr > 80 and rel < 5e-4  # SPEC 11: 83.5 dB and 1.4e-4 on the published run's own tensors
+    assert psnr > 80 and rel < 5e-4  # published run: 83.5 dB and 1.4e-4 on the published run's own tensors
     assert psnr - shifted_psnr > 10
     # Same tensors, two rasterizers: the CPU backend sorts by gsplat's exact float32 depth (a
     # float64 key moved 0.3 % of pixels by > 1e-3 and the image by 1.2e-3).

@@ -454,9 +454,10 @@ def test_mp4_timeline_survives_bad_stamps(ros_node, tmp_path):
         assert wait_for(lambda: int(status.get("gaga_recorder", {}).get("frames", 0)) >= 1, timeout=60)
         good_from.append(frames.sent)
         # past the leap, then 20 more frames
-        assert wait_for(lambda: status["gaga_recorder"].get("discontinuities") == "2", timeout=30), status
+        # bounds for a loaded machine (2 cores shared with other jobs), not timings
+        assert wait_for(lambda: status["gaga_recorder"].get("discontinuities") == "2", timeout=90), status
         done = int(status["gaga_recorder"]["frames"]) + 20
-        assert wait_for(lambda: int(status["gaga_recorder"]["frames"]) >= done, timeout=30), status
+        assert wait_for(lambda: int(status["gaga_recorder"]["frames"]) >= done, timeout=90), status
     finally:
         frames.running = False
         out = stop_process(proc)

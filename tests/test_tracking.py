@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 from mediapipe.python.solutions import face_mesh_connections as fmc
 
-from gaga_ros.camera import Camera
+from gaga_ros.camera import Camera, frontal_transform
 from gaga_ros.crop import CropError, crop_head, head_box, square_box
-from gaga_ros.expression import FaceModel, frontal_transform
+from gaga_ros.expression import FaceModel
 from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES, MIRROR, REGIONS, TRIANGLES
-from gaga_ros.tracking.landmarks import FaceLandmarker, ImageError
+from gaga_ros.image import ImageError
+from gaga_ros.tracking.landmarks import FaceLandmarker
 from gaga_ros.tracking.mesh_tracker import RIGID, FitError, MeshTracker, fit_head
 from gaga_ros.tracking.smoothing import OneEuroFilter
 
@@ -211,7 +212,7 @@ def test_crop_conventions_and_errors():
     for bad in ([1, 2, 3], [10, 10, 5, 20], [0, 0, np.inf, 1]):
         with pytest.raises(CropError):
             square_box(np.array(bad, float))
-    with pytest.raises(CropError, match="uint8"):
+    with pytest.raises(ImageError, match="uint8"):
         crop_head(image.astype(np.float32), box)
     with pytest.raises(CropError, match="468"):
         head_box(np.zeros((10, 2)))
@@ -298,3 +299,43 @@ def test_one_euro_filter_smooths_noise_and_follows_motion():
     assert step[29].max() == 0.0 and 0.0 < step[31].min() < 1.0 and abs(step[-1] - 1).max() < 1e-3
     with pytest.raises(ValueError, match="cutoff"):
         OneEuroFilter(min_cutoff=0.0)
+
+
+# --- the tracker interface and factory ----------------------------------------------------------------
+
+def test_make_tracker_chooses_by_mode_and_models(tmp_path):
+    from test_gagavatar_backend import make_models_dir
+
+    from gaga_ros.errors import InputError
+    from gaga_ros.tracking.flame_tracker import FlameTracker
+    from gaga_ros.tracking.tracker import make_tracker, resolve_mode
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert resolve_mode("auto", empty) == "mesh"
+    with pytest.raises(InputError, match="accepted are mesh, flame, auto"):
+        resolve_mode("webcam", empty)
+    with pytest.raises(FileNotFoundError, match="FLAME"):
+        make_tracker("flame", empty)
+    models = make_models_dir(tmp_path / "models")
+    assert resolve_mode("auto", models) == "flame"
+    for mode, kind in (("mesh", MeshTracker), ("auto", FlameTracker)):
+        tracker = make_tracker(mode, models, reference_frames=3)
+        try:
+            assert isinstance(tracker, kind) and not tracker.status.face_found
+            tracker.set_smoothing(1.0, 0.5, 1.0)  # both take the live retune, FLAME mode ignores it
+            tracker.reset_reference()
+        finally:
+            tracker.close()
+
+
+def test_nearest_rotation_of_an_averaged_rotation():
+    from gaga_ros.tracking.tracker import nearest_rotation
+
+    a = cv2.Rodrigues(np.array([0.3, -0.2, 0.1]))[0]
+    b = cv2.Rodrigues(np.array([0.32, -0.18, 0.12]))[0]
+    r = nearest_rotation((a + b) / 2)  # the mean of two rotations is not one
+    np.testing.assert_allclose(r @ r.T, np.eye(3), atol=1e-12)
+    assert np.linalg.det(r) > 0.999 and _angle_deg(r, a) < 2.0 and _angle_deg(r, b) < 2.0
+    np.testing.assert_allclose(nearest_rotation(-np.eye(3)) @ nearest_rotation(-np.eye(3)).T, np.eye(3))
+    assert np.linalg.det(nearest_rotation(-np.eye(3))) > 0  # a reflection comes back as a rotation

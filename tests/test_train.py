@@ -15,8 +15,7 @@ import torch
 import torch.multiprocessing as mp
 
 from gaga_ros.avatar.gagavatar import FULL, TINY, GAGAvatar, load_state_dict_strict
-from gaga_ros.camera import Camera
-from gaga_ros.expression import frontal_transform
+from gaga_ros.camera import Camera, frontal_transform
 from gaga_ros.gaussians import Gaussians
 from gaga_ros.render import rasterize
 from gaga_ros.train.dataset import DatasetError, PairDataset, build_dataset

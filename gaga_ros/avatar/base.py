@@ -2,22 +2,78 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
+from gaga_ros.conventions import CROP_SCALE, CROP_SIZE
+from gaga_ros.errors import InputError
 from gaga_ros.expression import Expression
 from gaga_ros.gaussians import Gaussians
+
+if TYPE_CHECKING:  # crop and mediapipe load on the first photo, not with the avatar types
+    from gaga_ros.crop import HeadCrop
+    from gaga_ros.tracking.landmarks import FaceLandmarker
 
 #: binding_triangle value of a Gaussian that follows no triangle and stays fixed in the source
 #: camera's view (the torso below the head): it moves with neither expression nor head pose.
 CAMERA_FIXED = 2**32 - 1
 
 
-class NoFaceError(ValueError):
+class NoFaceError(InputError):
     """A source photo without one usable face; the message says what was found and what is needed."""
+
+
+#: Smallest face accepted in a source photo, as the face-oval width in pixels (FaceMesh is
+#: unreliable below).
+MIN_FACE_PX = 40
+#: Faces looked for in a source photo (the largest is used) and the detection confidence they need.
+PHOTO_FACES, PHOTO_MIN_CONFIDENCE = 4, 0.5
+
+
+@dataclass(frozen=True)
+class SourceFace:
+    """The face a backend reconstructs from a photo: its head crop and its landmarks on the crop."""
+
+    crop: HeadCrop
+    points: np.ndarray  # (478, 3) float32 FaceMesh landmarks in crop pixels (z scaled like x)
+    notes: tuple[str, ...]  # what the avatar should say about the choice (several faces)
+
+
+def photo_landmarker() -> FaceLandmarker:
+    """The FaceMesh that finds faces in source photos (still images, up to PHOTO_FACES faces)."""
+    from gaga_ros.tracking.landmarks import FaceLandmarker
+
+    return FaceLandmarker(static_image_mode=True, max_faces=PHOTO_FACES,
+                          min_confidence=PHOTO_MIN_CONFIDENCE)
+
+
+def source_face(rgb: np.ndarray, landmarker: FaceLandmarker) -> SourceFace:
+    """Photo -> its largest face (by face-oval width) -> the GAGAvatar head crop around it, for
+    every backend; NoFaceError without a face at least MIN_FACE_PX wide."""
+    from gaga_ros.crop import crop_head, head_box
+    from gaga_ros.faces.mediapipe_mesh import REGIONS
+    from gaga_ros.source import as_rgb
+
+    rgb = as_rgb(rgb)
+    faces = landmarker.detect(rgb)
+    if not faces:
+        raise NoFaceError("no face found in the photo; accepted is a photo with one clearly "
+                          f"visible face at least {MIN_FACE_PX} pixels wide")
+    widths = [np.ptp(f.points[REGIONS["face_oval"], 0]) for f in faces]
+    face = faces[int(np.argmax(widths))]
+    notes: tuple[str, ...] = ()
+    if len(faces) > 1:
+        notes = (f"{len(faces)} faces found; used the largest",)
+        warnings.warn(notes[0], stacklevel=3)
+    if max(widths) < MIN_FACE_PX:
+        raise NoFaceError(f"the face is only {max(widths):.0f} pixels wide; accepted are faces "
+                          f"at least {MIN_FACE_PX} pixels wide")
+    crop = crop_head(rgb, head_box(face.points[:, :2]), size=CROP_SIZE, scale=CROP_SCALE)
+    return SourceFace(crop, crop.to_crop(face.points).astype(np.float32), notes)
 
 
 #: Largest |coordinate| of a Gaussian centre accepted: the head spans about one unit around the
@@ -27,7 +83,7 @@ MAX_EXTENT = 20.0
 MAX_SCALE = 5.0
 
 
-class AvatarError(ValueError):
+class AvatarError(InputError):
     """Avatar arrays that do not describe a consistent avatar (e.g. a malformed message)."""
 
 

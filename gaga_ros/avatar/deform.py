@@ -12,6 +12,7 @@ import warnings
 import torch
 
 from gaga_ros.avatar.base import CAMERA_FIXED, Avatar, Binding
+from gaga_ros.errors import InputError
 
 #: Bounds of the per-Gaussian growth factor: stretched skin (a closing lid) grows to stay closed.
 STRETCH_RANGE = (0.5, 3.0)
@@ -131,7 +132,7 @@ def deform(avatar: Avatar, vertices: torch.Tensor) -> tuple[torch.Tensor, torch.
     """
     vertices = torch.as_tensor(vertices, dtype=torch.float32, device=avatar.device)
     if vertices.shape != avatar.neutral_vertices.shape:
-        raise ValueError(f"deform needs vertices of shape {tuple(avatar.neutral_vertices.shape)}, "
+        raise InputError(f"deform needs vertices of shape {tuple(avatar.neutral_vertices.shape)}, "
                          f"got {tuple(vertices.shape)}")
     rest = avatar.cache.get("rest")
     if rest is None:

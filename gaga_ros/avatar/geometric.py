@@ -10,24 +10,24 @@ openings are bound to triangles that the avatar adds across the mouth and the ey
 
 from __future__ import annotations
 
-import warnings
+from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
 import torch
 
-from gaga_ros.avatar.base import CAMERA_FIXED, Avatar, Binding, NoFaceError, content_id
+from gaga_ros.avatar.base import CAMERA_FIXED, Avatar, Binding, content_id, photo_landmarker, source_face
 from gaga_ros.avatar.deform import anchors, deform, matrix_to_quat, quat_to_matrix
-from gaga_ros.camera import Camera
-from gaga_ros.config import CROP_SCALE, CROP_SIZE
-from gaga_ros.expression import Expression, ExpressionError, FaceModel, frontal_transform
+from gaga_ros.camera import Camera, frontal_transform
+from gaga_ros.conventions import CROP_SIZE
+from gaga_ros.errors import InputError
+from gaga_ros.expression import Expression, ExpressionError, FaceModel
 from gaga_ros.faces.conversion import FaceConverter
 from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES, FACE_LANDMARKS, REGIONS, TRIANGLES
 from gaga_ros.gaussians import Gaussians
-from gaga_ros.source import as_rgb
+from gaga_ros.image import to_uint8
 
-#: Smallest face accepted, as the face-oval width in source pixels (FaceMesh is unreliable below).
-MIN_FACE_PX = 40
 #: Head ellipsoid of the canonical face (centre, radii), canonical units; scaled to each source.
 HEAD_CENTRE = np.array([0.0, 0.02, -0.02])
 HEAD_RADII = np.array([0.40, 0.62, 0.50])
@@ -42,6 +42,28 @@ SOURCE_MOUTH_DEPTH, TEETH_DEPTH, MOUTH_DEPTH = 0.04, 0.05, 0.07
 SEAM_BLEND, SEAM_BAND, SEAM_DEPTH = 0.05, 0.08, 0.3
 #: Darkening of the mirrored back layer, which the source photo never saw.
 BACK_SHADE = 0.8
+#: Lifted pixels per side of the head crop: the default, and the accepted range.
+GRID, GRID_RANGE = 192, (32, CROP_SIZE)
+#: Render sizes accepted, pixels per side.
+RENDER_SIZES = (16, 4096)
+#: Opacity of every lifted Gaussian on a surface (below 1: the rasterizers clamp alpha there anyway).
+OPACITY = 0.99
+#: The person matte above which a pixel off the face mesh is lifted, and the rise of the matte over
+#: which its opacity ramps from 0 to OPACITY (soft hair and shoulder edges).
+MATTE_KEEP, MATTE_RAMP = 0.3, 0.4
+#: Size of a front Gaussian (its sigma) as a fraction of the lifted pixel it covers, and how much of
+#: the depth step to its neighbours it is thickened by along the view ray, clamped to this range of
+#: its sigma.
+FRONT_SIGMA, THICKEN, THICKNESS_RANGE = 0.6, 0.6, (0.5, 4.0)
+#: Fewest hair pixels (above the eyes, off the mesh) whose median colour paints the back of the head.
+HAIR_MIN_PIXELS = 20
+#: Back layer: spacing of its Gaussians in lifted pixels at the head's depth, their sigma as a
+#: fraction of it, the matte a mirrored pixel needs to give its colour, and the blur (crop pixels) of
+#: the colours it mirrors.
+BACK_SPACING, BACK_SIGMA, BACK_MATTE, BACK_BLUR_PX = 1.6, 0.75, 0.5, 6
+#: Mouth interior: lattice steps per mouth triangle side, the barycentric weight of the upper lip
+#: above which a point is teeth, and the sigma of its Gaussians (canonical units).
+MOUTH_STEPS, TEETH_WEIGHT, MOUTH_SIGMA = 8, 0.9, 0.012
 
 
 def _zipper(upper: np.ndarray, lower: np.ndarray) -> np.ndarray:
@@ -52,11 +74,11 @@ def _zipper(upper: np.ndarray, lower: np.ndarray) -> np.ndarray:
     """
     if upper[0] != lower[0] or upper[-1] != lower[-1] or len(upper) != len(lower):
         raise ValueError("contours must share both corners and have equal lengths")
-    tris = [(upper[0], upper[1], lower[1])]
+    rows = [(upper[0], upper[1], lower[1])]
     for k in range(1, len(upper) - 2):
-        tris += [(upper[k], upper[k + 1], lower[k]), (lower[k], lower[k + 1], upper[k + 1])]
-    tris.append((upper[-2], upper[-1], lower[-2]))
-    tris = np.array(tris, np.int64)
+        rows += [(upper[k], upper[k + 1], lower[k]), (lower[k], lower[k + 1], upper[k + 1])]
+    rows.append((upper[-2], upper[-1], lower[-2]))
+    tris = np.array(rows, np.int64)
     corners = CANONICAL_VERTICES[tris]
     normal_z = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])[:, 2]
     flip = normal_z < 0  # wind outwards (+z) by swapping the first two, keeping the contour edge first
@@ -82,12 +104,15 @@ AVATAR_TRIANGLES = np.concatenate([TRIANGLES.astype(np.int64), _OPENINGS["mouth"
 _MOUTH = np.arange(len(TRIANGLES), len(TRIANGLES) + len(_OPENINGS["mouth"]))
 _LIPS = np.union1d(REGIONS["lips_upper"], REGIONS["lips_lower"])
 _EYES = np.arange(_MOUTH[-1] + 1, len(AVATAR_TRIANGLES))
-#: Vertices that expressions never move (forehead, temples, upper nose: above the eyes, brows
-#: excluded): hair, ears, neck and the back of the head follow these.
+#: Vertices that expressions never move (forehead, temples, upper nose: above the eyes, farther than
+#: STEADY_MARGIN canonical units from the eyes and brows): hair, ears, neck and the back of the head
+#: follow these.
+STEADY_MARGIN = 0.1
 _MOBILE = np.concatenate([REGIONS[k] for k in ("left_eye_upper", "left_eye_lower", "right_eye_upper",
                                                  "right_eye_lower", "left_eyebrow", "right_eyebrow")])
 _STEADY = np.flatnonzero((CANONICAL_VERTICES[:FACE_LANDMARKS, 1] > 0.0) & (np.linalg.norm(
-    CANONICAL_VERTICES[:FACE_LANDMARKS, None] - CANONICAL_VERTICES[None, _MOBILE], axis=2).min(1) > 0.1))
+    CANONICAL_VERTICES[:FACE_LANDMARKS, None] - CANONICAL_VERTICES[None, _MOBILE], axis=2).min(1)
+    > STEADY_MARGIN))
 
 
 def face_size(vertices: np.ndarray) -> float:
@@ -120,43 +145,32 @@ class GeometricAvatar:
 
     name = "geometric"
 
-    def __init__(self, grid: int = 192, device: torch.device | str = "cpu",
+    def __init__(self, grid: int = GRID, device: torch.device | str = "cpu",
                  raster_backend: str = "auto", background: tuple[float, float, float] = (0, 0, 0),
                  models_dir: str | None = None):
-        if not 32 <= int(grid) <= CROP_SIZE:
-            raise ValueError(f"grid {grid!r}: accepted is 32..{CROP_SIZE} lifted pixels per side")
+        if not GRID_RANGE[0] <= int(grid) <= GRID_RANGE[1]:
+            raise InputError(f"grid {grid!r}: accepted is {GRID_RANGE[0]}..{GRID_RANGE[1]} lifted pixels "
+                             "per side")
         self.grid = int(grid)
         self.device = torch.device(device)
         self.raster_backend = raster_backend
         self.background = torch.tensor(background, dtype=torch.float32)
         self.models_dir = models_dir
         self._converter: FaceConverter | None = None  # built on the first FLAME-mode expression (~1 s)
-        self._landmarker = None
-        self._segmenter = None
+        self._landmarker: Any = None  # a FaceLandmarker, made on the first photo (mediapipe loads then)
+        self._segmenter: Any = None
 
     # ---- reconstruction -------------------------------------------------------------------------
 
     def reconstruct(self, rgb: np.ndarray) -> Avatar:
         """Lift one photo into an avatar; NoFaceError if it holds no usable face."""
-        from gaga_ros.crop import crop_head, head_box
         from gaga_ros.tracking.mesh_tracker import fit_head
 
-        rgb = as_rgb(rgb)
-        notes: list[str] = []
-        faces = self._detect(rgb)
-        if not faces:
-            raise NoFaceError("no face found in the photo; accepted is a photo with one clearly "
-                              f"visible face at least {MIN_FACE_PX} pixels wide")
-        widths = [np.ptp(f.points[REGIONS["face_oval"], 0]) for f in faces]
-        face = faces[int(np.argmax(widths))]
-        if len(faces) > 1:
-            notes.append(f"{len(faces)} faces found; used the largest")
-            warnings.warn(notes[-1], stacklevel=2)
-        if max(widths) < MIN_FACE_PX:
-            raise NoFaceError(f"the face is only {max(widths):.0f} pixels wide; accepted are faces "
-                              f"at least {MIN_FACE_PX} pixels wide")
-        crop = crop_head(rgb, head_box(face.points[:, :2]), size=CROP_SIZE, scale=CROP_SCALE)
-        fit = fit_head(crop.to_crop(face.points).astype(np.float32), size=CROP_SIZE)
+        if self._landmarker is None:
+            self._landmarker = photo_landmarker()
+        source = source_face(rgb, self._landmarker)
+        crop = source.crop
+        fit = fit_head(source.points, size=CROP_SIZE)
         neutral = np.asarray(fit.canonical_points, np.float64)
         layers = _Lifter(crop.image, self._matte(crop.image), neutral,
                          np.asarray(fit.transform, np.float64), self.grid).layers()
@@ -169,14 +183,7 @@ class GeometricAvatar:
         return Avatar(self.name, avatar_id, gaussians, binding,
                       torch.from_numpy(neutral.astype(np.float32)).to(self.device),
                       torch.from_numpy(AVATAR_TRIANGLES).to(self.device),
-                      np.asarray(fit.transform, np.float32), warnings=tuple(notes))
-
-    def _detect(self, rgb: np.ndarray):
-        from gaga_ros.tracking.landmarks import FaceLandmarker
-
-        if self._landmarker is None:
-            self._landmarker = FaceLandmarker(static_image_mode=True, max_faces=4, min_confidence=0.5)
-        return self._landmarker.detect(rgb)
+                      np.asarray(fit.transform, np.float32), warnings=source.notes)
 
     def _matte(self, crop: np.ndarray) -> np.ndarray:
         """Soft person matte (H, W) in [0, 1] of the crop (mediapipe selfie segmentation)."""
@@ -214,8 +221,9 @@ class GeometricAvatar:
     def scene(self, avatar: Avatar, expression: Expression,
               size: int = CROP_SIZE) -> tuple[Gaussians, Camera]:
         """The deformed Gaussians and the camera that show `avatar` driven by `expression`."""
-        if not 16 <= int(size) <= 4096:
-            raise ValueError(f"render size {size!r}: accepted is 16..4096 pixels per side")
+        if not RENDER_SIZES[0] <= int(size) <= RENDER_SIZES[1]:
+            raise InputError(f"render size {size!r}: accepted is {RENDER_SIZES[0]}..{RENDER_SIZES[1]} "
+                             "pixels per side")
         expression = self.to_mesh(expression)
         means, quats, growth = deform(avatar, self.driven_vertices(avatar, expression))
         transform = rebase_transform(expression.transform, avatar.source_transform)
@@ -238,8 +246,16 @@ class GeometricAvatar:
 
         gaussians, camera = self.scene(avatar, expression, size)
         result = rasterize(gaussians, camera, self.background.to(avatar.device), self.raster_backend)
-        image = (result.image.clamp(0, 1) * 255 + 0.5).to(torch.uint8)
+        image = to_uint8(result.image)
         return image.cpu().numpy()
+
+
+@dataclass(frozen=True)
+class _FrontView:
+    """What the forward lift saw that the backward lift reuses."""
+
+    hair_colour: np.ndarray | None  # median RGB of the hair above the eyes; None: too little hair
+    face_pixels: np.ndarray  # (grid, grid) bool: lifted pixels on the face mesh
 
 
 class _Lifter:
@@ -265,7 +281,8 @@ class _Lifter:
                 self.vertex_triangle[v], self.vertex_corner[v] = f, k
 
     def layers(self) -> list[dict[str, np.ndarray]]:
-        return [self.front(), self.back(), self.mouth()]
+        front, seen = self.front()
+        return [front, self.back(seen), self.mouth()]
 
     # -- geometry helpers
 
@@ -348,13 +365,14 @@ class _Lifter:
 
     # -- layers
 
-    def front(self) -> dict[str, np.ndarray]:
-        """Forward lift: one Gaussian per head pixel, on the mesh or the head ellipsoid."""
+    def front(self) -> tuple[dict[str, np.ndarray], _FrontView]:
+        """Forward lift: one Gaussian per head pixel, on the mesh or the head ellipsoid; and what it
+        saw of the hair and the face, for the backward lift."""
         g = self.grid
         colours = cv2.resize(self.crop, (g, g), interpolation=cv2.INTER_AREA) / 255.0
         matte = cv2.resize(self.matte, (g, g), interpolation=cv2.INTER_AREA)
         tri_id, bary, zbuf = self._raster()
-        keep = (matte > 0.3) | (tri_id >= 0)
+        keep = (matte > MATTE_KEEP) | (tri_id >= 0)
         ys, xs = np.nonzero(keep)
         uv = np.stack([xs + 0.5, ys + 0.5], 1) * self.pixel
         tri, b = tri_id[ys, xs], bary[ys, xs]
@@ -378,7 +396,7 @@ class _Lifter:
             triangle[head_off], barycentric[head_off] = self._bind_nearest(points[head_off], _STEADY)
         triangle[body] = CAMERA_FIXED
         barycentric[body] = 0.0
-        sigma = 0.6 * self.pixel * depth / self.focal
+        sigma = FRONT_SIGMA * self.pixel * depth / self.focal
         # Thicken along the view ray where depth changes fast between neighbours (hair and cheeks
         # seen at a grazing angle), so a turned head shows no gaps between the layers of pixels.
         image = np.full((g + 2, g + 2), np.nan)
@@ -386,13 +404,12 @@ class _Lifter:
         steps = [np.abs(image[ys + 1 + dy, xs + 1 + dx] - depth)
                  for dy, dx in ((0, 1), (1, 0), (0, -1), (-1, 0))]
         step = np.nan_to_num(np.nanmax(np.stack(steps), axis=0), nan=0.0)
-        thickness = np.clip(0.6 * step, 0.5 * sigma, 4 * sigma)
+        thickness = np.clip(THICKEN * step, THICKNESS_RANGE[0] * sigma, THICKNESS_RANGE[1] * sigma)
         hair = off & ~body & (uv[:, 1] < self.camera.project(
             self.neutral[REGIONS["left_iris"]].astype(np.float32))[:, 1].min())
-        self.hair_colour = (np.median(colours[ys[hair], xs[hair]], axis=0) if hair.sum() > 20
-                            else None)
-        self.face_pixels = tri_id >= 0
-        opacity = np.where(on_mesh, 1.0, np.clip((matte[ys, xs] - 0.3) / 0.4, 0, 1)) * 0.99
+        seen = _FrontView(np.median(colours[ys[hair], xs[hair]], axis=0) if hair.sum() > HAIR_MIN_PIXELS
+                          else None, tri_id >= 0)
+        opacity = np.where(on_mesh, 1.0, np.clip((matte[ys, xs] - MATTE_KEEP) / MATTE_RAMP, 0, 1)) * OPACITY
         # The neck again, fixed to the torso and set back, so the torso shows no gap
         # when the head lifts or turns above it.
         fill = off & ~body & (uv[:, 1] > chin_v - SEAM_BAND * CROP_SIZE)
@@ -407,7 +424,7 @@ class _Lifter:
             "opacities": np.r_[opacity, opacity[fill]],
             "colors": np.r_[colours[ys, xs], colours[ys[fill], xs[fill]]], "triangle": triangle,
             "barycentric": barycentric, "offset": np.zeros(len(points)),
-        }
+        }, seen
 
     def _seam_correction(self, tri_id: np.ndarray, zbuf: np.ndarray, ys: np.ndarray, xs: np.ndarray,
                          ell_depth: np.ndarray) -> np.ndarray:
@@ -424,10 +441,11 @@ class _Lifter:
         fade = np.exp(-((dist / (SEAM_BLEND * g)) ** 2))
         return (step[iy, ix] * fade)[ys, xs]
 
-    def back(self) -> dict[str, np.ndarray]:
+    def back(self, seen: _FrontView) -> dict[str, np.ndarray]:
         """Backward lift: the ellipsoid's far half, coloured by mirroring the front through the
         head's mid-plane, so a turned head shows no hole."""
-        spacing = 1.6 * self.pixel * self.camera.depth(self.centre[None].astype(np.float32))[0] / self.focal
+        centre_depth = self.camera.depth(self.centre[None].astype(np.float32))[0]
+        spacing = BACK_SPACING * self.pixel * centre_depth / self.focal
         area = 4 * np.pi * (np.prod(self.radii) ** (2 / 3))
         n = int(area / spacing**2)
         k = np.arange(n) + 0.5
@@ -443,25 +461,25 @@ class _Lifter:
         inside = ((uv >= 0) & (uv < CROP_SIZE - 1)).all(1)
         points, uv = points[inside], uv[inside]
         px = uv.astype(int)
-        keep = self.matte[px[:, 1], px[:, 0]] > 0.5
+        keep = self.matte[px[:, 1], px[:, 0]] > BACK_MATTE
         points, px = points[keep], px[keep]
-        blurred = cv2.GaussianBlur(self.crop, (0, 0), 6) / 255.0
+        blurred = cv2.GaussianBlur(self.crop, (0, 0), BACK_BLUR_PX) / 255.0
         colours = blurred[px[:, 1], px[:, 0]]
-        if self.hair_colour is not None:  # a face seen from behind is hair, not a mirrored face
+        if seen.hair_colour is not None:  # a face seen from behind is hair, not a mirrored face
             g = self.grid
-            on_face = self.face_pixels[(px[:, 1] * g) // CROP_SIZE, (px[:, 0] * g) // CROP_SIZE]
-            colours[on_face] = self.hair_colour
+            on_face = seen.face_pixels[(px[:, 1] * g) // CROP_SIZE, (px[:, 0] * g) // CROP_SIZE]
+            colours[on_face] = seen.hair_colour
         triangle, barycentric = self._bind_nearest(points, _STEADY)
-        sigma = np.full(len(points), 0.75 * spacing)
+        sigma = np.full(len(points), BACK_SIGMA * spacing)
         return {
             "means": points, "quats": self._facing(points), "scales": np.stack([sigma] * 3, 1),
-            "opacities": np.full(len(points), 0.99), "colors": colours * BACK_SHADE,
+            "opacities": np.full(len(points), OPACITY), "colors": colours * BACK_SHADE,
             "triangle": triangle, "barycentric": barycentric, "offset": np.zeros(len(points)),
         }
 
     def mouth(self) -> dict[str, np.ndarray]:
         """A dark mouth interior with upper teeth, behind the lips, spanning the mouth opening."""
-        steps = 8
+        steps = MOUTH_STEPS
         i, j = np.meshgrid(np.arange(steps + 1), np.arange(steps + 1), indexing="ij")
         ok = i + j <= steps
         grid = np.stack([steps - i[ok] - j[ok], i[ok], j[ok]], 1) / steps  # barycentric lattice
@@ -472,7 +490,7 @@ class _Lifter:
             rows.append((np.full(len(grid), f), grid, weight_up))
         triangle = np.concatenate([r[0] for r in rows])
         barycentric = np.concatenate([r[1] for r in rows])
-        teeth = np.concatenate([r[2] for r in rows]) > 0.9
+        teeth = np.concatenate([r[2] for r in rows]) > TEETH_WEIGHT
         colours = np.where(teeth[:, None], TEETH_COLOUR, MOUTH_COLOUR)
         scale = face_size(self.neutral) / face_size(CANONICAL_VERTICES)
         offset = np.zeros(len(triangle))
@@ -484,9 +502,9 @@ class _Lifter:
         # opening triangles, and a normal offset would then push the interior out past the lips.
         depth = np.where(teeth, TEETH_DEPTH, MOUTH_DEPTH) * scale
         points = on_opening - depth[:, None] * np.array([0.0, 0.0, 1.0])
-        sigma = np.full(len(points), 0.012 * scale)
+        sigma = np.full(len(points), MOUTH_SIGMA * scale)
         return {
             "means": points, "quats": self._facing(points), "scales": np.stack([sigma] * 3, 1),
-            "opacities": np.full(len(points), 0.99), "colors": colours, "triangle": triangle,
+            "opacities": np.full(len(points), OPACITY), "colors": colours, "triangle": triangle,
             "barycentric": barycentric, "offset": offset,
         }

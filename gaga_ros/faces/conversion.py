@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gaga_ros.config import MESH_LANDMARKS
-from gaga_ros.expression import MAX_COEFF, Expression, ExpressionError, FaceModel, frontal_transform
+from gaga_ros.camera import frontal_transform, project_points
+from gaga_ros.conventions import MESH_LANDMARKS
+from gaga_ros.expression import MAX_COEFF, Expression, ExpressionError, FaceModel
 from gaga_ros.faces.flame import Flame
 from gaga_ros.faces.flame_assets import FlameAssets, load_flame_assets
 from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES, FACE_LANDMARKS, REGIONS
 from gaga_ros.tracking.flame_fitter import FlameFitter, MediapipeEmbedding, landmark_submodel
-from gaga_ros.tracking.flame_fitter import project as crop_pixels
 
 #: Views of the canonical face the identity is fitted over, (yaw, pitch) in degrees: one view
 #: leaves shape and head rotation entangled (a deeper nose reads like pitch), turned views part them.
@@ -65,7 +65,7 @@ def project(points: np.ndarray, transform: np.ndarray) -> np.ndarray:
     """Points (N, 3) through a GAGAvatar camera [R | T] to 512 crop pixels (N, 2), as the fitter sees."""
     cam = torch.as_tensor(np.asarray(transform, np.float64).reshape(3, 4))
     world = torch.as_tensor(np.asarray(points, np.float64))[None]
-    return crop_pixels(world, cam[:, :3], cam[None, :, 3])[0].numpy()
+    return project_points(world, cam[:, :3], cam[None, :, 3])[0].numpy()
 
 
 def _turn(yaw_deg: float, pitch_deg: float) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The FLAME head model as a batched torch layer, reproducing GAGAvatar's use of it (SPEC section 8).
+"""The FLAME head model as a batched torch layer, reproducing GAGAvatar's use of it (docs/flame.md).
 
 Linear blend skinning follows the published code exactly, quirks included: Rodrigues adds 1e-8 to
 each axis-angle component before the norm, pose correctives use the 4 non-root joints, and vertices
@@ -8,16 +8,18 @@ are multiplied by 5.0 after skinning (camera translations are in these units).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from gaga_ros.config import FLAME_SCALE
+from gaga_ros.conventions import FLAME_SCALE
+from gaga_ros.errors import InputError
 from gaga_ros.faces.flame_assets import FLAME_JOINTS, FLAME_SHAPE_BASIS, FlameAssets, load_flame_assets
 
 
-class FlameInputError(ValueError):
+class FlameInputError(InputError):
     """FLAME parameters of the wrong shape or batch size; the message says what is accepted."""
 
 
@@ -40,6 +42,22 @@ class Flame(nn.Module):
     Joints are 0 global, 1 neck, 2 jaw, 3 left eye, 4 right eye; every pose is axis-angle (B,3).
     Coefficient tensors may be shorter than n_shape / n_exp: missing trailing values count as 0.
     """
+
+    # The buffers registered in __init__, declared for the type checker (nn.Module's __getattr__
+    # would otherwise type them Tensor | Module).
+    faces: torch.Tensor
+    v_template: torch.Tensor
+    shapedirs: torch.Tensor
+    posedirs: torch.Tensor
+    j_regressor: torch.Tensor
+    parents: torch.Tensor
+    lbs_weights: torch.Tensor
+    lmk_static_faces: torch.Tensor
+    lmk_static_bary: torch.Tensor
+    lmk_dynamic_faces: torch.Tensor
+    lmk_dynamic_bary: torch.Tensor
+    lmk_full_faces: torch.Tensor
+    lmk_full_bary: torch.Tensor
 
     def __init__(self, assets: FlameAssets, n_shape: int = FLAME_SHAPE_BASIS, n_exp: int = 100,
                  scale: float = FLAME_SCALE) -> None:
@@ -191,7 +209,7 @@ class Flame(nn.Module):
 
     def contour_bins(self, global_pose: torch.Tensor, neck_pose: torch.Tensor) -> torch.Tensor:
         """Row of the dynamic embedding per item: yaw in whole degrees, 0..39 for yaw >= 0, 40..78 below."""
-        like = {"dtype": self.v_template.dtype, "device": self.v_template.device}
+        like: dict[str, Any] = {"dtype": self.v_template.dtype, "device": self.v_template.device}
         rot = rodrigues(torch.as_tensor(global_pose, **like)) @ rodrigues(torch.as_tensor(neck_pose, **like))
         cos_pitch = torch.sqrt(rot[:, 0, 0] ** 2 + rot[:, 1, 0] ** 2)
         yaw = torch.round(torch.rad2deg(torch.atan2(-rot[:, 2, 0], cos_pitch))).long()

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from gaga_ros.assets import FETCH_COMMAND, FLAME_LICENSE_URL, flame_dir
+from gaga_ros.errors import InputError
 
 #: Joints of FLAME with eyes: global (root), neck, jaw, left eye, right eye.
 FLAME_JOINTS = 5
@@ -23,7 +24,7 @@ FLAME_JOINTS = 5
 FLAME_SHAPE_BASIS = 300
 
 
-class FlameAssetError(ValueError):
+class FlameAssetError(InputError):
     """A FLAME file that is missing or malformed; the message says what is expected and how to get it."""
 
 
@@ -139,13 +140,13 @@ def _allowed_globals() -> dict[tuple[str, str], object]:
 
     allowed: dict[tuple[str, str], object] = {}
     for mod in ("copy_reg", "copyreg"):
-        allowed[(mod, "_reconstructor")] = copyreg._reconstructor
+        allowed[(mod, "_reconstructor")] = copyreg._reconstructor  # type: ignore[attr-defined]  # private
     for mod in ("__builtin__", "builtins"):
         for name, obj in (("object", object), ("set", set), ("frozenset", frozenset), ("complex", complex)):
             allowed[(mod, name)] = obj
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[(mod, "_reconstruct")] = multiarray._reconstruct
-        allowed[(mod, "scalar")] = multiarray.scalar
+        allowed[(mod, "_reconstruct")] = multiarray._reconstruct  # type: ignore[attr-defined]  # private
+        allowed[(mod, "scalar")] = multiarray.scalar  # type: ignore[attr-defined]  # private
     for mod in ("numpy.core.numeric", "numpy._core.numeric"):
         allowed[(mod, "_frombuffer")] = lambda buf, dtype, shape, order: np.frombuffer(
             buf, dtype=dtype).reshape(shape, order=order)

@@ -177,7 +177,7 @@ def _landmarks(rng: np.random.Generator, verts: np.ndarray, faces: np.ndarray) -
     eye_faces = np.flatnonzero((faces[:, 0] == RIGHT_EYE.start) | (faces[:, 0] == LEFT_EYE.start))
     eye_faces = eye_faces[[np.argmax(faces[eye_faces, 0] == RIGHT_EYE.start),
                            np.argmax(faces[eye_faces, 0] == LEFT_EYE.start)]]
-    full_bary = np.concatenate([bary(68), np.tile(np.float32([[1, 0, 0]]), (2, 1))])
+    full_bary = np.concatenate([bary(68), np.tile(np.array([[1, 0, 0]], np.float32), (2, 1))])
     # Dynamic contour: row b is yaw b degrees (b <= 39) or -(b - 39) degrees; the contour turns half as far.
     yaw = np.deg2rad(np.where(np.arange(79) <= 39, np.arange(79), 39 - np.arange(79)))
     dynamic = []
@@ -226,7 +226,7 @@ def _fake_chumpy() -> Iterator[type]:
         raise RuntimeError("a real chumpy is imported; the synthetic pickle needs the name for its stand-in")
     package, module = types.ModuleType("chumpy"), types.ModuleType("chumpy.ch")
     ch = type("Ch", (), {"__module__": "chumpy.ch"})
-    module.Ch, package.ch = ch, module
+    module.__dict__["Ch"], package.__dict__["ch"] = ch, module  # modules made at run time
     sys.modules["chumpy"], sys.modules["chumpy.ch"] = package, module
     try:
         yield ch
@@ -265,7 +265,7 @@ def write_landmark_embedding(landmarks: LandmarkEmbedding, path: str | Path) -> 
     """Write DECA's landmark_embedding.npy layout (a pickled dict; 68 full landmarks, no eyes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, {
+    np.save(path, {  # type: ignore[arg-type]  # a dict is pickled as a 0-d object array, as DECA's is
         "static_lmk_faces_idx": landmarks.static_faces, "static_lmk_bary_coords": landmarks.static_bary,
         "dynamic_lmk_faces_idx": landmarks.dynamic_faces, "dynamic_lmk_bary_coords": landmarks.dynamic_bary,
         "full_lmk_faces_idx": landmarks.full_faces[None, :68],
@@ -287,6 +287,7 @@ def write_synthetic_flame(directory: str | Path, seed: int = 0) -> SyntheticFlam
     """Write FLAME_with_eye.pt, generic_model.pkl and landmark_embedding.npy for one synthetic model."""
     directory = Path(directory)
     assets = make_synthetic_flame(seed)
+    assert assets.landmarks is not None  # the synthetic model always has them
     return SyntheticFlameFiles(
         pt=save_flame_with_eye(assets, directory / "FLAME_with_eye.pt"),
         pkl=write_flame_pkl(assets, directory / "generic_model.pkl"),

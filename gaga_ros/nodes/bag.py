@@ -19,6 +19,7 @@ import importlib
 import threading
 import time
 import warnings
+from typing import Any
 
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.serialization import deserialize_message
@@ -123,7 +124,7 @@ class BagNode(GuardedNode):
         self.get_logger().info(self.recorder.new.describe())
         self.lock = threading.Lock()
         self.t_first: int | None = None
-        self.subs = []
+        self.subs: list[Any] = []  # rclpy subscriptions, kept alive
         self.state = "waiting"
         self._discover()
         self.discovery = self.create_timer(0.2, self._discover)
@@ -148,6 +149,7 @@ class BagNode(GuardedNode):
             profile = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE if reliable
                                  else ReliabilityPolicy.BEST_EFFORT)
             with self.lock:
+                assert self.recorder is not None  # recording mode: made before discovery starts
                 self.recorder.add_topic(topic, type_name, offered_qos=offered)
             self.subs.append(self.create_subscription(
                 message_class(type_name), topic, lambda data, t=topic: self._on_message(t, data), profile,

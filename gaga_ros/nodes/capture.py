@@ -35,10 +35,11 @@ class CaptureNode(GuardedNode):
         self.pub = self.create_publisher(Image, names.CAMERA_IMAGE, qos.FRAMES)
         self.meter = RateMeter()
         self.error = ""
-        self.source = FrameSource(self.p["source"], loop=self.p["loop"], width=self.p["width"],
-                                  height=self.p["height"])  # fail fast: a bad source stops startup
-        rate = self.p["rate"] or self.source.native_fps or 30.0
-        self.get_logger().info(f"capturing {self.source.kind} {self.p['source']!r} at {rate:.1f} Hz")
+        source = FrameSource(self.p["source"], loop=self.p["loop"], width=self.p["width"],
+                             height=self.p["height"])  # fail fast: a bad source stops startup
+        self.source: FrameSource | None = source  # None while a failed source waits to be reopened
+        rate = self.p["rate"] or source.native_fps or 30.0
+        self.get_logger().info(f"capturing {source.kind} {self.p['source']!r} at {rate:.1f} Hz")
         self.diagnostics = Diagnostics(self, self._report)
         self._stop = threading.Event()
         self._thread = self.guard.worker("capture", lambda: self._loop(rate))

@@ -21,7 +21,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from rclpy.node import Node
 
@@ -157,7 +157,13 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:300]
 
 
-class Guarded:
+if TYPE_CHECKING:  # the type checker sees the mixin as the node it is always mixed into
+    _MixedInto = Node
+else:
+    _MixedInto = object
+
+
+class Guarded(_MixedInto):
     """Mixin for rclpy nodes: every subscription, service and timer callback runs under `self.guard`.
 
     Put it before the rclpy node class (`class X(Guarded, Node)`), so these methods wrap rclpy's.

@@ -11,6 +11,8 @@ import cv2
 import numpy as np
 from sensor_msgs.msg import CompressedImage, Image
 
+from gaga_ros.errors import InputError
+
 #: Encodings accepted on input, with their bytes per pixel.
 ENCODINGS = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1, "8UC3": 3, "8UC1": 1,
              "yuv422_yuy2": 2, "uyvy": 2, "yuv422": 2}
@@ -21,7 +23,7 @@ _YUV422 = {"yuv422_yuy2": cv2.COLOR_YUV2RGB_YUY2, "uyvy": cv2.COLOR_YUV2RGB_UYVY
 MAX_PIXELS = 7680 * 4320
 
 
-class ImageMessageError(ValueError):
+class ImageMessageError(InputError):
     """An Image message that cannot be read; the message says what is accepted."""
 
 

@@ -25,7 +25,7 @@ def declare(node: Node, params: tuple[Param, ...]) -> dict[str, Any]:
     """Declare every parameter with its descriptor and return the current values by name."""
     for p in params:
         desc = ParameterDescriptor(description=p.description, read_only=p.read_only)
-        if p.low is not None:
+        if p.low is not None and p.high is not None:
             if isinstance(p.default, int) and not isinstance(p.default, bool):
                 desc.integer_range = [IntegerRange(from_value=int(p.low), to_value=int(p.high), step=0)]
             else:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from sensor_msgs.msg import Image
 
 from gaga_ros.avatar.base import Avatar
+from gaga_ros.errors import GagaError, InputError, UnavailableError
 from gaga_ros.msg import GaussianAvatar
 from gaga_ros.nodes import names, qos
 from gaga_ros.nodes.avatar_msg import to_msg
@@ -38,28 +40,12 @@ PARAMS = (
 )
 
 
-def choose_backend(requested: str, models_dir: str, logger) -> str:
-    """The backend to use: `auto` takes gagavatar only when its licensed files are present."""
-    from gaga_ros.assets import find_assets
-
-    if requested not in ("auto", "geometric", "gagavatar"):
-        raise ValueError(f"backend {requested!r}: accepted are auto, geometric and gagavatar")
-    if requested != "auto":
-        return requested
-    status = find_assets(models_dir or None)
-    if status.complete:
-        return "gagavatar"
-    logger.info("GAGAvatar weights or FLAME not found, using the geometric backend "
-                "(`gaga-ros assets` explains; `gaga-ros fetch-assets` downloads them)")
-    return "geometric"
-
-
 class ReconstructionNode(ManagedNode):
     """Builds avatars from photos and publishes the current one, reliable and transient-local."""
 
     def __init__(self) -> None:
         super().__init__("gaga_reconstruction", PARAMS)
-        self.backend = None
+        self.backend: Any = None  # GeometricAvatar or GagaAvatarBackend, chosen on configure
         self.avatar: Avatar | None = None
         self.error = ""
         self._lock = threading.Lock()
@@ -78,29 +64,23 @@ class ReconstructionNode(ManagedNode):
         return Path.cwd().resolve()
 
     def confined(self, path: str) -> Path:
-        """`path` resolved inside source_dir; ValueError for anything outside it."""
+        """`path` resolved inside source_dir; InputError for anything outside it."""
         root = self.source_dir()
         full = (root / Path(path).expanduser()).resolve()
         if not full.is_relative_to(root):
-            raise ValueError(f"{path!r} lies outside source_dir {root}; photos are only read there")
+            raise InputError(f"{path!r} lies outside source_dir {root}; photos are only read there")
         return full
 
     def configure(self) -> None:
-        device = self.p["device"]
-        if device == "auto":
-            import torch
+        from gaga_ros.avatar.backends import choose_backend, make_backend, resolve_device
 
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        name = choose_backend(self.p["backend"], self.p["models_dir"], self.get_logger())
-        if name == "geometric":
-            from gaga_ros.avatar.geometric import GeometricAvatar
-
-            self.backend = GeometricAvatar(grid=self.p["grid"], device="cpu")
-        else:
-            from gaga_ros.avatar.gagavatar.backend import GagaAvatarBackend
-
-            self.backend = GagaAvatarBackend.load(self.p["models_dir"] or None,
-                                                  self.p["gagavatar_config"], device=device)
+        models_dir = self.p["models_dir"] or None
+        name, note = choose_backend(self.p["backend"], models_dir)
+        if note:
+            self.get_logger().info(note)
+        # the geometric avatar lifts a photo on the CPU whatever the device (numpy, once per photo)
+        device = "cpu" if name == "geometric" else resolve_device(self.p["device"])
+        self.backend = make_backend(name, device, models_dir, self.p["gagavatar_config"], self.p["grid"])
 
     def activate(self) -> None:
         if self.avatar is None:
@@ -116,7 +96,7 @@ class ReconstructionNode(ManagedNode):
     def build(self, rgb: np.ndarray, label: str) -> Avatar:
         """Reconstruct and publish; on failure raise, keeping the previous avatar."""
         if self.backend is None:
-            raise RuntimeError("node is not configured")
+            raise UnavailableError("node is not configured")
         with self._lock:
             avatar = self.backend.reconstruct(rgb)
             self.avatar = avatar
@@ -142,7 +122,7 @@ class ReconstructionNode(ManagedNode):
             return False, reason
         try:
             avatar = self.build(load(), label)
-        except (ValueError, OSError, RuntimeError) as exc:
+        except GagaError as exc:
             self.error = f"{label}: {exc}"
             self.guard.refuse(source, f"{self.error}; keeping the previous avatar")
             return False, str(exc)

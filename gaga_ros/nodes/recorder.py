@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from fractions import Fraction
+from typing import Any
 
 import av
 from sensor_msgs.msg import Image
@@ -98,7 +99,7 @@ class RecorderNode(GuardedNode):
         # close() runs on the main thread while an executor thread may be encoding a frame: the
         # encoder must not be flushed and freed under it (a segfault at Ctrl-C, seen).
         self.lock = threading.Lock()
-        self.stream = None
+        self.stream: Any = None  # the video stream, added on the first frame (its size is the frame's)
         self.timeline = Timeline()
         self.next_keyframe = 0  # pts from which the next frame is made a keyframe
         self.full = False
@@ -130,6 +131,7 @@ class RecorderNode(GuardedNode):
                                         throttle_duration_sec=LOG_THROTTLE_S)
 
     def _encode(self, rgb, stamp_ns: int) -> None:
+        assert self.container is not None  # frames arrive only while the file is open
         if self.stream is None:
             self.stream = self.container.add_stream("libx264", rate=NOMINAL_RATE, options=X264_OPTIONS)
             height, width = (max(2, side // 2 * 2) for side in rgb.shape[:2])  # yuv420p: even sides

@@ -76,16 +76,14 @@ def make_backend(name: str, device: str, models_dir: str, config: str, fast: boo
 
 
 def render_device(requested: str) -> str:
-    """The device a render node's `device` parameter names (auto: cuda when present); ValueError when
-    it is not there. On the CPU torch gets one thread: the per-frame torch work is many small ops, and
-    extra threads only contend with numba's."""
+    """The device a render node's `device` parameter names (gaga_ros.avatar.backends.resolve_device).
+    On the CPU torch gets one thread: the per-frame torch work is many small ops, and extra threads
+    only contend with numba's."""
     import torch
 
-    device = requested
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda requested but no CUDA device is visible")
+    from gaga_ros.avatar.backends import resolve_device
+
+    device = resolve_device(requested)
     if device == "cpu":
         torch.set_num_threads(1)
     return device

@@ -12,7 +12,6 @@ from rcl_interfaces.msg import SetParametersResult
 from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import Trigger
 
-from gaga_ros.graph import TRACKING_MODES
 from gaga_ros.mailbox import Mailbox
 from gaga_ros.msg import Expression as ExpressionMsg
 from gaga_ros.msg import TrackingStatus
@@ -22,7 +21,7 @@ from gaga_ros.nodes.expression_msg import to_msg as expression_to_msg
 from gaga_ros.nodes.guard import GuardedNode
 from gaga_ros.nodes.image_msg import to_rgb
 from gaga_ros.nodes.parameters import Param, declare
-from gaga_ros.tracking.mesh_tracker import MeshTracker
+from gaga_ros.tracking.tracker import Tracker, make_tracker, resolve_mode
 
 #: image_transport's names: raw images on the camera topic, JPEG/PNG on its /compressed sub-topic.
 CAMERA_TOPICS = {"raw": (names.CAMERA_IMAGE, Image),
@@ -83,34 +82,16 @@ class TrackingNode(GuardedNode):
         self.worker = self.guard.serve("tracking", self.resolve_topic_name(self.camera_topic), self.mailbox,
                                        self._track)
 
-    def _make_tracker(self):
-        from gaga_ros.assets import find_assets
-
-        mode = self.p["mode"]
-        if mode not in TRACKING_MODES:
-            raise ValueError(f"mode {mode!r}: accepted are {', '.join(TRACKING_MODES)}")
-        if mode == "auto":
-            mode = "flame" if find_assets(self.p["models_dir"] or None).flame else "mesh"
+    def _make_tracker(self) -> Tracker:
+        models_dir = self.p["models_dir"] or None
+        mode = resolve_mode(self.p["mode"], models_dir)
+        if self.p["mode"] == "auto":
             self.get_logger().info(f"tracking mode auto: {mode} (FLAME model "
                                    f"{'found' if mode == 'flame' else 'not found'})")
-        if mode == "flame":
-            import torch
-
-            from gaga_ros.faces.flame_assets import load_flame_assets
-            from gaga_ros.tracking.flame_fitter import MediapipeEmbedding
-            from gaga_ros.tracking.flame_tracker import FlameTracker
-
-            torch.set_num_threads(1)  # a few small solves per frame: threads cost more than they give
-            status = find_assets(self.p["models_dir"] or None)
-            if status.flame is None:
-                raise FileNotFoundError(f"tracking mode flame needs a FLAME model.\n{status.explain()}")
-            embedding = (MediapipeEmbedding.load(status.mediapipe_embedding)
-                         if status.mediapipe_embedding else None)
-            return FlameTracker(load_flame_assets(status.flame, status.flame_landmarks), embedding,
-                                min_confidence=self.p["min_confidence"], steps=self.p["flame_steps"])
-        return MeshTracker(min_cutoff=self.p["min_cutoff"], beta=self.p["beta"],
-                           d_cutoff=self.p["d_cutoff"], reference_frames=self.p["reference_frames"],
-                           min_confidence=self.p["min_confidence"])
+        return make_tracker(mode, models_dir, min_confidence=self.p["min_confidence"],
+                            flame_steps=self.p["flame_steps"], min_cutoff=self.p["min_cutoff"],
+                            beta=self.p["beta"], d_cutoff=self.p["d_cutoff"],
+                            reference_frames=self.p["reference_frames"])
 
     def _on_params(self, params) -> SetParametersResult:
         changed = {p.name: p.value for p in params if p.name in SMOOTHING}
@@ -149,7 +130,7 @@ class TrackingNode(GuardedNode):
 
     def _publish_status(self) -> None:
         s = self.tracker.status
-        if self.silent:
+        if self.silent and self.last_frame is not None:  # silent only after a first frame
             lost = time.monotonic() - self.last_frame
             msg = TrackingStatus(face_found=False, confidence=0.0, face_lost_seconds=float(lost),
                                  message="camera silent")

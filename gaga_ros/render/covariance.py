@@ -1,8 +1,8 @@
 """3D covariances from raw quaternions, the way the published GAGAvatar kernel builds them.
 
 gsplat normalises quaternions before use; GAGAvatar's global Gaussians carry quaternions of norm
-about 0.03, which the published kernel does not normalise (SPEC section 6). Every backend therefore
-receives Sigma = R(q) diag(s^2) R(q)^T with R evaluated on the raw q.
+about 0.03, which the published kernel does not normalise (docs/gagavatar.md, Rasterizer). Every
+backend therefore receives Sigma = R(q) diag(s^2) R(q)^T with R evaluated on the raw q.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Every backend reproduces gsplat 1.5.3 `rasterization(rasterize_mode="classic", near_plane=0.2,
 eps2d=0.3, sh_degree=None, packed=False)` with covariances from the raw quaternions, which is the
-published GAGAvatar rasterizer up to its 0.99 alpha clamp (SPEC section 6).
+published GAGAvatar rasterizer up to its 0.99 alpha clamp (docs/gagavatar.md).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from gaga_ros.camera import Camera
+from gaga_ros.errors import InputError
 from gaga_ros.gaussians import Gaussians
 from gaga_ros.render.covariance import raw_quat_covariance
 
@@ -21,7 +22,7 @@ EPS2D = 0.3
 BACKENDS = ("auto", "gsplat", "cpu", "reference")
 
 
-class RenderInputError(ValueError):
+class RenderInputError(InputError):
     """The Gaussians, camera, background or backend cannot be rendered as given."""
 
 
@@ -51,11 +52,13 @@ def rasterize(gaussians: Gaussians, camera: Camera, background: torch.Tensor | N
     if backend == "cpu":
         from gaga_ros.render import cpu
 
-        arrays = [_f32_numpy(t) for t in (gaussians.means, gaussians.quats, gaussians.scales,
-                                          gaussians.opacities, gaussians.colors)]
-        image, alpha = cpu.render(*arrays, camera.viewmat, camera.K, camera.width, camera.height,
-                                  _f32_numpy(background), NEAR_PLANE, EPS2D)
-        return RenderResult(torch.from_numpy(image), torch.from_numpy(alpha))
+        means, quats, scales, opacities, colors = (
+            _f32_numpy(t) for t in (gaussians.means, gaussians.quats, gaussians.scales,
+                                    gaussians.opacities, gaussians.colors))
+        pixels, coverage = cpu.render(means, quats, scales, opacities, colors, camera.viewmat, camera.K,
+                                      camera.width, camera.height, _f32_numpy(background), NEAR_PLANE,
+                                      EPS2D)
+        return RenderResult(torch.from_numpy(pixels), torch.from_numpy(coverage))
     from gaga_ros.render import reference
 
     image, alpha = reference.render(

@@ -22,21 +22,21 @@ def render(means: torch.Tensor, quats: torch.Tensor, scales: torch.Tensor, opaci
            height: int, background: torch.Tensor, near_plane: float,
            eps2d: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Image (H,W,C) and alpha (H,W), float32, from CPU tensors; cost O(N * H * W)."""
-    f64 = {"dtype": torch.float64}
-    covars = raw_quat_covariance(quats.to(**f64), scales.to(**f64))
+    f64 = torch.float64
+    covars = raw_quat_covariance(quats.to(f64), scales.to(f64))
     _, means2d, depths, conics, _ = _fully_fused_projection(
-        means.to(**f64), covars, viewmat.to(**f64)[None], intrinsics.to(**f64)[None], width, height,
+        means.to(f64), covars, viewmat.to(f64)[None], intrinsics.to(f64)[None], width, height,
         eps2d=eps2d, near_plane=near_plane)
     means2d, depths, conics = means2d[0], depths[0], conics[0]
     keep = torch.nonzero(depths > near_plane).flatten()
     keep = keep[torch.sort(depths[keep], stable=True).indices]
 
-    ys, xs = torch.meshgrid(torch.arange(height, **f64) + 0.5, torch.arange(width, **f64) + 0.5,
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=f64) + 0.5, torch.arange(width, dtype=f64) + 0.5,
                             indexing="ij")
     pixels = torch.stack([xs.flatten(), ys.flatten()], dim=-1)
-    trans = torch.ones(pixels.shape[0], **f64)
+    trans = torch.ones(pixels.shape[0], dtype=f64)
     done = torch.zeros(pixels.shape[0], dtype=torch.bool)
-    out = torch.zeros(pixels.shape[0], colors.shape[1], **f64)
+    out = torch.zeros(pixels.shape[0], colors.shape[1], dtype=f64)
     for g in keep.tolist():
         d = means2d[g] - pixels
         a, b, c = conics[g]

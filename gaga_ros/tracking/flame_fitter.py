@@ -1,4 +1,4 @@
-"""Fit FLAME to mediapipe landmarks, producing GAGAvatar tracker records (SPEC section 8).
+"""Fit FLAME to mediapipe landmarks, producing GAGAvatar tracker records (docs/flame.md).
 
 Head pose lives in the camera, as in GAGAvatar_track: the global FLAME rotation stays 0 and the fit
 solves [R | T] for focal 12 on the 512 head crop. Identity (shape) is estimated jointly over the first
@@ -27,11 +27,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from gaga_ros.config import CAMERA_DISTANCE, CROP_SIZE, FOCAL, MESH_LANDMARKS
+from gaga_ros.camera import frontal_transform, pixel_focal, principal_point
+from gaga_ros.conventions import CAMERA_DISTANCE, CROP_SIZE, MESH_LANDMARKS
+from gaga_ros.errors import InputError
 from gaga_ros.faces.flame import Flame, rodrigues
 from gaga_ros.faces.flame_assets import FlameAssets
 
@@ -46,10 +49,12 @@ MEDIAPIPE_TO_IBUG68 = (
 )
 MEDIAPIPE_IRIS_CENTRES = (468, 473)
 #: Frontal camera rotation (GAGAvatar convention, row-vector): camera +X is the subject's right.
-_FRONTAL = torch.tensor([[-1.0, 0, 0], [0, 1, 0], [0, 0, -1]])
+_FRONTAL = torch.from_numpy(np.ascontiguousarray(frontal_transform()[:, :3]))
+#: The crop camera in pixels (gaga_ros.camera): focal and principal point of the 512 head crop.
+_PIXEL_FOCAL, _CENTRE = pixel_focal(CROP_SIZE), principal_point(CROP_SIZE)
 
 
-class FitInputError(ValueError):
+class FitInputError(InputError):
     """Landmarks of the wrong shape; the message says what is accepted."""
 
 
@@ -114,15 +119,6 @@ def landmark_submodel(assets: FlameAssets, extra_faces: np.ndarray | None = None
     return Flame(reduced, n_shape=n_shape, n_exp=n_exp)
 
 
-def project(points: torch.Tensor, rotation: torch.Tensor, translation: torch.Tensor) -> torch.Tensor:
-    """GAGAvatar camera projection to crop pixels: (B,L,3) world -> (B,L,2), u right, v down."""
-    cam = points @ rotation + translation[:, None]
-    pixel_focal = FOCAL * CROP_SIZE / 2
-    centre = (CROP_SIZE - 1) / 2
-    return torch.stack([centre - pixel_focal * cam[..., 0] / cam[..., 2],
-                        centre - pixel_focal * cam[..., 1] / cam[..., 2]], dim=-1)
-
-
 #: Prior standard deviations (MAP weights are 1 / sigma^2 against 1 px landmark residuals). Shape and
 #: expression coefficients are unit-variance by construction of FLAME's bases; jaw and eyes in radians.
 SHAPE_SIGMA, EXPRESSION_SIGMA, JAW_SIGMA, EYE_SIGMA = 1.0, 1.0, 0.15, 0.25
@@ -134,6 +130,16 @@ GAUGE_SIGMA_PX = 0.1
 #: Pull toward the previous frame (sigma of the frame-to-frame change): small changes are free, so the
 #: fit follows motion, while noise along weakly observed directions no longer makes the fit wander.
 TEMPORAL_SIGMA = {"expression": 0.5, "jaw": 0.05, "eyes": 0.1, "head": 0.05, "translation": 0.2}
+#: Levenberg-Marquardt damping, relative to the normal matrix's diagonal: its start in the per-frame
+#: and in the identity solve, the factor it shrinks by after a step that lowered the cost and grows by
+#: after one that did not, and the floor added to the diagonal so that a parameter no residual reaches
+#: leaves the system solvable.
+LM_DAMPING_FRAMES, LM_DAMPING_IDENTITY = 1e-3, 1e-2
+LM_SHRINK, LM_GROW, LM_DIAGONAL_FLOOR = 3.0, 4.0, 1e-9
+#: Relative cost decrease of an accepted step under which a fit counts as converged.
+LM_CONVERGED_GAIN = 1e-4
+#: LM iterations of a cold start: first the camera alone, then every per-frame parameter.
+COLD_STEPS = 5
 #: Per-frame parameters in the order of the solver's vector; eyes are [left, right] axis-angle.
 _BLOCKS = (("jaw", 3), ("eyes", 6), ("head", 3), ("translation", 3))
 
@@ -197,7 +203,7 @@ class FlameFitter:
         else:
             self.mediapipe_index = torch.from_numpy(embedding.mediapipe_index)
         self._build_tables()
-        dev = {"device": flame.v_template.device, "dtype": flame.v_template.dtype}
+        dev: dict[str, Any] = {"device": flame.v_template.device, "dtype": flame.v_template.dtype}
         sizes = [self.n_exp] + [w for _, w in _BLOCKS]
         sigmas = [EXPRESSION_SIGMA, JAW_SIGMA, EYE_SIGMA, float("inf"), float("inf")]
         prior = torch.cat([torch.full((k,), s ** -2, **dev) for k, s in zip(sizes, sigmas, strict=True)])
@@ -269,7 +275,7 @@ class FlameFitter:
         modes = modes.reshape(modes.shape[0], -1)
         modes = modes / modes.norm(dim=1, keepdim=True) * rest.shape[0] ** 0.5    # unit RMS per landmark
         rigid = torch.linalg.lstsq(modes.T, dirs.reshape(-1, dirs.shape[-1])).solution  # (7,K)
-        px_per_unit = FOCAL * CROP_SIZE / 2 / CAMERA_DISTANCE
+        px_per_unit = _PIXEL_FOCAL / CAMERA_DISTANCE
         return rigid.T @ rigid * (px_per_unit / GAUGE_SIGMA_PX) ** 2
 
     def reset(self) -> None:
@@ -353,16 +359,15 @@ class FlameFitter:
         points = chan[:, :, 0] + (bend_rows @ arm.reshape(batch, n_lmk, 9, 1))[..., 0]
         cam_rot = rot[:, 3].transpose(1, 2) @ self._frontal
         cam = points @ cam_rot + trans[:, None]
-        pixel_focal, centre = FOCAL * CROP_SIZE / 2, (CROP_SIZE - 1) / 2
         inv_z = 1 / cam[..., 2:]
-        pred = centre - pixel_focal * cam[..., :2] * inv_z
+        pred = _CENTRE - _PIXEL_FOCAL * cam[..., :2] * inv_z  # gaga_ros.camera.project_points
         residual = (pred - target).reshape(batch, -1)
         if not jacobian:
             return residual, None, None
 
         def to_pixels(d_cam: torch.Tensor) -> torch.Tensor:
             """d camera point (B,L,3,Q) -> d pixel (B,2L,Q): u = c - f X/Z, v = c - f Y/Z."""
-            d = pixel_focal * inv_z[..., None] * (cam[..., :2, None] * inv_z[..., None] * d_cam[:, :, 2:]
+            d = _PIXEL_FOCAL * inv_z[..., None] * (cam[..., :2, None] * inv_z[..., None] * d_cam[:, :, 2:]
                                                   - d_cam[:, :, :2])
             return d.reshape(batch, 2 * n_lmk, -1)
 
@@ -396,8 +401,9 @@ class FlameFitter:
         temporal = torch.zeros_like(self._temporal) if prev is None else self._temporal
         anchor = x if prev is None else prev
         residual, jac, _ = self._evaluate(x, target, None, jacobian=True)
+        assert jac is not None  # asked for: narrows the type
         cost = self._cost(residual, x, prev)
-        damping = torch.full_like(cost, 1e-3)
+        damping = torch.full_like(cost, LM_DAMPING_FRAMES)
         keep = None if active is None else active.to(x)
         for it in range(steps):
             hess = jac.transpose(1, 2) @ jac + self._prior + torch.diag(temporal)
@@ -407,7 +413,7 @@ class FlameFitter:
                 hess = hess * (keep[:, None] * keep) + torch.diag(1 - keep)
                 grad = grad * keep
             diag = torch.diagonal(hess, dim1=1, dim2=2)
-            hess = hess + torch.diag_embed(damping[:, None] * diag + 1e-9)
+            hess = hess + torch.diag_embed(damping[:, None] * diag + LM_DIAGONAL_FLOOR)
             cand = x - torch.linalg.solve(hess, grad)
             last = it == steps - 1
             cand_residual, cand_jac, _ = self._evaluate(cand, target, None, jacobian=not last)
@@ -416,11 +422,11 @@ class FlameFitter:
             gain = (cost - cand_cost) / cost.clamp(min=1e-12)
             x = torch.where(better[:, None], cand, x)
             residual = torch.where(better[:, None], cand_residual, residual)
-            if not last:
+            if cand_jac is not None:  # every step but the last
                 jac = torch.where(better[:, None, None], cand_jac, jac)
             cost = torch.where(better, cand_cost, cost)
-            damping = torch.where(better, damping / 3, damping * 4)
-            if bool((better & (gain < 1e-4)).all()):  # converged: further steps would not move the fit
+            damping = torch.where(better, damping / LM_SHRINK, damping * LM_GROW)
+            if bool((better & (gain < LM_CONVERGED_GAIN)).all()):  # further steps would not move the fit
                 break
         return x, residual
 
@@ -431,13 +437,15 @@ class FlameFitter:
         The normal equations are solved by eliminating each frame's block first (Schur complement),
         so a step costs one shape-sized solve however many frames there are.
         """
+        assert self.shape is not None  # held (the mean shape at least) before any solve
         shape = self.shape[0].clone()
 
         def total(residual: torch.Tensor, x: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
             return self._cost(residual, x, None).sum() + shape @ self._shape_prior @ shape
 
         residual, jac, jac_shape = self._evaluate(x, target, shape, True)
-        cost, damping = total(residual, x, shape), 1e-2
+        assert jac is not None and jac_shape is not None  # asked for: narrows the types
+        cost, damping = total(residual, x, shape), LM_DAMPING_IDENTITY
         for _ in range(steps):
             js_t, jf_t = jac_shape.transpose(1, 2), jac.transpose(1, 2)
             h_ss = (js_t @ jac_shape).sum(0) + self._shape_prior
@@ -445,8 +453,9 @@ class FlameFitter:
             h_sf = js_t @ jac                                                 # (B,S,P)
             g_s = (js_t @ residual[..., None]).sum(0)[:, 0] + self._shape_prior @ shape
             g_f = (jf_t @ residual[..., None])[..., 0] + x @ self._prior
-            h_ss = h_ss + torch.diag(damping * torch.diagonal(h_ss) + 1e-9)
-            h_ff = h_ff + torch.diag_embed(damping * torch.diagonal(h_ff, dim1=1, dim2=2) + 1e-9)
+            h_ss = h_ss + torch.diag(damping * torch.diagonal(h_ss) + LM_DIAGONAL_FLOOR)
+            h_ff = h_ff + torch.diag_embed(damping * torch.diagonal(h_ff, dim1=1, dim2=2)
+                                           + LM_DIAGONAL_FLOOR)
             chol = torch.linalg.cholesky(h_ff)
             fs = torch.cholesky_solve(torch.cat([h_sf.transpose(1, 2), g_f[..., None]], 2), chol)
             schur = h_ss - (h_sf @ fs[..., :-1]).sum(0)
@@ -454,15 +463,16 @@ class FlameFitter:
             cand_shape = shape + d_shape
             cand = x - fs[..., -1] - (fs[..., :-1] @ d_shape[:, None])[..., 0]
             cand_residual, cand_jac, cand_jac_shape = self._evaluate(cand, target, cand_shape, True)
+            assert cand_jac is not None and cand_jac_shape is not None
             cand_cost = total(cand_residual, cand, cand_shape)
             if cand_cost < cost:
                 gain = float((cost - cand_cost) / cost)
                 x, shape, residual, jac, jac_shape = cand, cand_shape, cand_residual, cand_jac, cand_jac_shape
-                cost, damping = cand_cost, damping / 3
-                if gain < 1e-4:
+                cost, damping = cand_cost, damping / LM_SHRINK
+                if gain < LM_CONVERGED_GAIN:
                     break
             else:
-                damping *= 4
+                damping *= LM_GROW
         return x, shape, residual
 
     def _initial(self, target: torch.Tensor) -> torch.Tensor:
@@ -473,9 +483,8 @@ class FlameFitter:
         pred = residual.view_as(target) + target
         spread = lambda p: (p - p.mean(1, keepdim=True)).norm(dim=-1).mean(1)  # noqa: E731
         z = CAMERA_DISTANCE * spread(pred) / spread(target).clamp(min=1.0)
-        off = (CROP_SIZE - 1) / 2 - torch.stack([target.mean(1), pred.mean(1)])  # (2,B,2) from centre
-        pixel_focal = FOCAL * CROP_SIZE / 2
-        x[:, -3:-1] = (off[0] * z[:, None] - off[1] * CAMERA_DISTANCE) / pixel_focal
+        off = _CENTRE - torch.stack([target.mean(1), pred.mean(1)])  # (2,B,2) from centre
+        x[:, -3:-1] = (off[0] * z[:, None] - off[1] * CAMERA_DISTANCE) / _PIXEL_FOCAL
         x[:, -1] = z
         return x
 
@@ -510,10 +519,10 @@ class FlameFitter:
                     self._hold_identity(torch.zeros_like(self._joint_shape[0, 0]))
                 x = self._initial(target)
                 if self._camera is None:
-                    x, _ = self._solve_frames(x, target, None, 5, active=rigid)
+                    x, _ = self._solve_frames(x, target, None, COLD_STEPS, active=rigid)
                 else:
                     x[:, -6:] = self._camera
-                x, residual = self._solve_frames(x, target, None, 5, active=free)
+                x, residual = self._solve_frames(x, target, None, COLD_STEPS, active=free)
                 if not self.identity_held:
                     x, shape, residual = self._solve_identity(x, target, self.identity_steps)
                     self._hold_identity(shape)

@@ -1,5 +1,5 @@
 """Camera frames -> FLAME-mode Expressions: mediapipe landmarks on the 1.65x head crop, a FLAME fit
-warm-started from the previous frame, and GAGAvatar_track's smoothing (SPEC section 8).
+warm-started from the previous frame, and GAGAvatar_track's smoothing (docs/flame.md).
 
 Per frame: mediapipe FaceMesh (~8 ms at 512 on one CPU core), then a few Levenberg-Marquardt steps
 (~5-10 ms); identity is estimated over the first `identity_frames` frames and then held.
@@ -11,13 +11,13 @@ import time
 
 import numpy as np
 
-from gaga_ros.config import CROP_SCALE, CROP_SIZE
+from gaga_ros.conventions import CROP_SCALE, CROP_SIZE
 from gaga_ros.crop import crop_window, head_box
 from gaga_ros.expression import Expression, FaceModel
 from gaga_ros.faces.flame_assets import FlameAssets
 from gaga_ros.tracking.flame_fitter import FlameFit, FlameFitter, MediapipeEmbedding
 from gaga_ros.tracking.landmarks import FaceLandmarker
-from gaga_ros.tracking.mesh_tracker import TrackingState
+from gaga_ros.tracking.tracker import TrackingState, nearest_rotation
 
 #: EMA weights of the published video tracker: new = a * current + (1 - a) * previous.
 POSE_ALPHA, EYE_ALPHA, BOX_ALPHA = 0.6, 0.7, 0.03
@@ -25,12 +25,6 @@ POSE_ALPHA, EYE_ALPHA, BOX_ALPHA = 0.6, 0.7, 0.03
 
 def _ema(prev: np.ndarray | None, cur: np.ndarray, alpha: float) -> np.ndarray:
     return cur if prev is None else alpha * cur + (1 - alpha) * prev
-
-
-def _orthonormal(rot: np.ndarray) -> np.ndarray:
-    """The rotation nearest a smoothed 3x3 (the 6-D smoothing of the published tracker, via SVD)."""
-    u, _, vt = np.linalg.svd(rot)
-    return (u @ np.diag([1, 1, np.linalg.det(u @ vt)]) @ vt).astype(np.float32)
 
 
 class FlameTracker:
@@ -79,7 +73,9 @@ class FlameTracker:
         self.timings_ms["fit"] = (time.perf_counter() - started) * 1e3
         self.last_fit = fit
         s = self._smooth
-        s["rot"] = _orthonormal(_ema(s.get("rot"), fit.transform_matrix[:, :3], POSE_ALPHA))
+        # the rotation nearest the smoothed matrix: the published tracker smooths a 6-D rotation form
+        rot = _ema(s.get("rot"), fit.transform_matrix[:, :3], POSE_ALPHA)
+        s["rot"] = nearest_rotation(rot).astype(np.float32)
         s["trans"] = _ema(s.get("trans"), fit.transform_matrix[:, 3], POSE_ALPHA)
         s["eyes"] = _ema(s.get("eyes"), fit.eyecode, EYE_ALPHA)
         confidence = float(face.score) / (1.0 + (fit.landmark_error_px / 16.0) ** 2)
@@ -88,7 +84,7 @@ class FlameTracker:
                           stamp_ns=stamp_ns, expression=fit.expcode, jaw_pose=fit.posecode[3:6],
                           eye_pose=s["eyes"], confidence=min(max(confidence, 0.0), 1.0))
 
-    def set_smoothing(self, **_) -> None:
+    def set_smoothing(self, min_cutoff: float, beta: float, d_cutoff: float) -> None:
         """The published tracker's EMA weights are fixed; One Euro settings apply to mesh mode only."""
 
     def reset_reference(self) -> None:

@@ -14,11 +14,9 @@ import numpy as np
 from mediapipe.python.solution_base import SolutionBase
 from mediapipe.python.solutions import face_mesh
 
-from gaga_ros.config import MESH_LANDMARKS
-
-
-class ImageError(ValueError):
-    """An image the landmarker cannot read; the message says what is accepted."""
+from gaga_ros.conventions import MESH_LANDMARKS
+from gaga_ros.errors import InputError
+from gaga_ros.image import check_rgb
 
 
 @dataclass(frozen=True)
@@ -29,25 +27,14 @@ class Face:
     score: float
 
 
-def check_rgb(rgb: np.ndarray) -> np.ndarray:
-    """Return the image as a C-contiguous (H, W, 3) uint8 array or raise ImageError."""
-    if not isinstance(rgb, np.ndarray):
-        raise ImageError(f"image is a {type(rgb).__name__}: accepted is a numpy (H, W, 3) uint8 RGB array")
-    if rgb.dtype != np.uint8:
-        raise ImageError(f"image dtype is {rgb.dtype}: accepted is uint8 RGB (0-255)")
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise ImageError(f"image shape is {rgb.shape}: accepted is a non-empty (H, W, 3) RGB array")
-    return np.ascontiguousarray(rgb)
-
-
 class FaceLandmarker:
     """FaceMesh with refined iris landmarks, returning pixel-space landmarks per face."""
 
     def __init__(self, static_image_mode: bool = False, max_faces: int = 1, min_confidence: float = 0.5):
         if not 0.0 <= min_confidence <= 1.0:
-            raise ValueError(f"min_confidence {min_confidence!r}: accepted is a value in [0, 1]")
+            raise InputError(f"min_confidence {min_confidence!r}: accepted is a value in [0, 1]")
         if int(max_faces) < 1:
-            raise ValueError(f"max_faces {max_faces!r}: accepted is a positive integer")
+            raise InputError(f"max_faces {max_faces!r}: accepted is a positive integer")
         # FaceMesh's own graph, asking also for its detector output (the solution API's constructor
         # exposes only the landmarks); the calculator options are those of face_mesh.FaceMesh.
         self._graph = SolutionBase(

@@ -1,7 +1,7 @@
 """Mesh-mode tracking: FaceMesh landmarks -> GAGAvatar head pose + identity-free canonical landmarks.
 
 Per frame: landmarks on the full frame, a GAGAvatar head crop around them (crop.py), a rigid head fit in
-the crop's camera (focal 3072 px on 512, SPEC section 6), the landmarks brought into the canonical head
+the crop's camera (gaga_ros.camera: focal 3072 px on 512), the landmarks brought into the canonical head
 frame, and motion relative to the driver's own reference (mean of its first confident frames), smoothed
 with One Euro filters. The output drives an avatar of another person: it carries motion, not shape.
 """
@@ -13,15 +13,16 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from gaga_ros.config import CROP_SCALE, CROP_SIZE, FOCAL, MESH_LANDMARKS
+from gaga_ros.camera import from_opencv, frontal_transform, intrinsics, to_opencv
+from gaga_ros.conventions import CAMERA_DISTANCE, CROP_SCALE, CROP_SIZE, MESH_LANDMARKS
 from gaga_ros.crop import CropWindow, HeadCrop, crop_head, crop_window, head_box
-from gaga_ros.expression import Expression, FaceModel, frontal_transform
+from gaga_ros.errors import InputError
+from gaga_ros.expression import Expression, FaceModel
 from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES, FACE_LANDMARKS, REGIONS
 from gaga_ros.tracking.landmarks import FaceLandmarker
 from gaga_ros.tracking.smoothing import OneEuroFilter
+from gaga_ros.tracking.tracker import TrackingState, nearest_rotation
 
-#: OpenCV camera axes (x right, y down) from GAGAvatar's (x left, y up); z is shared.
-_FLIP = np.diag([-1.0, -1.0, 1.0])
 #: Landmarks that move little with expression (forehead, nose, cheeks, eye corners): the rigid fit uses
 #: these only, so a smile or an open jaw does not tilt the head.
 _MOVING = ("lips_upper", "lips_lower", "lower_face", "left_eye_upper", "left_eye_lower",
@@ -34,7 +35,7 @@ RIGID = np.union1d(np.setdiff1d(np.arange(FACE_LANDMARKS), np.concatenate([REGIO
 RMSE_HALF = 16.0
 
 
-class FitError(ValueError):
+class FitError(InputError):
     """Landmarks that cannot be fitted; the message says what is accepted."""
 
 
@@ -45,11 +46,6 @@ class HeadFit:
     transform: np.ndarray  # (3, 4) GAGAvatar [R | T]: x_cam = x_canonical R + T
     canonical_points: np.ndarray  # (478, 3) this face's landmarks in the canonical head frame
     rmse_px: float  # reprojection error of the canonical face's rigid landmarks, crop pixels
-
-
-def _camera_matrix(size: int) -> np.ndarray:
-    f = FOCAL * size / 2.0
-    return np.array([[f, 0, size / 2.0], [0, f, size / 2.0], [0, 0, 1]])
 
 
 def _umeyama_rotation(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
@@ -74,7 +70,7 @@ def fit_head(crop_points: np.ndarray, size: int = CROP_SIZE,
     if pts.shape != (MESH_LANDMARKS, 3) or not np.isfinite(pts).all():
         raise FitError(f"crop_points of shape {pts.shape}: accepted are ({MESH_LANDMARKS}, 3) finite "
                        "FaceMesh landmarks in crop pixels")
-    K = _camera_matrix(size)
+    K = intrinsics(size)
     f, c = K[0, 0], K[0, 2]
     model = CANONICAL_VERTICES.astype(np.float64)
     centred = pts - np.array([c, c, 0.0])
@@ -82,15 +78,16 @@ def fit_head(crop_points: np.ndarray, size: int = CROP_SIZE,
         rot_cv, scale, shift = _umeyama_rotation(model[RIGID], centred[RIGID])
         tvec = np.array([shift[0] / scale, shift[1] / scale, f / scale])
     else:
-        guess = np.asarray(guess, dtype=np.float64).reshape(3, 4)
-        rot_cv, tvec = _FLIP @ guess[:, :3].T, _FLIP @ guess[:, 3]
+        rot_cv, tvec = to_opencv(guess)
     rvec = cv2.Rodrigues(rot_cv)[0]
-    ok, rvec, tvec = cv2.solvePnP(model[RIGID], pts[RIGID, :2].copy(), K, None, rvec, tvec.reshape(3, 1),
-                                  useExtrinsicGuess=True, flags=cv2.SOLVEPNP_ITERATIVE)
+    # OpenCV accepts None (no distortion) where its type hints want an array.
+    ok, rvec, tvec = cv2.solvePnP(  # type: ignore[call-overload]
+        model[RIGID], pts[RIGID, :2].copy(), K, None, rvec, tvec.reshape(3, 1),
+        useExtrinsicGuess=True, flags=cv2.SOLVEPNP_ITERATIVE)
     if not ok or tvec[2, 0] <= 0:
         raise FitError("no head pose in front of the camera fits these landmarks")
     rot_cv, tvec = cv2.Rodrigues(rvec)[0], tvec[:, 0]
-    projected = cv2.projectPoints(model[RIGID], rvec, tvec, K, None)[0][:, 0]
+    projected = cv2.projectPoints(model[RIGID], rvec, tvec, K, None)[0][:, 0]  # type: ignore[call-overload]
     rmse = float(np.sqrt(((projected - pts[RIGID, :2]) ** 2).sum(1).mean()))
     # Back-project every landmark along its pixel ray, at mediapipe's depth (pixels -> units at the head
     # distance), registered so the rigid landmarks' mean depth matches the fitted canonical face.
@@ -100,23 +97,8 @@ def fit_head(crop_points: np.ndarray, size: int = CROP_SIZE,
     depth += model_depth - depth[RIGID].mean()
     cam = np.column_stack([centred[:, 0] * depth / f, centred[:, 1] * depth / f, depth])
     canonical = (cam - tvec) @ rot_cv
-    transform = np.column_stack([rot_cv.T @ _FLIP, _FLIP @ tvec]).astype(np.float32)
+    transform = from_opencv(rot_cv, tvec).astype(np.float32)
     return HeadFit(transform, canonical.astype(np.float32), rmse)
-
-
-@dataclass(frozen=True)
-class TrackingState:
-    """Health of the tracker after its latest frame (mirrors msg/TrackingStatus.msg)."""
-
-    face_found: bool
-    confidence: float
-    face_lost_seconds: float
-    message: str
-
-
-def _project_rotation(m: np.ndarray) -> np.ndarray:
-    u, _, vt = np.linalg.svd(m)
-    return u @ np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))]) @ vt
 
 
 class MeshTracker:
@@ -133,14 +115,14 @@ class MeshTracker:
 
     def __init__(self, min_cutoff: float = 1.5, beta: float = 3.0, d_cutoff: float = 1.0,
                  reference_frames: int = 15, min_confidence: float = 0.5, crop_size: int = CROP_SIZE,
-                 crop_scale: float = CROP_SCALE, distance: float | None = None):
+                 crop_scale: float = CROP_SCALE, distance: float = CAMERA_DISTANCE):
         if int(reference_frames) < 1:
-            raise ValueError(f"reference_frames {reference_frames!r}: accepted is a positive integer")
+            raise InputError(f"reference_frames {reference_frames!r}: accepted is a positive integer")
         self.landmarker = FaceLandmarker(static_image_mode=False, max_faces=1, min_confidence=min_confidence)
         self.reference_frames = int(reference_frames)
         self.min_confidence = float(min_confidence)
         self.crop_size, self.crop_scale = int(crop_size), float(crop_scale)
-        self._front = frontal_transform() if distance is None else frontal_transform(distance)
+        self._front = frontal_transform(distance)
         self._filters = {k: OneEuroFilter(min_cutoff, beta, d_cutoff) for k in ("motion", "rot", "trans")}
         self._box_filter = OneEuroFilter(*self.BOX_FILTER)
         self._last: tuple[np.ndarray, np.ndarray, CropWindow] | None = None
@@ -218,7 +200,7 @@ class MeshTracker:
             self._ref_rots.append(rot)
             self._ref_trans.append(trans)
             self._reference = (np.mean(self._ref_points, axis=0),
-                               _project_rotation(np.mean(self._ref_rots, axis=0)),
+                               nearest_rotation(np.mean(self._ref_rots, axis=0)),
                                np.mean(self._ref_trans, axis=0))
         if self._reference is None:
             return self._lost(t, "face found, confidence too low to take a reference", found=True,
@@ -238,7 +220,9 @@ class MeshTracker:
         return Expression(face_model=FaceModel.MESH, transform=transform, stamp_ns=int(stamp_ns),
                           vertices=CANONICAL_VERTICES + motion, confidence=confidence)
 
-    def _lost(self, t: float, message: str, found: bool = False, confidence: float = 0.0) -> None:
+    def _lost(self, t: float, message: str, found: bool = False,
+              confidence: float = 0.0) -> Expression | None:
+        """No expression for this frame (None), with the tracker's state saying why."""
         lost = 0.0 if self._last_seen is None else max(t - self._last_seen, 0.0)
         if not found:
             self._reset_filters()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from gaga_ros.errors import InputError
+
 
 def _alpha(cutoff: np.ndarray | float, dt: float) -> np.ndarray | float:
     tau = 1.0 / (2 * np.pi * cutoff)
@@ -24,7 +26,7 @@ class OneEuroFilter:
 
     def __init__(self, min_cutoff: float = 1.0, beta: float = 0.0, d_cutoff: float = 1.0):
         if min_cutoff <= 0 or d_cutoff <= 0 or beta < 0:
-            raise ValueError(f"OneEuroFilter(min_cutoff={min_cutoff}, beta={beta}, d_cutoff={d_cutoff}): "
+            raise InputError(f"OneEuroFilter(min_cutoff={min_cutoff}, beta={beta}, d_cutoff={d_cutoff}): "
                              "accepted are positive cutoffs (Hz) and beta >= 0")
         self.min_cutoff, self.beta, self.d_cutoff = float(min_cutoff), float(beta), float(d_cutoff)
         self.reset()
@@ -41,6 +43,7 @@ class OneEuroFilter:
         if self._x is None or self._x.shape != x.shape:
             self._x, self._dx, self._t = x.copy(), np.zeros_like(x), float(t)
             return x.copy()
+        assert self._t is not None and self._dx is not None  # set together with self._x
         dt = float(t) - self._t
         if dt <= 0:  # repeated or out-of-order stamp: keep the state, report the current estimate
             return self._x.copy()

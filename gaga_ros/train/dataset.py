@@ -5,7 +5,7 @@ On-disk layout, one folder per video under the dataset root (random access by me
   <root>/<video_id>/frames.bin         JPEG crops back to back (offsets in records.npz)
   <root>/<video_id>/records.npz        per kept frame: frame, offset, length, bbox (4), transform (3,4),
                                        landmarks (478,3) crop px; FLAME mode adds shapecode, expcode,
-                                       posecode, eyecode (SPEC section 8's tracker record)
+                                       posecode, eyecode (docs/flame.md's tracker record)
   <root>/<video_id>/vertices.npy       (N, 5023, 3) float32 FLAME vertices x5 per kept frame
   <root>/<video_id>/index.json         written last: the video is complete
 While a video is in progress its frames go to frames.bin and one JSON line each to progress.jsonl,
@@ -17,7 +17,7 @@ FaceMesh head fit (gaga_ros.tracking.mesh_tracker.fit_head) gives the camera, an
 STAND-IN: the synthetic FLAME-format mesh (gaga_ros.faces.synthetic_flame, seed 0) with zero shape,
 expression and pose, the same for every frame. It lets the pipeline run end to end without licensed
 assets, but carries no expression: faithful training needs FLAME mode.
-The crop follows SPEC 8 with the box from FaceMesh (gaga_ros.crop) EMA-smoothed with alpha 0.03 over
+The crop follows docs/crop.md with the box from FaceMesh (gaga_ros.crop) EMA-smoothed with alpha 0.03 over
 the video; no matting model is available, so backgrounds are kept.
 Building needs mediapipe and OpenCV; reading a built dataset needs only numpy, torch and OpenCV.
 """
@@ -36,17 +36,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, DistributedSampler
 
-from gaga_ros.config import CROP_SIZE, FLAME_VERTICES
+from gaga_ros.conventions import CROP_SIZE, FLAME_VERTICES
+from gaga_ros.errors import InputError
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 MODES = ("auto", "mesh", "flame")
 DROP_REASONS = ("no_face", "fit_failed", "low_confidence", "blur")
-#: SPEC 8: video head boxes are EMA-smoothed, new = alpha current + (1 - alpha) previous.
+#: docs/crop.md: video head boxes are EMA-smoothed, new = alpha current + (1 - alpha) previous.
 BOX_EMA = 0.03
 RMSE_HALF = 16.0  # as mesh_tracker: fit error (crop px) that halves the confidence
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """A dataset folder, video list or build option that cannot be used; the message says why."""
 
 
@@ -198,7 +199,7 @@ def build_dataset(videos: str | Path | Iterable[str | Path], out_dir: str | Path
                                "use another folder")
     report = BuildReport(mode)
     taken: set[str] = set()
-    tracking = _FlameTracking(Path(flame_path)) if mode == "flame" else None
+    tracking = _FlameTracking(Path(flame_path)) if mode == "flame" and flame_path is not None else None
     stand_in = _stand_in_vertices() if mode == "mesh" else None
     settings = {"every": int(every), "max_frames": max_frames, "blur_threshold": float(blur_threshold),
                 "min_confidence": float(min_confidence), "jpeg_quality": int(jpeg_quality)}
@@ -305,7 +306,7 @@ def _build_video(cv2, path: Path, vid: str, folder: Path, report: BuildReport,
 
 def _track_frame(cv2, bgr: np.ndarray, landmarker, box: np.ndarray | None, guess: np.ndarray | None,
                  tracking: _FlameTracking | None, settings: dict, crop_head, crop_window, head_box,
-                 fit_head, fit_errors: tuple[type, ...]) -> dict:
+                 fit_head, fit_errors: tuple[type[Exception], ...]) -> dict:
     rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     faces = landmarker.detect(rgb)
     if not faces:
@@ -359,6 +360,7 @@ def _finish_video(folder: Path, vid: str, path: Path, stand_in: np.ndarray | Non
     if flame:
         verts = np.array([d["vertices"] for d in kept], np.float32).reshape(-1, FLAME_VERTICES, 3)
     else:
+        assert stand_in is not None  # mesh mode builds with the stand-in
         verts = np.broadcast_to(stand_in, (len(kept), FLAME_VERTICES, 3))
     np.save(folder / "vertices.npy", np.ascontiguousarray(verts, np.float32))
     dropped = Counter(d["reason"] for d in done if not d["kept"])
@@ -454,9 +456,10 @@ class PairSampler(DistributedSampler):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
                          drop_last=True)
         self.start = start
+        self.pairs = len(dataset)
 
     def __iter__(self) -> Iterator[int]:
-        offset = self.epoch * len(self.dataset)
+        offset = self.epoch * self.pairs
         indices = list(super().__iter__())[self.start:]
         return iter([i + offset for i in indices])
 

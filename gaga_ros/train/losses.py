@@ -1,4 +1,4 @@
-"""GAGAvatar's training losses (SPEC section 9): image, box, perceptual and lifting terms.
+"""GAGAvatar's training losses (docs/gagavatar.md): image, box, perceptual and lifting terms.
 
 The perceptual term uses the published FacePerceptualLoss structure (AlexNet + VGG-Face features,
 unit-normalised, weighted L1) when its weights are available: they ship inside the published
@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gaga_ros.errors import InputError
+
 #: Per-layer weights of the perceptual loss; the VGG-Face branch uses half of them.
 LAYER_WEIGHTS = (0.1, 0.1, 1.0, 1.0, 1.0)
 PERCEPTUAL_WEIGHT = 1e-2
@@ -30,12 +32,12 @@ _VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 51
 _VGG_TAPS = (1, 6, 11, 18, 25)
 
 
-class LossInputError(ValueError):
+class LossInputError(InputError):
     """Loss inputs of the wrong shape, or a perceptual weight file without the published keys."""
 
 
 def lifting_loss(vertices: torch.Tensor, lifted: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-    """10 x mean over vertices of the squared distance to the nearest lifted point (SPEC 9).
+    """10 x mean over vertices of the squared distance to the nearest lifted point (docs/gagavatar.md).
 
     vertices (B,V,3), lifted (B,M,3). The nearest point is found without gradient, in chunks of
     vertices so the (chunk, M) distance block stays small (no faiss); the gradient reaches `lifted`.
@@ -53,7 +55,7 @@ def lifting_loss(vertices: torch.Tensor, lifted: torch.Tensor, chunk: int = 512)
 
 def box_pixels(bbox: torch.Tensor, size: int) -> list[tuple[int, int, int, int]]:
     """Integer crop boxes (x0, y0, x1, y1) in a size x size image from head boxes (B,4) in [0,1]:
-    a square of 1.1 sqrt(w h) around the centre, capped to stay inside the image (SPEC 9)."""
+    a square of 1.1 sqrt(w h) around the centre, capped to stay inside the image (docs/gagavatar.md)."""
     boxes = []
     for x0, y0, x1, y1 in bbox.detach().double().cpu().tolist():
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
@@ -80,7 +82,11 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 def _layer_distance(fa: list[torch.Tensor], fb: list[torch.Tensor],
                     weights: tuple[float, ...]) -> torch.Tensor:
-    return sum(w * (_unit(a) - _unit(b)).abs().sum(1).mean() for a, b, w in zip(fa, fb, weights, strict=True))
+    terms = [w * (_unit(a) - _unit(b)).abs().sum(1).mean() for a, b, w in zip(fa, fb, weights, strict=True)]
+    total = terms[0]
+    for term in terms[1:]:  # left to right, as sum() adds
+        total = total + term
+    return total
 
 
 class AlexNetSlices(nn.Module):
@@ -115,7 +121,7 @@ class VggFace(nn.Module):
         layers: list[nn.Module] = []
         cin = 3
         for v in _VGG16:
-            if v == "M":
+            if isinstance(v, str):  # "M": a max pool
                 layers.append(nn.MaxPool2d(2, 2))
             else:
                 layers += [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU()]
@@ -124,7 +130,7 @@ class VggFace(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         out = []
-        for i, layer in enumerate(self.network[:_VGG_TAPS[-1] + 1]):
+        for i, layer in enumerate(list(self.network)[:_VGG_TAPS[-1] + 1]):
             x = layer(x)
             if i in _VGG_TAPS:
                 out.append(x)
@@ -143,6 +149,10 @@ class FacePerceptualLoss(nn.Module):
         self.register_buffer("vgg_mean", torch.tensor(VGGFACE_MEAN).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         self.eval()
+
+    imagenet_mean: torch.Tensor  # buffers (declared for the type checker)
+    imagenet_std: torch.Tensor
+    vgg_mean: torch.Tensor
 
     def train(self, mode: bool = True) -> FacePerceptualLoss:
         return super().train(False)  # always eval, as published
@@ -165,6 +175,8 @@ class SSIMLoss(nn.Module):
         g = torch.exp(-x * x / (2 * sigma * sigma))
         g = g / g.sum()
         self.register_buffer("kernel", (g[:, None] * g[None, :])[None, None], persistent=False)
+
+    kernel: torch.Tensor  # a buffer (declared for the type checker)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         c = a.shape[1]
@@ -203,7 +215,8 @@ def load_perceptual(path: str | Path) -> FacePerceptualLoss:
 
 
 class GagaLoss(nn.Module):
-    """The sum of SPEC 9's four terms; `perceptual` is FacePerceptualLoss or the SSIM substitute."""
+    """The sum of the four published terms (docs/gagavatar.md); `perceptual` is FacePerceptualLoss or
+    the SSIM substitute."""
 
     def __init__(self, perceptual: nn.Module | None = None) -> None:
         super().__init__()

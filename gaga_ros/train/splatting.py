@@ -1,7 +1,7 @@
 """Differentiable splatting of GAGAvatar's 32-channel Gaussians, for training.
 
 `gaga_ros.render.rasterize` serves inference and detaches its inputs. Training needs gradients:
-on CUDA this calls gsplat 1.5.3 `rasterization` with the same settings as inference (SPEC section 6:
+on CUDA this calls gsplat 1.5.3 `rasterization` with the same settings as inference (docs/gagavatar.md:
 classic mode, near 0.2, eps2d 0.3, covariances from the raw quaternions), whose backward pass is
 gsplat's own. On the CPU there is no gsplat kernel, so a pure-torch compositor stands in for tests
 and smoke runs: gsplat's torch projection, then front-to-back alpha blending over a square window of

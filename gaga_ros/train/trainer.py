@@ -1,4 +1,4 @@
-"""GAGAvatar training as published (SPEC section 9), on one or many GPUs (torchrun / DDP) or the CPU.
+"""GAGAvatar training as published (docs/gagavatar.md), on one or many GPUs (torchrun / DDP) or the CPU.
 
 One step: encode the source frame (DINOv2 frozen), generate the expression Gaussians at the target's
 FLAME vertices and the dual-lifted ones from the source camera's plane, splat all 32 channels in the
@@ -22,6 +22,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,32 +34,35 @@ from torch.utils.data import DataLoader
 from gaga_ros.avatar.gagavatar import (
     FULL,
     TINY,
-    GagaConfig,
+    GagaSizes,
     GAGAvatar,
     load_state_dict_strict,
     read_state_dict,
 )
 from gaga_ros.camera import Camera
-from gaga_ros.config import FLAME_SCALE
+from gaga_ros.conventions import FLAME_SCALE
+from gaga_ros.errors import InputError
 from gaga_ros.gaussians import Gaussians
+from gaga_ros.image import to_uint8
 from gaga_ros.train.dataset import PairDataset, PairSampler, steps_per_epoch
 from gaga_ros.train.losses import FacePerceptualLoss, GagaLoss, load_perceptual
 from gaga_ros.train.splatting import CPU_MAX_RADIUS, splat
 
 MODELS = {"full": FULL, "tiny": TINY}
-#: Parameters that no forward pass reaches (SPEC 1: keys present but unused); frozen so DDP needs no
-#: unused-parameter search. They would get no gradient either way.
+#: Parameters that no forward pass reaches (docs/gagavatar.md: keys present but unused); frozen so DDP
+#: needs no unused-parameter search. They would get no gradient either way.
 UNUSED = ("base_model.refinenet.0.resConfUnit1.", "upsampler.toRGB.")
 LOSS_NAMES = ("img_loss", "box_loss", "percep_loss", "point_loss", "total")
 
 
-class TrainError(ValueError):
+class TrainError(InputError):
     """A training option, checkpoint or data set that cannot be used; the message says why."""
 
 
 @dataclass
 class TrainConfig:
-    """Published defaults (SPEC 9): batch 8, 200k steps, lr 1e-4 (1e-5 for the style MLP), seed 42."""
+    """Published defaults (docs/gagavatar.md): batch 8, 200k steps, lr 1e-4 (1e-5 for the style MLP),
+    seed 42."""
 
     data: str
     out: str
@@ -127,7 +131,7 @@ class TrainStep(nn.Module):
                                    planes=(batch["f_plane_points"], batch["f_plane_dirs"]))
         splats = []
         for b, camera in enumerate(cameras):
-            g = Gaussians(torch.cat([grp.xyz[b] for grp in groups]),
+            g = Gaussians(torch.cat([grp.xyz[b] for grp in groups]),  # type: ignore[index]  # all given
                           torch.cat([grp.rotations[b] for grp in groups]),
                           torch.cat([grp.scales[b] for grp in groups]),
                           torch.cat([grp.opacities[b] for grp in groups])[:, 0],
@@ -136,7 +140,7 @@ class TrainStep(nn.Module):
         rendered = torch.stack(splats)
         coarse = rendered[:, :3]
         refined = m.upsampler(rendered, randomize_noise=self.randomize_noise)
-        lifted = torch.cat([groups[1].xyz, groups[2].xyz], dim=1)
+        lifted = torch.cat([groups[1].xyz, groups[2].xyz], dim=1)  # type: ignore[list-item]  # local groups
         terms = self.loss(coarse, refined, batch["t_image"], batch["t_bbox"], batch["t_points"], lifted)
         return terms, coarse.detach(), refined.detach()
 
@@ -162,7 +166,7 @@ class Trainer:
     gaga_cfg overrides the network size named by cfg.model (tests use small variants of TINY).
     """
 
-    def __init__(self, cfg: TrainConfig, gaga_cfg: GagaConfig | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, gaga_cfg: GagaSizes | None = None) -> None:
         if cfg.model not in MODELS and gaga_cfg is None:
             raise TrainError(f"model {cfg.model!r}: accepted are {', '.join(MODELS)}")
         self.cfg = cfg
@@ -211,7 +215,7 @@ class Trainer:
         self.step = 0
         self.out = Path(cfg.out)
         self.history: list[dict[str, float]] = []
-        self._writer = None
+        self._writer: Any = None  # a SummaryWriter on first use; False when tensorboard is missing
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             if self.loss.substitute:
@@ -274,7 +278,7 @@ class Trainer:
             for batch in self.loader(epoch, offset):
                 losses = self.train_step(batch)
                 losses["step"], losses["epoch"] = self.step, epoch
-                losses["lr"] = self.scheduler.get_last_lr()[-1]
+                losses["lr"] = float(self.scheduler.get_last_lr()[-1])
                 done.append(losses)
                 self.history.append(losses)
                 if self.step % self.cfg.log_every == 0 or self.step == target:
@@ -322,13 +326,13 @@ class Trainer:
             return
         import cv2
 
-        row = torch.cat([x[0].float().clamp(0, 1).cpu() for x in self._last_images], dim=2)
-        image = (row.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        row = torch.cat([x[0].float().cpu() for x in self._last_images], dim=2)
+        image = to_uint8(row).permute(1, 2, 0).numpy()
         (self.out / "samples").mkdir(exist_ok=True)
         cv2.imwrite(str(self.out / "samples" / f"step_{self.step:07d}.png"), image[:, :, ::-1])
 
     def meta_cfg(self) -> dict:
-        """The published checkpoint's meta_cfg (SPEC 9)."""
+        """The published checkpoint's meta_cfg (docs/gagavatar.md)."""
         c = self.cfg
         return {"MODEL": {"NAME": "GAGAvatar", "TASK": "reenactment"},
                 "OPTIMIZE": {"NAME": "Adam", "LR_DECAY_RATE": c.end_factor, "LR_DECAY_ITER": c.decay_steps,
@@ -349,7 +353,7 @@ class Trainer:
 
     def save(self, path: str | Path | None = None) -> Path:
         """Write the resumable checkpoint (rank 0; every rank must call it: RNG states are gathered)."""
-        rng = [None] * self.world
+        rng: list[Any] = [None] * self.world
         if self.world > 1:
             dist.all_gather_object(rng, _rng_state())
         else:

@@ -2,7 +2,7 @@
 
 Own module rather than torch.hub or timm: the hub needs network access and timm renames keys; this
 one registers exactly `cls_token, pos_embed, mask_token, patch_embed.proj, blocks.i.{norm1, attn.qkv,
-attn.proj, ls1.gamma, norm2, mlp.fc1, mlp.fc2, ls2.gamma}, norm` (SPEC section 2).
+attn.proj, ls1.gamma, norm2, mlp.fc1, mlp.fc2, ls2.gamma}, norm` (docs/gagavatar.md, Encoder).
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from gaga_ros.errors import InputError
 
 LAYER_NORM_EPS = 1e-6
 
@@ -102,7 +104,7 @@ class DinoVisionTransformer(nn.Module):
         cls token dropped. Token t is grid cell (t // grid, t % grid)."""
         tokens = self.patch_embed(x)
         if tokens.shape[1] != self.grid ** 2:
-            raise ValueError(f"backbone expects a {self.grid * self.patch_embed.proj.stride[0]}^2 image "
+            raise InputError(f"backbone expects a {self.grid * self.patch_embed.proj.stride[0]}^2 image "
                              f"({self.grid}^2 patches), got {tuple(x.shape[-2:])}")
         tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), tokens], dim=1) + self.pos_embed
         first = len(self.blocks) - 4

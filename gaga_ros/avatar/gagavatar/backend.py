@@ -10,21 +10,24 @@ only FLAME and the camera change; the encoder never runs again.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from gaga_ros.assets import find_assets
-from gaga_ros.avatar.base import Avatar, Binding, NoFaceError, content_id
+from gaga_ros.avatar.base import Avatar, Binding, content_id, photo_landmarker, source_face
 from gaga_ros.avatar.gagavatar.checkpoint import load_state_dict_strict, read_state_dict
-from gaga_ros.avatar.gagavatar.config import FULL, TINY
 from gaga_ros.avatar.gagavatar.model import GagaFrame, GagaSource, GAGAvatar, source_image
-from gaga_ros.config import CROP_SCALE, CROP_SIZE, FLAME_VERTICES
+from gaga_ros.avatar.gagavatar.sizes import FULL, TINY
+from gaga_ros.conventions import CROP_SIZE, FLAME_VERTICES
+from gaga_ros.errors import InputError
 from gaga_ros.expression import Expression, FaceModel
 from gaga_ros.faces.conversion import FaceConverter
 from gaga_ros.faces.flame import Flame
 from gaga_ros.faces.flame_assets import FlameAssets, load_flame_assets
 from gaga_ros.gaussians import Gaussians
+from gaga_ros.image import to_uint8
 from gaga_ros.tracking.flame_fitter import MediapipeEmbedding
 
 CONFIGS = {"full": FULL, "tiny": TINY}
@@ -51,20 +54,20 @@ class GagaAvatarBackend:
         self.flame = Flame(flame_assets).to(self.device)
         self.mediapipe_embedding = mediapipe_embedding
         self._converter: FaceConverter | None = None  # built on the first MESH-mode expression (~1 s)
-        self._landmarker = None
+        self._landmarker: Any = None  # a FaceLandmarker, made on the first photo (mediapipe loads then)
 
     @classmethod
     def load(cls, models_dir: str | Path | None = None, config: str = "full", weights: str | Path = "",
              device: str | torch.device = "cpu", fast: bool = True) -> GagaAvatarBackend:
         """Weights and FLAME from the models folder (see `gaga-ros assets`); clear errors if missing."""
         if config not in CONFIGS:
-            raise ValueError(f"config {config!r}: accepted are {', '.join(CONFIGS)}")
+            raise InputError(f"config {config!r}: accepted are {', '.join(CONFIGS)}")
         status = find_assets(models_dir)
-        weights = Path(weights) if weights else status.gagavatar
-        if weights is None or status.flame is None:
+        found = Path(weights) if weights else status.gagavatar
+        if found is None or status.flame is None:
             raise FileNotFoundError(status.explain())
         model = GAGAvatar(CONFIGS[config])
-        load_state_dict_strict(model, read_state_dict(weights))
+        load_state_dict_strict(model, read_state_dict(found))
         embedding = (MediapipeEmbedding.load(status.mediapipe_embedding) if status.mediapipe_embedding
                      else None)
         return cls(model, load_flame_assets(status.flame, status.flame_landmarks), device, fast,
@@ -80,21 +83,13 @@ class GagaAvatarBackend:
 
     def reconstruct(self, rgb: np.ndarray) -> Avatar:
         """Crop the head, fit FLAME (identity + camera), encode once; NoFaceError without a face."""
-        from gaga_ros.crop import crop_head, head_box
         from gaga_ros.tracking.flame_fitter import FlameFitter
-        from gaga_ros.tracking.landmarks import FaceLandmarker
 
         if self._landmarker is None:
-            self._landmarker = FaceLandmarker(static_image_mode=True, max_faces=4)
-        faces = self._landmarker.detect(rgb)
-        if not faces:
-            raise NoFaceError("no face found in the photo; accepted is a photo with one clearly "
-                              "visible face")
-        face = max(faces, key=lambda f: np.ptp(f.points[:, 0]))
-        notes = (f"{len(faces)} faces found; used the largest",) if len(faces) > 1 else ()
-        crop = crop_head(rgb, head_box(face.points[:, :2]), size=CROP_SIZE, scale=CROP_SCALE)
-        fit = FlameFitter(self.flame_assets, device=str(self.device)).fit(crop.to_crop(face.points))[0]
-        return self.reconstruct_crop(crop.image, fit.transform_matrix, fit.shapecode, notes)
+            self._landmarker = photo_landmarker()
+        source = source_face(rgb, self._landmarker)
+        fit = FlameFitter(self.flame_assets, device=str(self.device)).fit(source.points)[0]
+        return self.reconstruct_crop(source.crop.image, fit.transform_matrix, fit.shapecode, source.notes)
 
     def reconstruct_crop(self, crop: np.ndarray, transform: np.ndarray, shapecode: np.ndarray,
                          warnings: tuple[str, ...] = ()) -> Avatar:
@@ -129,7 +124,7 @@ class GagaAvatarBackend:
         cached = avatar.cache.get("gaga")
         if cached is None:
             if len(avatar) <= FLAME_VERTICES or avatar.gaussians.colors.shape[1] != 32:
-                raise ValueError(f"avatar {avatar.avatar_id} is not a GAGAvatar source: expected more "
+                raise InputError(f"avatar {avatar.avatar_id} is not a GAGAvatar source: expected more "
                                  f"than {FLAME_VERTICES} Gaussians with 32 features")
             g = avatar.gaussians.to(self.device)
             source = avatar.cache.get("source") or GagaSource(
@@ -182,5 +177,5 @@ class GagaAvatarBackend:
         if refined.shape[-1] != size:
             refined = torch.nn.functional.interpolate(refined, size=(size, size), mode="bilinear",
                                                       antialias=True, align_corners=False)
-        image = (refined[0].clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0)
+        image = to_uint8(refined[0]).permute(1, 2, 0)
         return image.cpu().numpy()

@@ -1,6 +1,6 @@
 """Loading the published GAGAvatar.pt, and the deterministic weight fill of the reference vectors.
 
-The published file is a Lightning Fabric dict: `model` = the full state dict (597 keys, SPEC 9) and
+The published file is a Lightning Fabric dict: `model` = the full state dict (597 keys, docs/gagavatar.md) and
 `meta_cfg`. Every key inference uses must be present with the published shape; the perceptual-loss
 networks (`percep_loss.*`) are training-only and skipped.
 """
@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gaga_ros.errors import InputError
+
 #: models/GAGAvatar.pt in the repository (source checkout).
 DEFAULT_PATH = Path(__file__).resolve().parents[3] / "models" / "GAGAvatar.pt"
 DOWNLOAD_URL = "https://huggingface.co/xg-chu/GAGAvatar/resolve/main/assets/GAGAvatar.pt"
@@ -22,7 +24,7 @@ _HOW_TO_GET = (f"download the published weights (about 750 MB) from {DOWNLOAD_UR
                f"{DEFAULT_PATH} (models/GAGAvatar.pt in the repository), or pass its path")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """The GAGAvatar checkpoint is missing, unreadable, or does not fit the published layout."""
 
 
@@ -66,8 +68,8 @@ def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor]) 
 
 
 def reference_fill(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """Deterministic weights of SPEC section 10: per-key CPU generator seeded with crc32(key),
-    uniform in [-s, s], s = 0.25 for <=1-D, 1 for noise maps, else sqrt(3 / fan_in)."""
+    """Deterministic weights of the reference data (docs/gagavatar.md): per-key CPU generator seeded
+    with crc32(key), uniform in [-s, s], s = 0.25 for <=1-D, 1 for noise maps, else sqrt(3 / fan_in)."""
     out = {}
     for key in sorted(shapes):
         shape = tuple(shapes[key])

@@ -43,8 +43,10 @@ from torch import nn
 
 from gaga_ros.avatar.gagavatar.model import GagaSource, GAGAvatar
 from gaga_ros.avatar.gagavatar.refiner import DEMOD_EPS, ModulatedConv2d
-from gaga_ros.camera import Camera
-from gaga_ros.config import FLAME_VERTICES
+from gaga_ros.camera import intrinsics, viewmats
+from gaga_ros.conventions import FLAME_VERTICES
+from gaga_ros.errors import InputError
+from gaga_ros.image import to_uint8
 from gaga_ros.render.covariance import raw_quat_covariance
 from gaga_ros.render.static_splat import StaticRasterizer, required_capacity, triu6
 
@@ -54,7 +56,7 @@ _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 Array: TypeAlias = torch.Tensor | np.ndarray
 
 
-class FastRenderError(ValueError):
+class FastRenderError(InputError):
     """The model, sources, options or per-frame inputs cannot be used by the fast frame path."""
 
 
@@ -183,8 +185,8 @@ class FastRenderer:
         self._transforms[:, :, :3] = torch.eye(3, device=dev)
         self._view = torch.zeros(b, 1, 4, 4, device=dev)
         self._view[..., 3, 3] = 1.0
-        camera = Camera.from_transform(np.eye(3, 4), size, model.cfg.focal)
-        self._K = torch.as_tensor(camera.K, device=dev, dtype=torch.float32).expand(b, 1, 3, 3).contiguous()
+        K = torch.as_tensor(intrinsics(size, model.cfg.focal), device=dev, dtype=torch.float32)
+        self._K = K.expand(b, 1, 3, 3).contiguous()
         self._splat = torch.zeros(b, channels, size, size, device=dev).contiguous(
             memory_format=torch.channels_last)  # (B,C,H,W) view of gsplat's (B,H,W,C) layout
         self._rgb = torch.empty(b, 3, size, size, device=dev)
@@ -285,7 +287,7 @@ class FastRenderer:
         if self.reference:
             rgb = torch.cat([self._reference_frame(s, v, t)
                              for s, v, t in zip(self._sources, vertices, transforms, strict=True)])
-            return _to_uint8(rgb).permute(0, 2, 3, 1).cpu().numpy()
+            return to_uint8(rgb).permute(0, 2, 3, 1).cpu().numpy()
         return self._render_checked(readback=True)
 
     def _reference_frame(self, source: GagaSource | None, vertices: torch.Tensor,
@@ -365,10 +367,7 @@ class FastRenderer:
             self._raster_graph = _captured(self._rasterize, warmup=1)
 
     def _write_view(self) -> None:
-        # Camera.from_transform on the device: rows 0 and 1 of [R^T | T] flipped (OpenCV axes).
-        self._view[:, 0, :3, :3] = self._transforms[:, :, :3].transpose(1, 2)
-        self._view[:, 0, :3, 3] = self._transforms[:, :, 3]
-        self._view[:, 0, :2] *= -1.0
+        self._view[:, 0].copy_(viewmats(self._transforms))  # on the device, inside the graph
 
     def _rasterize(self) -> None:
         self._write_view()
@@ -381,11 +380,7 @@ class FastRenderer:
         with precision_mode(self.precision):
             rgb = self._refiner(self._splat, randomize_noise=self.model.cfg.randomize_noise)
         self._rgb.copy_(rgb.float().clamp(0, 1))
-        self._u8.copy_(_to_uint8(self._rgb).permute(0, 2, 3, 1))
-
-
-def _to_uint8(rgb: torch.Tensor) -> torch.Tensor:
-    return (rgb * 255.0).round_().to(torch.uint8)
+        self._u8.copy_(to_uint8(self._rgb).permute(0, 2, 3, 1))
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

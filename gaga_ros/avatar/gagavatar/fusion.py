@@ -1,6 +1,6 @@
 """The feature encoder (`base_model`): DINOv2 tokens fused DPT-style into a local plane + global vector.
 
-SPEC section 2. Quirks kept on purpose: the global vector is the top-left *patch* token (not cls),
+docs/gagavatar.md, Encoder. Quirks kept on purpose: the global vector is the top-left *patch* token (not cls),
 each level concatenates the antialiased, normalised input image in front of its features, and the
 fusion blocks upsample with align_corners=True.
 """
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gaga_ros.avatar.gagavatar.backbone import DinoVisionTransformer
-from gaga_ros.avatar.gagavatar.config import GagaConfig
+from gaga_ros.avatar.gagavatar.sizes import GagaSizes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -62,7 +62,7 @@ class FusionBlock(nn.Module):
 class FeatureEncoder(nn.Module):
     """The `base_model` of GAGAvatar: frozen DINOv2 plus the multi-scale fusion head."""
 
-    def __init__(self, cfg: GagaConfig) -> None:
+    def __init__(self, cfg: GagaSizes) -> None:
         super().__init__()
         dim, feat = cfg.embed_dim, cfg.fusion_channels
         self.dino_model = DinoVisionTransformer(cfg.image_size, cfg.patch_size, dim, cfg.depth,
@@ -82,6 +82,9 @@ class FeatureEncoder(nn.Module):
         self.grid = cfg.grid
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    mean: torch.Tensor  # buffers (declared for the type checker)
+    std: torch.Tensor
 
     def forward(self, image: torch.Tensor) -> Features:
         """Encode a (B,3,S,S) image in [0,1] (S = cfg.image_size)."""

@@ -1,4 +1,4 @@
-"""GAGAvatar's Gaussian generators and the harmonic view-direction encoding (SPEC sections 3-4).
+"""GAGAvatar's Gaussian generators and the harmonic view-direction encoding (docs/gagavatar.md).
 
 The expression branch (`VertexGaussianGenerator`) gives one Gaussian per FLAME vertex; the dual-
 lifting heads (`PlaneGaussianGenerator`) give one per feature-plane pixel, pushed along the plane
@@ -39,6 +39,8 @@ class HarmonicEncoding(nn.Module):
         super().__init__()
         self.register_buffer("frequencies", 2.0 ** torch.arange(harmonics, dtype=torch.float32),
                              persistent=False)
+
+    frequencies: torch.Tensor  # a buffer (declared for the type checker)
 
     def forward(self, d: torch.Tensor) -> torch.Tensor:
         a = (d[..., None] * self.frequencies).flatten(-2)

@@ -1,7 +1,8 @@
-"""The lifting plane: where each local-feature pixel sits in the world before dual lifting (SPEC 5).
+"""The lifting plane: where each local-feature pixel sits in the world before dual lifting.
 
 The plane passes through the point at depth |T_z| on the source camera's view axis, perpendicular
-to it, and spans the image edge to edge (+-d/focal in camera x and y).
+to it, and spans the image edge to edge (+-d/focal in camera x and y); docs/gagavatar.md (Lifting
+plane) has the details.
 """
 
 from __future__ import annotations

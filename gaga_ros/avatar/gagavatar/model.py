@@ -3,7 +3,7 @@
 Reconstruction runs the encoder and all three generators on the source image and caches every
 Gaussian attribute on the model's device (`GagaSource`). A driven frame only swaps in its FLAME
 vertices as the positions of the 5023 expression Gaussians, picks the camera, rasterizes the 32-
-channel features and refines them with the StyleUNet (SPEC section 4, last paragraph).
+channel features and refines them with the StyleUNet (docs/gagavatar.md, Gaussians).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from gaga_ros.avatar.gagavatar.checkpoint import DEFAULT_PATH, load_state_dict_strict, read_state_dict
-from gaga_ros.avatar.gagavatar.config import FULL, GagaConfig
 from gaga_ros.avatar.gagavatar.fusion import FeatureEncoder, Features
 from gaga_ros.avatar.gagavatar.generators import (
     GaussianGroup,
@@ -27,19 +26,21 @@ from gaga_ros.avatar.gagavatar.generators import (
 )
 from gaga_ros.avatar.gagavatar.lifting import source_planes
 from gaga_ros.avatar.gagavatar.refiner import StyleUNet
+from gaga_ros.avatar.gagavatar.sizes import FULL, GagaSizes
 from gaga_ros.camera import Camera
-from gaga_ros.config import FLAME_VERTICES
+from gaga_ros.conventions import FLAME_VERTICES
+from gaga_ros.errors import InputError
 from gaga_ros.gaussians import Gaussians
 from gaga_ros.render.rasterize import rasterize
 
 
-class GagaInputError(ValueError):
+class GagaInputError(InputError):
     """An image, transform or vertex array given to GAGAvatar has the wrong shape, type or range."""
 
 
 @dataclass
 class GagaSource:
-    """A reconstructed source, on the model's device: all Gaussian attributes in SPEC order
+    """A reconstructed source, on the model's device: all Gaussian attributes in the published order
     [expression 5023, l0, l1], plus the lifted positions of the local groups."""
 
     local_means: torch.Tensor  # (N_local, 3)
@@ -66,9 +67,9 @@ class GagaFrame:
 
 
 class GAGAvatar(nn.Module):
-    """GAGAvatar with the published module tree and state-dict keys (SPEC section 1)."""
+    """GAGAvatar with the published module tree and state-dict keys (docs/gagavatar.md)."""
 
-    def __init__(self, cfg: GagaConfig = FULL) -> None:
+    def __init__(self, cfg: GagaSizes = FULL) -> None:
         super().__init__()
         self.cfg = cfg
         channels, direction = cfg.gaussian_channels, cfg.direction_dim
@@ -121,7 +122,7 @@ class GAGAvatar(nn.Module):
         groups = self.gaussian_groups(self.base_model(image), transform)
         fields = [torch.cat([getattr(g, name)[0] for g in groups])
                   for name in ("rotations", "scales", "opacities", "colors")]
-        local_means = torch.cat([g.xyz[0] for g in groups[1:]])
+        local_means = torch.cat([g.xyz[0] for g in groups[1:]])  # type: ignore[index]  # local: never None
         return GagaSource(local_means, fields[0], fields[1], fields[2][:, 0], fields[3], transform[0])
 
     @torch.no_grad()

@@ -1,4 +1,4 @@
-"""StyleUNet neural renderer (`upsampler`): 32-channel splat image -> RGB (SPEC section 7).
+"""StyleUNet neural renderer (`upsampler`): 32-channel splat image -> RGB (docs/gagavatar.md).
 
 A UNet encoder gives skips and a style code; a StyleGAN2 decoder (one shared w for every layer,
 no blur, no runtime equalised-lr) is modulated by spatial SFT scale/shift maps from the UNet decoder
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gaga_ros.avatar.gagavatar.config import GagaConfig
+from gaga_ros.avatar.gagavatar.sizes import GagaSizes
 
 SLOPE = 0.2
 DEMOD_EPS = 1e-8
@@ -164,7 +164,7 @@ def _condition(ch: int) -> nn.Sequential:
 class StyleUNet(nn.Module):
     """The `upsampler`: UNet encoder/decoder conditioning a StyleGAN2 decoder; sigmoid RGB out."""
 
-    def __init__(self, cfg: GagaConfig) -> None:
+    def __init__(self, cfg: GagaSizes) -> None:
         super().__init__()
         size = cfg.render_size
         self.size = size

@@ -1,4 +1,8 @@
-"""Published constants of the GAGAvatar conventions that every layer shares."""
+"""Conventions every layer shares: the published GAGAvatar model's crop, camera and FLAME constants.
+
+Not settings: changing one breaks compatibility with the published weights and tracker records.
+docs/camera.md, docs/crop.md and docs/flame.md explain them; parameter profiles live in config/.
+"""
 
 #: Side of the square head crop that models and cameras assume, in pixels.
 CROP_SIZE = 512

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gaga_ros.config import CROP_SIZE, FOCAL
+from gaga_ros.conventions import CROP_SIZE, FOCAL
+from gaga_ros.errors import InputError
 
 
 @dataclass(frozen=True)
-class GagaConfig:
+class GagaSizes:
     """Widths and resolutions of every GAGAvatar sub-network."""
 
     image_size: int = 518
@@ -35,7 +36,8 @@ class GagaConfig:
     refiner_max: int = 256
     style_dim: int = 512
     style_mlp_layers: int = 8
-    #: Official inference draws fresh StyleGAN noise on every call (SPEC 7); False uses the stored maps.
+    #: Official inference draws fresh StyleGAN noise on every call (docs/gagavatar.md); False uses the
+    #: stored maps.
     randomize_noise: bool = True
 
     @property
@@ -55,20 +57,20 @@ class GagaConfig:
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} must be a multiple of patch_size "
+            raise InputError(f"image_size {self.image_size} must be a multiple of patch_size "
                              f"{self.patch_size}")
         if self.depth < 4:
-            raise ValueError(f"depth must be at least 4 (the head reads the last four blocks), "
+            raise InputError(f"depth must be at least 4 (the head reads the last four blocks), "
                              f"got {self.depth}")
         if self.render_size < 8 or self.render_size & (self.render_size - 1):
-            raise ValueError(f"render_size must be a power of two >= 8, got {self.render_size}")
+            raise InputError(f"render_size must be a power of two >= 8, got {self.render_size}")
 
 
-#: The published GAGAvatar model (SPEC sections 1-7).
-FULL = GagaConfig()
+#: The published GAGAvatar model (docs/gagavatar.md).
+FULL = GagaSizes()
 
 #: A few-MB model with the same code paths, for CPU tests and smoke benchmarks.
-TINY = GagaConfig(image_size=126, embed_dim=48, depth=4, num_heads=2, fusion_channels=16,
+TINY = GagaSizes(image_size=126, embed_dim=48, depth=4, num_heads=2, fusion_channels=16,
                   project_channels=(16, 32, 64, 64), vertex_feature_dim=16, vertex_hidden=32,
                   head_hidden=16, conv_hidden=16, render_size=128, refiner_base=4, refiner_max=16,
                   style_dim=32, style_mlp_layers=2)
