@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.publisher import Publisher
+from rclpy.subscription import Subscription
 from sensor_msgs.msg import Image
 
 from gaga_ros.avatar.base import AvatarError
@@ -66,9 +68,9 @@ PARAMS = (
 class _Served:
     """One served namespace's topics."""
 
-    model_sub: object
-    expression_sub: object
-    image_pub: object
+    model_sub: Subscription
+    expression_sub: Subscription
+    image_pub: Publisher
     discovered: bool
     gone_since: float | None = None
 
@@ -161,6 +163,8 @@ class FleetNode(ManagedNode):
                 self._leave(ns)
 
     def _join(self, ns: str, discovered: bool) -> None:
+        if self.fleet is None:
+            return
         self.fleet.join(ns)
         model = self.create_subscription(GaussianAvatar, names.in_namespace(ns, names.MODEL),
                                          lambda msg, ns=ns: self._on_avatar(ns, msg), qos.LATCHED,
@@ -228,7 +232,7 @@ class FleetNode(ManagedNode):
 
     def _serve(self) -> None:
         fleet = self.fleet
-        while self.running:
+        while self.running and fleet is not None:
             if not fleet.wait(0.5):
                 continue
             t0 = time.perf_counter()

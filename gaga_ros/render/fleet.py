@@ -29,6 +29,7 @@ import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,7 +74,9 @@ class Member:
 
     key: str
     avatar: Avatar | None = None
-    backend: object | None = None
+    #: The member's backend stream: render() for every backend, flame_inputs() and source() too
+    #: for a batched GAGAvatar one.
+    backend: Any = None
     pending: Expression | None = None
     #: (batch, slot) for a GAGAvatar member on the fast path, else None (rendered in turn).
     slot: tuple[_Batch, int] | None = None
@@ -123,7 +126,7 @@ class Fleet:
     state, the shared model), else through the shared backend itself.
     """
 
-    def __init__(self, make_backend: Callable[[str], object], device: str = "cpu", size: int = 512,
+    def __init__(self, make_backend: Callable[[str], Any], device: str = "cpu", size: int = 512,
                  slots: int = DEFAULT_SLOTS, memory_cap_mb: float = 0.0) -> None:
         if slots < 1:
             raise ValueError(f"slots {slots}: accepted is at least 1")
@@ -134,7 +137,7 @@ class Fleet:
         self.memory_cap = int(memory_cap_mb * MIB) if memory_cap_mb > 0 else 0
         self.members: dict[str, Member] = {}
         self.batches: list[_Batch] = []
-        self._backends: dict[str, object] = {}
+        self._backends: dict[str, Any] = {}
         self._backend_lock = threading.Lock()  # two avatars arriving at once load one model
         self._lock = threading.Condition()  # members and their pending expressions
         self._device_lock = threading.Lock()  # rounds and batch changes: one user of the device
@@ -253,16 +256,17 @@ class Fleet:
                 for m, _ in work:
                     m.pending = None
             for batch in self.batches:
-                self._render_batch(batch, [(m, e) for m, e in work if m.slot and m.slot[0] is batch], out)
+                self._render_batch(batch, [(m, e, m.slot[1]) for m, e in work
+                                           if m.slot is not None and m.slot[0] is batch], out)
             for member, expr in work:
                 if member.slot is None:
                     self._render_one(member, expr, out)
         with self._lock:
             for frame in out.frames:
-                member = self.members.get(frame.key)
-                if member is not None:
-                    member.frames += 1
-                    member.error = ""
+                shown = self.members.get(frame.key)
+                if shown is not None:
+                    shown.frames += 1
+                    shown.error = ""
             for key, exc in out.errors.items():
                 if key in self.members:
                     self.members[key].error = str(exc) or type(exc).__name__
@@ -276,16 +280,15 @@ class Fleet:
             return
         out.frames.append(Frame(member.key, expr, image))
 
-    def _render_batch(self, batch: _Batch, work: list[tuple[Member, Expression]], out: Round) -> None:
+    def _render_batch(self, batch: _Batch, work: list[tuple[Member, Expression, int]], out: Round) -> None:
         shown = []
-        for member, expr in work:
+        for member, expr, slot in work:
             try:
                 vertices, transform = member.backend.flame_inputs(member.avatar, expr)
             except Exception as exc:  # noqa: BLE001 - this slot keeps its last inputs, unpublished
                 out.errors[member.key] = exc
                 continue
-            slot = member.slot[1]
-            if batch.vertices is None:
+            if batch.vertices is None or batch.transforms is None:
                 batch.vertices = vertices.expand(batch.renderer.batch, *vertices.shape).clone()
                 batch.transforms = torch.as_tensor(transform, dtype=torch.float32, device=vertices.device
                                                    ).expand(batch.renderer.batch, 3, 4).clone()
