@@ -177,7 +177,7 @@ class SharedEncoder:
         self.encoded = 0
         self.encode_seconds = 0.0
         self._ring: deque[EncodedPacket] = deque(maxlen=RING_FRAMES)
-        self._ctx: av.CodecContext | None = None
+        self._ctx: av.VideoCodecContext | None = None
         self._ctx_size: tuple[int, int] | None = None
         self._keyframe_wanted = True
         self._reopen = False
@@ -296,7 +296,7 @@ class SharedEncoder:
         packet.time_base = VIDEO_TIME_BASE
         return packet
 
-    def _open(self, width: int, height: int) -> av.CodecContext:
+    def _open(self, width: int, height: int) -> av.VideoCodecContext:
         """A low-latency encoder: no lookahead, no B-frames, constant bitrate; keyframes on request."""
         ctx = av.CodecContext.create("libvpx" if self.codec == "VP8" else "libx264", "w")
         ctx.width, ctx.height = width, height

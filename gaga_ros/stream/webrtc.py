@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +33,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcrtpsender import RTCRtpSender
+from av import AudioFrame
 
 from gaga_ros import audio
 from gaga_ros.expression import Expression, ExpressionError
@@ -63,7 +64,8 @@ class ShortParseErrors(logging.Filter):
         if isinstance(exc, HttpProcessingError):
             record.msg = "refused a malformed request from %s: %s"
             # one line whatever the client sent: the parser's message quotes it, newlines and all
-            record.args = (record.args[0] if record.args else "?", " ".join(str(exc.message).split())[:120])
+            remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            record.args = (remote, " ".join(str(exc.message).split())[:120])
             record.exc_info = record.exc_text = None
             if record.levelno > logging.WARNING:
                 record.levelno, record.levelname = logging.WARNING, "WARNING"
@@ -216,7 +218,7 @@ class StreamServer:
                  codec: str = "VP8", bitrate_kbps: int = 1000, max_fps: float = 30.0,
                  width: int | None = None, height: int | None = None,
                  certfile: str | None = None, keyfile: str | None = None,
-                 ice_servers: list[str | dict] | None = None, static_dir: str | Path = STATIC_DIR,
+                 ice_servers: Sequence[str | dict] | None = None, static_dir: str | Path = STATIC_DIR,
                  on_upstream_frame: UpstreamCallback | None = None,
                  on_expression: ExpressionCallback | None = None,
                  on_named: NamedCallback | None = None,
@@ -237,7 +239,7 @@ class StreamServer:
             raise StreamConfigError(f"max_fps {max_fps}: accepted is 1 to 120")
         if (width is None) != (height is None):
             raise StreamConfigError("give both width and height, or neither (keep the pushed size)")
-        if width is not None and not (16 <= width <= 4096 and 16 <= height <= 4096):
+        if width is not None and height is not None and not (16 <= width <= 4096 and 16 <= height <= 4096):
             raise StreamConfigError(f"output size {width}x{height}: accepted is 16 to 4096 per side")
         if (certfile is None) != (keyfile is None):
             raise StreamConfigError("HTTPS needs both certfile and keyfile")
@@ -273,7 +275,7 @@ class StreamServer:
         self.max_pending, self.pending_timeout_s = max_pending, pending_timeout_s
         self.offer_limit, self.request_timeout_s = offer_limit, request_timeout_s
         self.bitrate_kbps, self.max_fps = int(bitrate_kbps), float(max_fps)
-        self.size = (int(width), int(height)) if width is not None else None
+        self.size = (int(width), int(height)) if width is not None and height is not None else None
         self.certfile, self.keyfile = certfile, keyfile
         self.ice_servers = [_ice_server(s) for s in (ice_servers or [])]
         self.on_upstream_frame, self.on_expression = on_upstream_frame, on_expression
@@ -469,7 +471,7 @@ class StreamServer:
             raise StreamConfigError(
                 f"port {self._port} on {self.host} is already in use (another bridge or program listens "
                 f"there): stop it, or choose another port, e.g. port:={self._port + 1}") from None
-        self._port = site._server.sockets[0].getsockname()[1]
+        self._port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # started above
         self._watchdog = asyncio.get_running_loop().create_task(self._watch_peers())
         log.info("avatar stream at %s", self.url)
 
@@ -485,7 +487,8 @@ class StreamServer:
         while True:
             await asyncio.sleep(1.0)
             for client in list(self._clients.values()):
-                if client.connected_at is None or client.pc.connectionState != "connected":
+                if client.connected_at is None or client.pc.connectionState != "connected" or \
+                        client.sender is None or client.track is None:
                     continue
                 reports = [r for r in (await client.sender.getStats()).values()
                            if r.type == "remote-inbound-rtp"]
@@ -757,6 +760,7 @@ class StreamServer:
             except MediaStreamError:
                 return
             client.audio_frames += 1
+            assert isinstance(frame, AudioFrame)  # an audio track's frames
             chunk = audio.from_frame(frame, time.time_ns())
             bus.push(client.id, chunk)
             if client.role == "operator" and self.on_operator_audio is not None:
@@ -767,7 +771,8 @@ class StreamServer:
 
     def _deliver_upstream(self, frame, stamp_ns: int) -> None:
         try:
-            self.on_upstream_frame(frame.to_ndarray(format="rgb24"), stamp_ns)
+            if self.on_upstream_frame is not None:
+                self.on_upstream_frame(frame.to_ndarray(format="rgb24"), stamp_ns)
         except Exception:
             log.exception("on_upstream_frame failed")
         finally:
@@ -775,17 +780,22 @@ class StreamServer:
 
     def _handle_expression(self, payload) -> str | None:
         """Validate and deliver one expression, raw or named; the error message, or None when accepted."""
+        deliver: Callable[[], None] | None
         try:
             value = load_json(payload)
             if isinstance(value, dict) and any(k in value for k in NAMED_FIELDS):
-                callback, args = self.on_named, parse_json(value)
+                command, look = parse_json(value)
+                named = self.on_named
+                deliver = None if named is None else lambda: named(command, look)
             else:
-                callback, args = self.on_expression, (parse_expression(value),)
+                expr = parse_expression(value)
+                raw = self.on_expression
+                deliver = None if raw is None else lambda: raw(expr)
         except (ExpressionError, NamedError) as e:
             return str(e)
-        if callback is not None:
+        if deliver is not None:
             try:
-                callback(*args)
+                deliver()
             except Exception:
                 log.exception("expression delivery failed")
                 return "the server could not deliver this expression"
@@ -862,7 +872,7 @@ def _ice_server(spec: str | dict) -> RTCIceServer:
 
 
 def _ice_dict(server: RTCIceServer) -> dict:
-    out = {"urls": server.urls}
+    out: dict[str, object] = {"urls": server.urls}
     if server.username:
         out.update(username=server.username, credential=server.credential)
     return out

@@ -263,7 +263,7 @@ class FastRenderer:
             groups = model.gaussian_groups(model.base_model(image), transform, planes=(points, dirs))
             fields = [torch.cat([getattr(g, f)[0].float() for g in groups])
                       for f in ("rotations", "scales", "opacities", "colors")]
-            local_means = torch.cat([g.xyz[0].float() for g in groups[1:]])
+            local_means = torch.cat([_positions(g)[0].float() for g in groups[1:]])
         self._enc_out = (local_means, fields[0], fields[1], fields[2][:, 0], fields[3])
 
     @torch.no_grad()
@@ -288,7 +288,9 @@ class FastRenderer:
             rgb = torch.cat([self._reference_frame(s, v, t)
                              for s, v, t in zip(self._sources, vertices, transforms, strict=True)])
             return to_uint8(rgb).permute(0, 2, 3, 1).cpu().numpy()
-        return self._render_checked(readback=True)
+        images = self._render_checked(readback=True)
+        assert images is not None  # a readback returns the images
+        return images
 
     def _reference_frame(self, source: GagaSource | None, vertices: torch.Tensor,
                          transform: torch.Tensor) -> torch.Tensor:
@@ -320,8 +322,7 @@ class FastRenderer:
     def _render_checked(self, readback: bool) -> np.ndarray | None:
         """Renders the frame in the input buffers; again with a larger tile-list buffer if it
         overflowed (so no frame loses Gaussians)."""
-        if self._rasterizer is None:
-            self._build_rasterizer()
+        rasterizer = self._rasterizer or self._build_rasterizer()
         while True:
             self._replay()
             host = None
@@ -332,10 +333,10 @@ class FastRenderer:
             self._copied.record()
             self._copied.synchronize()
             total = int(self._total_host)
-            if total <= self._rasterizer.capacity:
+            if total <= rasterizer.capacity:
                 break
             self._raster_graph = None  # it writes the buffers that resize replaces
-            self._rasterizer.resize(required_capacity(total))
+            rasterizer.resize(required_capacity(total))
             self._capture_raster()
         if host is None:
             return None
@@ -350,7 +351,7 @@ class FastRenderer:
                 eager()
 
     @torch.no_grad()
-    def _build_rasterizer(self) -> None:
+    def _build_rasterizer(self) -> StaticRasterizer:
         """Size the tile-list buffer from this frame: 1.5x the busiest slot's count, for every slot
         (a joining avatar of similar size fits without a recapture)."""
         self._write_view()
@@ -361,6 +362,7 @@ class FastRenderer:
         self._rasterizer = StaticRasterizer(self.batch, n, self.size, self.size,
                                             required_capacity(busiest * self.batch), dev)
         self._capture_raster()
+        return self._rasterizer
 
     def _capture_raster(self) -> None:
         if self.cuda_graph:
@@ -370,11 +372,13 @@ class FastRenderer:
         self._view[:, 0].copy_(viewmats(self._transforms))  # on the device, inside the graph
 
     def _rasterize(self) -> None:
+        rasterizer = self._rasterizer
+        assert rasterizer is not None  # built before the first frame (_render_checked)
         self._write_view()
-        image = self._rasterizer(self._means, self._covars, self._opacities, self._colors, self._view,
-                                 self._K)
+        image = rasterizer(self._means, self._covars, self._opacities, self._colors, self._view, self._K)
         self._splat.permute(0, 2, 3, 1).copy_(image)
-        self._total.copy_(self._rasterizer.total)
+        assert rasterizer.total is not None  # set by the call above
+        self._total.copy_(rasterizer.total)
 
     def _refine(self) -> None:
         with precision_mode(self.precision):
@@ -387,3 +391,9 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """Peak signal-to-noise ratio in dB of two images in [0,1] (inf when equal)."""
     mse = (a.float() - b.float()).pow(2).mean().item()
     return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def _positions(group) -> torch.Tensor:
+    """A lifted group's Gaussian positions (every group the encoder lifts carries them)."""
+    assert group.xyz is not None, "a lifted Gaussian group without positions"
+    return group.xyz
