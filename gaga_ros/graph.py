@@ -123,7 +123,7 @@ def telepresence(args: dict[str, str] | None = None) -> list[NodeSpec]:
     if a["camera_transport"] != "raw" and a["driver"] != "topic":
         raise ValueError("camera_transport:=compressed reads a camera driver's compressed topic: use it "
                          "with driver:=topic (the built-in capture publishes raw images)")
-    bridge = {"port": _port(a["port"])}
+    bridge: dict[str, int | str] = {"port": _port(a["port"])}
     nodes: list[NodeSpec] = []
     if a["driver"] == "operator":
         if not _true(a["bridge"]):

@@ -193,7 +193,7 @@ class BridgeNode(GuardedNode):
             msg = DisplayPoint(u=look.uv[0], v=look.uv[1])
             msg.header.stamp = stamp
             self.pub_look_display.publish(msg)
-        elif look is not None:
+        elif look is not None and look.point is not None:
             msg = PointStamped()
             msg.header.stamp = stamp  # empty frame_id: the display frame (README)
             msg.point.x, msg.point.y, msg.point.z = look.point
