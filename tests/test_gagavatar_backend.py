@@ -100,8 +100,9 @@ def test_fast_path_matches_reference_on_gpu(tmp_path, media_dir):
 
 
 def test_backend_factory_chooses_and_builds(tmp_path):
-    """The one factory both nodes use (gaga_ros.avatar.backends)."""
-    from gaga_ros.avatar.backends import choose_backend, make_backend, resolve_device
+    """The one factory every node uses (gaga_ros.avatar.backends)."""
+    from gaga_ros.avatar.backends import choose_backend, make_backend, renderer_for, resolve_device
+    from gaga_ros.avatar.base import AvatarError
     from gaga_ros.avatar.geometric import GeometricAvatar
     from gaga_ros.errors import InputError
 
@@ -122,3 +123,9 @@ def test_backend_factory_chooses_and_builds(tmp_path):
     assert isinstance(make_backend("gagavatar", "cpu", models, config="tiny"), GagaAvatarBackend)
     with pytest.raises(FileNotFoundError):
         make_backend("gagavatar", "cpu", empty, config="tiny")
+    # a renderer refuses what an arriving avatar names but cannot be rendered here as AvatarError
+    assert isinstance(renderer_for("gagavatar", "cpu", models, config="tiny"), GagaAvatarBackend)
+    with pytest.raises(AvatarError, match="a gagavatar avatar arrived but"):
+        renderer_for("gagavatar", "cpu", empty, config="tiny")
+    with pytest.raises(AvatarError, match="avatar backend 'nerf': accepted are geometric and gagavatar"):
+        renderer_for("nerf", "cpu", models)

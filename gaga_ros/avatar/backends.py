@@ -1,15 +1,17 @@
 """Choosing and building an avatar backend, in one place for every node that reconstructs or renders.
 
 `choose_backend` turns a requested name (auto, geometric, gagavatar) into a backend, `resolve_device`
-a requested device (auto, cpu, cuda) into one, and `make_backend` builds the backend. The licensed
-files come from the models folder (None: $GAGA_ROS_MODELS or ./models, see gaga_ros.assets).
+a requested device (auto, cpu, cuda) into one, and `make_backend` builds the backend. The renderers
+(the render and fleet nodes) take their device from `render_device` and build the backend an arriving
+avatar names with `renderer_for`. The licensed files come from the models folder (None:
+$GAGA_ROS_MODELS or ./models, see gaga_ros.assets).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from gaga_ros.avatar.base import AvatarBackend
+from gaga_ros.avatar.base import AvatarBackend, AvatarError
 from gaga_ros.errors import InputError, UnavailableError
 
 #: Avatar backends: asset-free geometric, and the published GAGAvatar (needs its weights and FLAME).
@@ -44,6 +46,17 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def render_device(requested: str) -> str:
+    """The device a renderer's `device` parameter names (resolve_device). On the CPU torch gets one
+    thread: the per-frame torch work is many small ops, and extra threads only contend with numba's."""
+    import torch
+
+    device = resolve_device(requested)
+    if device == "cpu":
+        torch.set_num_threads(1)
+    return device
+
+
 def make_backend(name: str, device: str = "cpu", models_dir: str | Path | None = None,
                  config: str = "full", grid: int | None = None, fast: bool = True) -> AvatarBackend:
     """The backend `name` on `device`: geometric (grid lifted pixels per side, its default when
@@ -59,3 +72,15 @@ def make_backend(name: str, device: str = "cpu", models_dir: str | Path | None =
 
         return GagaAvatarBackend.load(models_dir, config, device=device, fast=fast)
     raise InputError(f"avatar backend {name!r}: accepted are {' and '.join(BACKENDS)}")
+
+
+def renderer_for(name: str, device: str, models_dir: str | Path | None = None, config: str = "full",
+                 fast: bool = True) -> AvatarBackend:
+    """The backend that renders avatars made by backend `name` (the name an arriving avatar carries);
+    an unknown name, or a gagavatar avatar without the model files here, is refused as AvatarError."""
+    if name not in BACKENDS:
+        raise AvatarError(f"avatar backend {name!r}: accepted are {' and '.join(BACKENDS)}")
+    try:
+        return make_backend(name, device, models_dir, config, fast=fast)
+    except FileNotFoundError as exc:
+        raise AvatarError(f"a {name} avatar arrived but {exc}") from None

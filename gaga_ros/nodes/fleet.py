@@ -22,7 +22,8 @@ from rclpy.publisher import Publisher
 from rclpy.subscription import Subscription
 from sensor_msgs.msg import Image
 
-from gaga_ros.avatar.base import AvatarError
+from gaga_ros.avatar.backends import render_device, renderer_for
+from gaga_ros.errors import GagaError
 from gaga_ros.msg import Expression as ExpressionMsg
 from gaga_ros.msg import GaussianAvatar
 from gaga_ros.nodes import names, qos, stamps
@@ -33,7 +34,6 @@ from gaga_ros.nodes.guard import describe
 from gaga_ros.nodes.image_msg import to_msg as image_to_msg
 from gaga_ros.nodes.managed import ManagedNode
 from gaga_ros.nodes.parameters import Param
-from gaga_ros.nodes.render import make_backend, render_device
 from gaga_ros.render.fleet import DEFAULT_SLOTS, Fleet
 
 AVATAR_TYPE = "gaga_ros/msg/GaussianAvatar"
@@ -111,7 +111,7 @@ class FleetNode(ManagedNode):
 
     def configure(self) -> None:
         self.device = device = render_device(self.p["device"])
-        self.fleet = Fleet(lambda name: make_backend(name, device, self.p["models_dir"],
+        self.fleet = Fleet(lambda name: renderer_for(name, device, self.p["models_dir"] or None,
                                                      self.p["gagavatar_config"], self.p["fast_path"]),
                            device, self.p["size"], self.p["slots"], self.p["memory_cap_mb"])
         self._follow_namespaces()
@@ -220,7 +220,7 @@ class FleetNode(ManagedNode):
             return
         try:
             self.fleet.set_avatar(ns, avatar_from_msg(msg, "cpu"))  # memory is checked before upload
-        except (AvatarError, ValueError) as exc:
+        except GagaError as exc:
             self.fleet.fail(ns, f"avatar refused: {exc}")
             raise  # the guard logs and counts it; the other namespaces never wait on it
         self.get_logger().info(f"{ns or '/'}: avatar {msg.avatar_id} ({msg.backend}, {msg.num_gaussians} "

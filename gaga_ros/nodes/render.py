@@ -17,7 +17,9 @@ import numpy as np
 from geometry_msgs.msg import PointStamped
 from sensor_msgs.msg import CompressedImage, Image
 
-from gaga_ros.avatar.base import Avatar, AvatarError
+from gaga_ros.avatar.backends import render_device, renderer_for
+from gaga_ros.avatar.base import Avatar, AvatarBackend
+from gaga_ros.errors import GagaError
 from gaga_ros.expression import Expression
 from gaga_ros.mailbox import Mailbox
 from gaga_ros.msg import DisplayPoint, GaussianAvatar, NamedExpression, TrackingStatus
@@ -59,36 +61,6 @@ PARAMS = (
 )
 
 
-def make_backend(name: str, device: str, models_dir: str, config: str, fast: bool = True):
-    """The renderer for avatars made by backend `name`."""
-    if name == "geometric":
-        from gaga_ros.avatar.geometric import GeometricAvatar
-
-        return GeometricAvatar(device=device, models_dir=models_dir or None)
-    if name == "gagavatar":
-        from gaga_ros.avatar.gagavatar.backend import GagaAvatarBackend
-
-        try:
-            return GagaAvatarBackend.load(models_dir or None, config, device=device, fast=fast)
-        except FileNotFoundError as exc:
-            raise AvatarError(f"a gagavatar avatar arrived but {exc}") from None
-    raise AvatarError(f"avatar backend {name!r}: accepted are geometric and gagavatar")
-
-
-def render_device(requested: str) -> str:
-    """The device a render node's `device` parameter names (gaga_ros.avatar.backends.resolve_device).
-    On the CPU torch gets one thread: the per-frame torch work is many small ops, and extra threads
-    only contend with numba's."""
-    import torch
-
-    from gaga_ros.avatar.backends import resolve_device
-
-    device = resolve_device(requested)
-    if device == "cpu":
-        torch.set_num_threads(1)
-    return device
-
-
 class RenderNode(ManagedNode):
     """Keeps the avatar on the device and renders each newest expression."""
 
@@ -98,7 +70,7 @@ class RenderNode(ManagedNode):
         super().__init__("gaga_render", PARAMS)
         self.device = "cpu"
         self.avatar: Avatar | None = None
-        self.backend = None
+        self.backend: AvatarBackend | None = None
         self.lock = threading.Lock()
         self.mailbox: Mailbox[Expression] = Mailbox()
         self.worker: threading.Thread | None = None
@@ -159,9 +131,9 @@ class RenderNode(ManagedNode):
         try:
             avatar = avatar_from_msg(msg, self.device)
             backend = (self.backend if self.backend is not None and self.backend.name == avatar.backend
-                       else make_backend(avatar.backend, self.device, self.p["models_dir"],
+                       else renderer_for(avatar.backend, self.device, self.p["models_dir"] or None,
                                          self.p["gagavatar_config"], self.p["fast_path"]))
-        except (AvatarError, ValueError) as exc:
+        except GagaError as exc:
             self.error = f"avatar refused: {exc}"  # ERROR while there is no avatar to keep serving
             raise  # the guard logs it; diagnostics WARN while a previous avatar keeps serving
         with self.lock:

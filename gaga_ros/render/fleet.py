@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from gaga_ros.avatar.base import Avatar, AvatarError
+from gaga_ros.errors import InputError
 from gaga_ros.expression import Expression
 
 MIB = 2**20
@@ -129,7 +130,7 @@ class Fleet:
     def __init__(self, make_backend: Callable[[str], Any], device: str = "cpu", size: int = 512,
                  slots: int = DEFAULT_SLOTS, memory_cap_mb: float = 0.0) -> None:
         if slots < 1:
-            raise ValueError(f"slots {slots}: accepted is at least 1")
+            raise InputError(f"slots {slots}: accepted is at least 1")
         self.make_backend = make_backend
         self.device = torch.device(device)
         self.size = size
