@@ -22,18 +22,18 @@ class ImageError(InputError):
     """An image that cannot be used; the message says why and what is accepted."""
 
 
-def check_rgb(image: np.ndarray, min_side: int = 1) -> np.ndarray:
+def check_rgb(image: np.ndarray, min_side: int = 1, error: type[ImageError] = ImageError) -> np.ndarray:
     """The image as a C-contiguous (H, W, 3) uint8 array, at least min_side pixels each way, or
-    ImageError saying what is accepted."""
+    `error` (an ImageError; a caller's own kind, e.g. the stream's FrameError) saying what is accepted."""
     if not isinstance(image, np.ndarray):
-        raise ImageError(f"image is a {type(image).__name__}: accepted is a numpy (H, W, 3) uint8 RGB "
+        raise error(f"image is a {type(image).__name__}: accepted is a numpy (H, W, 3) uint8 RGB "
                          "array")
     if image.dtype != np.uint8:
-        raise ImageError(f"image dtype is {image.dtype} (shape {image.shape}): accepted is uint8 RGB "
+        raise error(f"image dtype is {image.dtype} (shape {image.shape}): accepted is uint8 RGB "
                          "(0-255) of shape (H, W, 3)")
     if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < max(min_side, 1):
         size = f"at least {min_side}x{min_side} pixels" if min_side > 1 else "at least one pixel"
-        raise ImageError(f"image shape is {image.shape}: accepted is an (H, W, 3) uint8 RGB array of "
+        raise error(f"image shape is {image.shape}: accepted is an (H, W, 3) uint8 RGB array of "
                          f"{size}")
     return np.ascontiguousarray(image)
 

@@ -131,8 +131,10 @@ def test_bad_settings_and_frames_are_refused():
     server = StreamServer(port=0)
     with pytest.raises(FrameError, match="uint8"):
         server.push_frame(np.zeros((64, 64, 3), np.float32))
-    with pytest.raises(FrameError, match="HxWx3"):
+    with pytest.raises(FrameError, match=r"\(H, W, 3\)"):
         server.push_frame(np.zeros((64, 64), np.uint8))
+    with pytest.raises(FrameError, match="at least 16x16"):
+        server.push_robot_camera(np.zeros((8, 64, 3), np.uint8))
 
 
 def test_expression_post_validates_and_delivers():

@@ -30,6 +30,8 @@ import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from gaga_ros.image import ImageError
+
 #: RTP video clock: aiortc converts packet pts to this, so we stamp in it directly.
 VIDEO_CLOCK = 90_000
 VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK)
@@ -37,23 +39,14 @@ VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK)
 CODE_BITS = 16
 #: The code's blocks are this fraction of the image width (16 blocks span half the width).
 CODE_BLOCKS_PER_WIDTH = 32
+#: Smallest frame side the stream carries, pixels (pushed frames and output sizes).
+MIN_FRAME_SIDE = 16
 #: How many encoded frames a slow viewer may lag before it must wait for a keyframe.
 RING_FRAMES = 30
 
 
-class FrameError(ValueError):
+class FrameError(ImageError):
     """A pushed image the stream cannot carry; the message says what is accepted."""
-
-
-def check_rgb(rgb: np.ndarray) -> np.ndarray:
-    """Return rgb as a contiguous HxWx3 uint8 array, or raise FrameError saying what is accepted."""
-    if not isinstance(rgb, np.ndarray):
-        raise FrameError(f"frame is a {type(rgb).__name__}: accepted is a numpy uint8 HxWx3 RGB array")
-    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise FrameError(f"frame has dtype {rgb.dtype} and shape {rgb.shape}: accepted is uint8 HxWx3 RGB")
-    if rgb.shape[0] < 16 or rgb.shape[1] < 16:
-        raise FrameError(f"frame is {rgb.shape[1]}x{rgb.shape[0]}: accepted is at least 16x16 pixels")
-    return np.ascontiguousarray(rgb)
 
 
 def _code_block(width: int) -> int:

@@ -36,7 +36,9 @@ from aiortc.rtcrtpsender import RTCRtpSender
 from av import AudioFrame
 
 from gaga_ros import audio
+from gaga_ros.errors import InputError
 from gaga_ros.expression import Expression, ExpressionError
+from gaga_ros.image import check_rgb
 from gaga_ros.named import JSON_FIELDS as NAMED_FIELDS
 from gaga_ros.named import LookAt, NamedCommand, NamedError, parse_json
 from gaga_ros.stream.auth import (
@@ -48,7 +50,7 @@ from gaga_ros.stream.auth import (
     token_middleware,
 )
 from gaga_ros.stream.sound import BusTrack, SoundBus
-from gaga_ros.stream.tracks import EncodedTrack, NewestFrame, SharedEncoder, check_rgb
+from gaga_ros.stream.tracks import MIN_FRAME_SIDE, EncodedTrack, FrameError, NewestFrame, SharedEncoder
 
 log = logging.getLogger(__name__)
 #: aiohttp's server logger for this server (passed to its AppRunner), so it reaches the bridge's /rosout.
@@ -106,7 +108,7 @@ ExpressionCallback = Callable[[Expression], None]
 NamedCallback = Callable[[NamedCommand | None, LookAt | None], None]
 
 
-class StreamConfigError(ValueError):
+class StreamConfigError(InputError):
     """A StreamServer setting that cannot work; the message says what is accepted."""
 
 
@@ -355,11 +357,11 @@ class StreamServer:
 
         The array is copied, so the caller may reuse its buffer at once.
         """
-        self._frames.put(check_rgb(rgb).copy(), stamp_ns)
+        self._frames.put(check_rgb(rgb, MIN_FRAME_SIDE, FrameError).copy(), stamp_ns)
 
     def push_robot_camera(self, rgb: np.ndarray, stamp_ns: int = 0) -> None:
         """Offer a frame of the robot's camera for operators (as push_frame; needs robot_camera)."""
-        self._robot_frames.put(check_rgb(rgb).copy(), stamp_ns)
+        self._robot_frames.put(check_rgb(rgb, MIN_FRAME_SIDE, FrameError).copy(), stamp_ns)
 
     def push_robot_audio(self, chunk: audio.Pcm) -> None:
         """The robot's own sound (text-to-speech, a microphone) for operators; thread-safe."""
