@@ -16,6 +16,9 @@ from gaga_ros.errors import InputError, UnavailableError
 
 #: Avatar backends: asset-free geometric, and the published GAGAvatar (needs its weights and FLAME).
 BACKENDS = ("geometric", "gagavatar")
+#: Image sides a renderer's size accepts (the render and fleet nodes' `size`), pixels: within what
+#: every backend renders (the geometric one 16..4096; GAGAvatar resizes its own render).
+RENDER_SIDES = (64, 2048)
 
 
 def choose_backend(requested: str, models_dir: str | Path | None = None) -> tuple[str, str]:

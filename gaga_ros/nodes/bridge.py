@@ -31,6 +31,7 @@ from gaga_ros.nodes.guard import GuardedNode
 from gaga_ros.nodes.image_msg import from_msg, to_msg
 from gaga_ros.nodes.parameters import Param, declare
 from gaga_ros.stream import StreamServer, stamp_code
+from gaga_ros.stream.webrtc import BITRATES_KBPS, FRAME_RATES, OUTPUT_SIDES
 
 PARAMS = (
     Param("host", "127.0.0.1", "Address to listen on. Anything but loopback needs a token."),
@@ -44,11 +45,11 @@ PARAMS = (
     Param("allowed_origins", [""], "Page origins allowed besides the bridge's own, e.g. "
           "https://robot.example when a reverse proxy serves the viewer (empty: none)."),
     Param("codec", "VP8", "Video codec: VP8 or H264."),
-    Param("bitrate_kbps", 1000, "Target video bitrate; can change live.", read_only=False, low=50,
-          high=50000),
-    Param("max_fps", 30.0, "Highest frame rate sent to viewers.", low=1.0, high=120.0),
-    Param("width", 0, "Output width (0: as rendered).", low=0, high=4096),
-    Param("height", 0, "Output height (0: as rendered).", low=0, high=4096),
+    Param("bitrate_kbps", 1000, "Target video bitrate; can change live.", read_only=False,
+          low=BITRATES_KBPS[0], high=BITRATES_KBPS[1]),
+    Param("max_fps", 30.0, "Highest frame rate sent to viewers.", low=FRAME_RATES[0], high=FRAME_RATES[1]),
+    Param("width", 0, "Output width (0: as rendered).", low=0, high=OUTPUT_SIDES[1]),
+    Param("height", 0, "Output height (0: as rendered).", low=0, high=OUTPUT_SIDES[1]),
     Param("certfile", "", "TLS certificate (PEM); with keyfile the bridge serves HTTPS."),
     Param("keyfile", "", "TLS private key (PEM)."),
     Param("ice_servers", [""], "STUN/TURN URLs, e.g. stun:stun.example.org:3478 or "

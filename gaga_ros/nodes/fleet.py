@@ -22,7 +22,7 @@ from rclpy.publisher import Publisher
 from rclpy.subscription import Subscription
 from sensor_msgs.msg import Image
 
-from gaga_ros.avatar.backends import render_device, renderer_for
+from gaga_ros.avatar.backends import RENDER_SIDES, render_device, renderer_for
 from gaga_ros.errors import GagaError
 from gaga_ros.msg import Expression as ExpressionMsg
 from gaga_ros.msg import GaussianAvatar
@@ -43,7 +43,7 @@ DISCOVER_PERIOD_S = 1.0
 PARAMS = (
     Param("device", "auto", "Where the avatars live and render: auto (cuda when present), cuda, cpu."),
     Param("size", 512, "Output image side in pixels (GAGAvatar batches on CUDA need the model's 512).",
-          low=64, high=2048),
+          low=RENDER_SIDES[0], high=RENDER_SIDES[1]),
     Param("frame_id", "avatar_camera", "frame_id of the published images."),
     Param("models_dir", "", "Folder of the licensed model files (gagavatar avatars need them)."),
     Param("gagavatar_config", "full", "GAGAvatar size: full (published) or tiny (tests)."),

@@ -17,7 +17,7 @@ import numpy as np
 from geometry_msgs.msg import PointStamped
 from sensor_msgs.msg import CompressedImage, Image
 
-from gaga_ros.avatar.backends import render_device, renderer_for
+from gaga_ros.avatar.backends import RENDER_SIDES, render_device, renderer_for
 from gaga_ros.avatar.base import Avatar, AvatarBackend
 from gaga_ros.errors import GagaError
 from gaga_ros.expression import Expression
@@ -40,7 +40,8 @@ IDLE_FPS = 30.0
 
 PARAMS = (
     Param("device", "auto", "Where the avatar lives and renders: auto (cuda when present), cuda, cpu."),
-    Param("size", 512, "Output image side in pixels.", read_only=False, low=64, high=2048),
+    Param("size", 512, "Output image side in pixels.", read_only=False, low=RENDER_SIDES[0],
+          high=RENDER_SIDES[1]),
     Param("jpeg_quality", 85, "Quality of /avatar/image/compressed (JPEG).", read_only=False, low=10,
           high=100),
     Param("frame_id", "avatar_camera", "frame_id of the published images."),

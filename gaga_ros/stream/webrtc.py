@@ -78,6 +78,12 @@ HTTP_LOG.addFilter(ShortParseErrors())
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 CODECS = ("VP8", "H264")
+#: Video bitrates accepted, kbit/s (lowest, highest).
+BITRATES_KBPS = (50, 50_000)
+#: Frame rates accepted for max_fps, frames/s.
+FRAME_RATES = (1, 120)
+#: Output sides accepted when the stream scales its frames, pixels.
+OUTPUT_SIDES = (MIN_FRAME_SIDE, 4096)
 #: Who a page is (the "role" of its offer). viewer: watches the avatar and hears the operator;
 #: kiosk: the robot's face display, the same plus its microphone as the robot's voice; operator:
 #: drives the face with camera and microphone, hears the robot, sees the robot's camera.
@@ -110,6 +116,13 @@ NamedCallback = Callable[[NamedCommand | None, LookAt | None], None]
 
 class StreamConfigError(InputError):
     """A StreamServer setting that cannot work; the message says what is accepted."""
+
+
+def _check_bitrate(bitrate_kbps: int) -> None:
+    """StreamConfigError unless `bitrate_kbps` lies within BITRATES_KBPS."""
+    if not BITRATES_KBPS[0] <= bitrate_kbps <= BITRATES_KBPS[1]:
+        raise StreamConfigError(f"bitrate_kbps {bitrate_kbps}: accepted is {BITRATES_KBPS[0]} to "
+                                f"{BITRATES_KBPS[1]}")
 
 
 def load_json(payload: str | bytes | dict):
@@ -235,14 +248,14 @@ class StreamServer:
         self.codec = codec.upper() if isinstance(codec, str) else codec
         if self.codec not in CODECS:
             raise StreamConfigError(f"codec {codec!r}: accepted are {CODECS}")
-        if not 50 <= bitrate_kbps <= 50_000:
-            raise StreamConfigError(f"bitrate_kbps {bitrate_kbps}: accepted is 50 to 50000")
-        if not 1 <= max_fps <= 120:
-            raise StreamConfigError(f"max_fps {max_fps}: accepted is 1 to 120")
+        _check_bitrate(bitrate_kbps)
+        if not FRAME_RATES[0] <= max_fps <= FRAME_RATES[1]:
+            raise StreamConfigError(f"max_fps {max_fps}: accepted is {FRAME_RATES[0]} to {FRAME_RATES[1]}")
         if (width is None) != (height is None):
             raise StreamConfigError("give both width and height, or neither (keep the pushed size)")
-        if width is not None and height is not None and not (16 <= width <= 4096 and 16 <= height <= 4096):
-            raise StreamConfigError(f"output size {width}x{height}: accepted is 16 to 4096 per side")
+        low, high = OUTPUT_SIDES
+        if width is not None and height is not None and not (low <= width <= high and low <= height <= high):
+            raise StreamConfigError(f"output size {width}x{height}: accepted is {low} to {high} per side")
         if (certfile is None) != (keyfile is None):
             raise StreamConfigError("HTTPS needs both certfile and keyfile")
         if token is not None and len(token) < 8:
@@ -400,8 +413,7 @@ class StreamServer:
 
     def set_bitrate(self, bitrate_kbps: int) -> None:
         """Change the video bitrate of every stream now (each encoder restarts with a keyframe)."""
-        if not 50 <= bitrate_kbps <= 50_000:
-            raise StreamConfigError(f"bitrate_kbps {bitrate_kbps}: accepted is 50 to 50000")
+        _check_bitrate(bitrate_kbps)
         self.bitrate_kbps = int(bitrate_kbps)
         for encoder in list(self._encoders.values()):
             encoder.set_bitrate(self.bitrate_kbps)
