@@ -137,8 +137,8 @@ def test_turn_credentials_come_from_the_environment_and_reach_every_page(ros_nod
         ice = asyncio.run(config())["iceServers"]
         assert ice == [{"urls": servers[0]},
                        {"urls": servers[1], "username": "robot", "credential": "s3cret-turn-pass"}]
-        lister = ros_node.create_client(ListParameters, "/bridge/list_parameters")
-        getter = ros_node.create_client(GetParameters, "/bridge/get_parameters")
+        lister = ros_node.create_client(ListParameters, "/gaga_bridge/list_parameters")
+        getter = ros_node.create_client(GetParameters, "/gaga_bridge/get_parameters")
         assert lister.wait_for_service(timeout_sec=30) and getter.wait_for_service(timeout_sec=30)
         names = lister.call_async(ListParameters.Request())
         assert wait_for(names.done, 30)
