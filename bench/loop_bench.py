@@ -101,7 +101,7 @@ def bursts_wav(path: Path, seconds: float = 7.0, every: float = 0.7, length: flo
     return path
 
 
-async def measure(g: Graph, seen: dict, flags: list[str], seconds: float) -> dict:
+async def measure(g: Graph, obs: Observer, seen: dict, flags: list[str], seconds: float) -> dict:
     async with Browser() as kb, Browser(extra_flags=flags) as ob:
         kiosk = await kb.new_page(g.url + "kiosk?codes=1")
         operator = await ob.new_page(g.url + "operator")
@@ -124,6 +124,7 @@ async def measure(g: Graph, seen: dict, flags: list[str], seconds: float) -> dic
         spoken = await operator.evaluate("spoken")
         send = await operator.evaluate(SEND_SIDE_JS)
         end = time.time() * 1000
+        nodes = {name: values for name, (_, _, values) in obs.diag.items()}  # each node's own rates
         await operator.close()
         t_left = time.monotonic()
         while not any(f == "scripted_driver" for t, f in seen["expr"] if t > t_left):
@@ -152,6 +153,7 @@ async def measure(g: Graph, seen: dict, flags: list[str], seconds: float) -> dic
         "audio_latency_p95_ms": float(np.percentile(audio, 95)) if audio else None,
         "audio_bursts": len(audio), "bursts_sent": len(spoken),
         "idle_return_s": None if back is None else back - t_left,
+        "nodes": nodes,
     }
 
 
@@ -159,6 +161,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--grid", type=int, default=192, help="the geometric avatar's grid (reconstruction)")
     args = ap.parse_args()
 
     # Its own DDS domain on localhost, shared memory for the frames (as gaga-ros launch and the tests).
@@ -172,7 +175,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="loop-bench-"))
     params = {"driver": {"rate": 30.0, "performance": "idle", "yield_to_tracking": True},
-              "tracking": {"mode": "mesh"}, "voice": {}, "reconstruction": {},
+              "tracking": {"mode": "mesh"}, "voice": {}, "reconstruction": {"grid": args.grid},
               "render": {"device": "cpu", "size": args.size},
               "bridge": {"upstream_topic": "camera/image_raw", "frame_codes": True}}
     flags = FAKE_CAMERA + fake_media(MEDIA / "talking_glasses.mp4", work, seconds=10.0)[:1] + [
@@ -189,7 +192,7 @@ def main() -> None:
     try:
         if not obs.serving(timeout=180):
             raise SystemExit("the graph never rendered:\n" + "\n".join(g.log(n)[-800:] for n in g.procs))
-        result = asyncio.run(measure(g, seen, flags, args.seconds))
+        result = asyncio.run(measure(g, obs, seen, flags, args.seconds))
     finally:
         g.stop()
         obs.close()
@@ -198,7 +201,7 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     result.update(machine=f"{platform.node()} ({platform.machine()}, {cores} cores)", commit=commit,
                   command="python bench/loop_bench.py " + " ".join(sys.argv[1:]), size=args.size,
-                  seconds=args.seconds)
+                  grid=args.grid, seconds=args.seconds)
     out = REPO / "bench" / "results" / "loop_bench.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
@@ -212,6 +215,10 @@ def main() -> None:
     for name, value, note in rows:
         shown = "-" if value is None else f"{value:8.1f}"
         print(f"{name:45s} {shown:>10s}  {note}")
+    for node, values in sorted(result["nodes"].items()):
+        wanted = ("rate", "_fps", "_in", "_ms", "dropped_frames")
+        rates = {k: v for k, v in values.items() if k.endswith(wanted)}
+        print(f"  {node}: {rates}")
     print(f"wrote {out}")
 
 
