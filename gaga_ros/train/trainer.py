@@ -35,6 +35,7 @@ from gaga_ros.avatar.gagavatar import (
     FULL,
     TINY,
     GagaSizes,
+    GagaSource,
     GAGAvatar,
     load_state_dict_strict,
     read_state_dict,
@@ -42,7 +43,6 @@ from gaga_ros.avatar.gagavatar import (
 from gaga_ros.camera import Camera
 from gaga_ros.conventions import FLAME_SCALE
 from gaga_ros.errors import InputError
-from gaga_ros.gaussians import Gaussians
 from gaga_ros.image import to_uint8
 from gaga_ros.train.dataset import PairDataset, PairSampler, steps_per_epoch
 from gaga_ros.train.losses import FacePerceptualLoss, GagaLoss, load_perceptual
@@ -131,12 +131,8 @@ class TrainStep(nn.Module):
                                    planes=(batch["f_plane_points"], batch["f_plane_dirs"]))
         splats = []
         for b, camera in enumerate(cameras):
-            g = Gaussians(torch.cat([grp.xyz[b] for grp in groups]),  # type: ignore[index]  # all given
-                          torch.cat([grp.rotations[b] for grp in groups]),
-                          torch.cat([grp.scales[b] for grp in groups]),
-                          torch.cat([grp.opacities[b] for grp in groups])[:, 0],
-                          torch.cat([grp.colors[b] for grp in groups]))
-            splats.append(splat(g, camera, self.splat_radius))
+            source = GagaSource.from_groups(groups, batch["f_transform"][b], b)
+            splats.append(splat(source.frame_gaussians(batch["t_points"][b]), camera, self.splat_radius))
         rendered = torch.stack(splats)
         coarse = rendered[:, :3]
         refined = m.upsampler(rendered, randomize_noise=self.randomize_noise)

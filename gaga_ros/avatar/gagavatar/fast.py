@@ -261,10 +261,8 @@ class FastRenderer:
         model, (image, transform, points, dirs) = self.model, self._enc_in
         with precision_mode(self.encoder_precision):
             groups = model.gaussian_groups(model.base_model(image), transform, planes=(points, dirs))
-            fields = [torch.cat([getattr(g, f)[0].float() for g in groups])
-                      for f in ("rotations", "scales", "opacities", "colors")]
-            local_means = torch.cat([_positions(g)[0].float() for g in groups[1:]])
-        self._enc_out = (local_means, fields[0], fields[1], fields[2][:, 0], fields[3])
+            out = GagaSource.from_groups(groups, transform[0], dtype=torch.float32)
+        self._enc_out = (out.local_means, out.quats, out.scales, out.opacities, out.colors)
 
     @torch.no_grad()
     def frame(self, vertices: Array, transforms: Array) -> torch.Tensor:
@@ -391,9 +389,3 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """Peak signal-to-noise ratio in dB of two images in [0,1] (inf when equal)."""
     mse = (a.float() - b.float()).pow(2).mean().item()
     return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
-
-
-def _positions(group) -> torch.Tensor:
-    """A lifted group's Gaussian positions (every group the encoder lifts carries them)."""
-    assert group.xyz is not None, "a lifted Gaussian group without positions"
-    return group.xyz

@@ -50,10 +50,32 @@ class GagaSource:
     colors: torch.Tensor  # (N, 32)
     transform: torch.Tensor  # (3, 4) the source camera [R | T]
 
+    @classmethod
+    def from_groups(cls, groups: list[GaussianGroup], transform: torch.Tensor, item: int = 0,
+                    dtype: torch.dtype | None = None) -> GagaSource:
+        """Batch item `item` of the generators' [expression, l0, l1] groups (gaussian_groups) seen by
+        `transform` (3,4): the one assembly of GAGAvatar's Gaussians, for reconstruction, the fast
+        path's encoder and training. Each group's tensors are cast to `dtype` (None: kept) before
+        they are joined; the expression group's positions are left out (each frame brings its own)."""
+
+        def part(t: torch.Tensor) -> torch.Tensor:
+            return t[item] if dtype is None else t[item].to(dtype)
+
+        quats, scales, opacities, colors = (torch.cat([part(getattr(g, name)) for g in groups])
+                                            for name in ("rotations", "scales", "opacities", "colors"))
+        local_means = torch.cat([part(_positions(g)) for g in groups[1:]])
+        return cls(local_means, quats, scales, opacities[:, 0], colors, transform)
+
     def frame_gaussians(self, vertices: torch.Tensor) -> Gaussians:
         """All Gaussians of one frame: the expression group sits at `vertices` (5023, 3)."""
         return Gaussians(torch.cat([vertices, self.local_means]), self.quats, self.scales,
                          self.opacities, self.colors)
+
+
+def _positions(group: GaussianGroup) -> torch.Tensor:
+    """A lifted group's Gaussian positions (every local group carries them)."""
+    assert group.xyz is not None, "a lifted Gaussian group without positions"
+    return group.xyz
 
 
 @dataclass
@@ -119,11 +141,7 @@ class GAGAvatar(nn.Module):
         published) and its camera [R | T] (3,4). The result stays on the model's device."""
         image = self._source_image(image)
         transform = self._transforms(transform, 1)
-        groups = self.gaussian_groups(self.base_model(image), transform)
-        fields = [torch.cat([getattr(g, name)[0] for g in groups])
-                  for name in ("rotations", "scales", "opacities", "colors")]
-        local_means = torch.cat([g.xyz[0] for g in groups[1:]])  # type: ignore[index]  # local: never None
-        return GagaSource(local_means, fields[0], fields[1], fields[2][:, 0], fields[3], transform[0])
+        return GagaSource.from_groups(self.gaussian_groups(self.base_model(image), transform), transform[0])
 
     @torch.no_grad()
     def render(self, source: GagaSource, vertices: torch.Tensor | np.ndarray,
