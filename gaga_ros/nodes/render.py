@@ -174,7 +174,8 @@ class RenderNode(ManagedNode):
         if self.device == "cpu":  # numba's thread count is per calling thread: this worker's
             import numba
 
-            numba.set_num_threads(min(self.p["cpu_threads"], numba.config.NUMBA_NUM_THREADS))
+            most = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]  # set at import, untyped
+            numba.set_num_threads(min(self.p["cpu_threads"], most))
         with self.lock:
             avatar, backend = self.avatar, self.backend
         if avatar is not None:
