@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gaga_ros.avatar.base import Avatar
-from gaga_ros.avatar.gagavatar.backend import GagaAvatarBackend
+from gaga_ros.avatar.gagavatar.backend import GagaAvatarBackend, GagaPrepared
 from gaga_ros.avatar.gagavatar.model import GAGAvatar
 from gaga_ros.avatar.gagavatar.sizes import TINY
 from gaga_ros.expression import Expression, FaceModel
@@ -68,8 +68,12 @@ def test_message_arrays_round_trip_renders_the_same(backend, avatar):
     neutral = Expression(FaceModel.FLAME, transform=avatar.source_transform)
     restored = Avatar.from_arrays(avatar.to_arrays())
     assert restored.backend == "gagavatar"
+    # the backend's prepared state: reconstruction leaves it, an avatar from a message gets it on
+    # its first frame, built from its arrays
+    assert isinstance(avatar.prepared, GagaPrepared) and restored.prepared is None
     direct = backend.frame(avatar, neutral).splat
     via_message = backend.frame(restored, neutral).splat
+    assert isinstance(restored.prepared, GagaPrepared)
     assert torch.allclose(direct, via_message, atol=1e-5)
 
 

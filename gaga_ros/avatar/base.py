@@ -124,8 +124,10 @@ class Avatar:
     extra: bytes = b""
     #: Human-readable notes about the reconstruction (e.g. "3 faces found, used the largest").
     warnings: tuple[str, ...] = ()
-    #: Backend cache derived from the fields above (e.g. rest-pose frames); never serialised.
-    cache: dict = field(default_factory=dict, repr=False, compare=False)
+    #: What the rendering backend derived from the fields above, in that backend's own type (the
+    #: geometric backend's rest pose, GAGAvatar's source); set and read by the backend alone, never
+    #: serialised, not carried by to().
+    prepared: object = field(default=None, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:

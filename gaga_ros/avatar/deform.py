@@ -94,7 +94,7 @@ def matrix_to_quat(m: torch.Tensor) -> torch.Tensor:
     return q * torch.where(q[:, :1] < 0, -1.0, 1.0)
 
 
-class _Rest:
+class Rest:
     """Per-avatar constants of the deformation, built once: the barycentric weights as a sparse
     CSR (N, V) matrix (anchors are then sparse products, ~10x faster than gathers on CPU) and the
     neutral anchors, frames and areas."""
@@ -122,21 +122,21 @@ class _Rest:
         return (anchor, *triangle_frames(vertices, triangles, normals))
 
 
-def deform(avatar: Avatar, vertices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def deform(avatar: Avatar, vertices: torch.Tensor,
+           rest: Rest | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Means (N,3), quats (N,4) and growth factors (N,) of the avatar's Gaussians on mesh `vertices`.
 
     `vertices` (V,3) is the deformed mesh in the canonical frame (same topology as the neutral one).
     Quaternions turn with the rotation from each triangle's rest frame to its deformed frame;
     growth is sqrt of the triangle's area ratio, so Gaussians on stretched skin keep covering it.
-    CAMERA_FIXED Gaussians are returned unchanged (growth 1).
+    CAMERA_FIXED Gaussians are returned unchanged (growth 1). `rest` is Rest(avatar), which a
+    caller that deforms the avatar every frame builds once (None: built here).
     """
     vertices = torch.as_tensor(vertices, dtype=torch.float32, device=avatar.device)
     if vertices.shape != avatar.neutral_vertices.shape:
         raise InputError(f"deform needs vertices of shape {tuple(avatar.neutral_vertices.shape)}, "
                          f"got {tuple(vertices.shape)}")
-    rest = avatar.cache.get("rest")
-    if rest is None:
-        rest = avatar.cache["rest"] = _Rest(avatar)
+    rest = Rest(avatar) if rest is None else rest
     anchor, frame, area = rest.pose(vertices, avatar.triangles)
     g = avatar.gaussians
     means = g.means + anchor - rest.anchor  # CAMERA_FIXED rows have no weights: zero motion

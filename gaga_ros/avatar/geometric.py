@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from gaga_ros.avatar.base import CAMERA_FIXED, Avatar, Binding, content_id, photo_landmarker, source_face
-from gaga_ros.avatar.deform import anchors, deform, matrix_to_quat, quat_to_matrix
+from gaga_ros.avatar.deform import Rest, anchors, deform, matrix_to_quat, quat_to_matrix
 from gaga_ros.camera import Camera, frontal_transform
 from gaga_ros.conventions import CROP_SIZE
 from gaga_ros.errors import InputError
@@ -136,6 +136,14 @@ def rebase_transform(driver: np.ndarray, source: np.ndarray) -> np.ndarray:
     return out.astype(np.float32)
 
 
+@dataclass
+class Prepared:
+    """What the geometric backend derives once per avatar to render it (Avatar.prepared)."""
+
+    rest: Rest  # the deformation's rest pose (gaga_ros.avatar.deform)
+    delta_scale: float  # the source's face size over the canonical one: expression motion scales by it
+
+
 class GeometricAvatar:
     """Photo -> mesh-bound RGB Gaussian head (AvatarBackend).
 
@@ -211,12 +219,15 @@ class GeometricAvatar:
     def driven_vertices(self, avatar: Avatar, expression: Expression) -> torch.Tensor:
         """The source's mesh moved by the expression's motion (never its shape), canonical frame."""
         expression = self.to_mesh(expression)
-        scale = avatar.cache.get("delta_scale")
-        if scale is None:
-            scale = face_size(avatar.neutral_vertices.cpu().numpy()) / face_size(CANONICAL_VERTICES)
-            avatar.cache["delta_scale"] = scale
         delta = torch.from_numpy(expression.vertices - CANONICAL_VERTICES).to(avatar.device)
-        return avatar.neutral_vertices + scale * delta
+        return avatar.neutral_vertices + self.prepared(avatar).delta_scale * delta
+
+    def prepared(self, avatar: Avatar) -> Prepared:
+        """The avatar's Prepared state, derived on its first frame."""
+        if not isinstance(avatar.prepared, Prepared):
+            scale = face_size(avatar.neutral_vertices.cpu().numpy()) / face_size(CANONICAL_VERTICES)
+            avatar.prepared = Prepared(Rest(avatar), scale)
+        return avatar.prepared
 
     def scene(self, avatar: Avatar, expression: Expression,
               size: int = CROP_SIZE) -> tuple[Gaussians, Camera]:
@@ -225,7 +236,8 @@ class GeometricAvatar:
             raise InputError(f"render size {size!r}: accepted is {RENDER_SIZES[0]}..{RENDER_SIZES[1]} "
                              "pixels per side")
         expression = self.to_mesh(expression)
-        means, quats, growth = deform(avatar, self.driven_vertices(avatar, expression))
+        means, quats, growth = deform(avatar, self.driven_vertices(avatar, expression),
+                                      self.prepared(avatar).rest)
         transform = rebase_transform(expression.transform, avatar.source_transform)
         fixed = avatar.binding.triangle == CAMERA_FIXED
         if bool(fixed.any()):

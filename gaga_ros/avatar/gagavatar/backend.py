@@ -9,8 +9,9 @@ only FLAME and the camera change; the encoder never runs again.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,7 +31,21 @@ from gaga_ros.gaussians import Gaussians
 from gaga_ros.image import to_uint8
 from gaga_ros.tracking.flame_fitter import MediapipeEmbedding
 
+if TYPE_CHECKING:  # the fast path loads with its first frame (it needs CUDA and gsplat)
+    from gaga_ros.avatar.gagavatar.fast import FastRenderer
+
 CONFIGS = {"full": FULL, "tiny": TINY}
+
+
+@dataclass
+class GagaPrepared:
+    """What this backend derives once per avatar to render it (Avatar.prepared): the source on the
+    device, the FLAME identity (1, shape coefficients) and, once the fast path rendered it, the
+    avatar's FastRenderer."""
+
+    source: GagaSource
+    shape: torch.Tensor
+    fast: FastRenderer | None = None
 
 
 class GagaAvatarBackend:
@@ -105,14 +120,14 @@ class GagaAvatarBackend:
         avatar = Avatar(self.name, content_id(np.ascontiguousarray(crop).tobytes() + b"gagavatar"),
                         gaussians, static, neutral, self.flame.faces.long(), transform,
                         extra=shape.cpu().numpy().astype(np.float32).tobytes(), warnings=warnings)
-        avatar.cache["source"] = source
+        avatar.prepared = GagaPrepared(source, shape)
         return avatar
 
     # ---- rendering ------------------------------------------------------------------------------
 
     def source(self, avatar: Avatar) -> GagaSource:
         """The avatar's GagaSource on this backend's device (what a FastRenderer slot holds)."""
-        return self._source(avatar)[0]
+        return self.prepared(avatar).source
 
     def flame_inputs(self, avatar: Avatar, expression: Expression) -> tuple[torch.Tensor, np.ndarray]:
         """FLAME vertices (5023, 3) on the device and the camera (3, 4) that FastRenderer.render takes
@@ -120,26 +135,26 @@ class GagaAvatarBackend:
         expression = self.to_flame(expression)
         return self._vertices(avatar, expression), expression.transform
 
-    def _source(self, avatar: Avatar) -> tuple[GagaSource, torch.Tensor]:
-        cached = avatar.cache.get("gaga")
-        if cached is None:
+    def prepared(self, avatar: Avatar) -> GagaPrepared:
+        """The avatar's GagaPrepared state: made by reconstruction, or from the avatar's arrays on its
+        first frame (an avatar that arrived as a message)."""
+        if not isinstance(avatar.prepared, GagaPrepared):
             if len(avatar) <= FLAME_VERTICES or avatar.gaussians.colors.shape[1] != 32:
                 raise InputError(f"avatar {avatar.avatar_id} is not a GAGAvatar source: expected more "
                                  f"than {FLAME_VERTICES} Gaussians with 32 features")
             g = avatar.gaussians.to(self.device)
-            source = avatar.cache.get("source") or GagaSource(
-                g.means[FLAME_VERTICES:], g.quats, g.scales, g.opacities, g.colors,
-                torch.as_tensor(avatar.source_transform, device=self.device))
+            source = GagaSource(g.means[FLAME_VERTICES:], g.quats, g.scales, g.opacities, g.colors,
+                                torch.as_tensor(avatar.source_transform, device=self.device))
             shape = torch.from_numpy(np.frombuffer(avatar.extra, np.float32).copy()).to(self.device)
-            cached = avatar.cache["gaga"] = (source, shape[None])
-        return cached
+            avatar.prepared = GagaPrepared(source, shape[None])
+        return avatar.prepared
 
     @torch.no_grad()
     def frame(self, avatar: Avatar, expression: Expression) -> GagaFrame:
         """The model's outputs (splat, coarse, refined) for the source's identity with the driver's
         FLAME expression, jaw, eyes and camera (the driver's shape never enters)."""
         expression = self.to_flame(expression)
-        return self.model.render(self._source(avatar)[0], self._vertices(avatar, expression),
+        return self.model.render(self.prepared(avatar).source, self._vertices(avatar, expression),
                                  expression.transform)
 
     def to_flame(self, expression: Expression) -> Expression:
@@ -152,20 +167,19 @@ class GagaAvatarBackend:
 
     def _vertices(self, avatar: Avatar, expression: Expression) -> torch.Tensor:
         """FLAME (5023, 3) with the source's shape and a FLAME-mode expression's jaw and eyes."""
-        shape = self._source(avatar)[1]
+        shape = self.prepared(avatar).shape
         t = lambda a: torch.as_tensor(a, device=self.device)[None]  # noqa: E731
         return self.flame(shape=shape, expression=t(expression.expression_padded(self.flame.n_exp)),
                           jaw_pose=t(expression.jaw_pose), eye_pose=t(expression.eye_pose))[0]
 
-    def _fast(self, avatar: Avatar):
+    def _fast(self, avatar: Avatar) -> FastRenderer:
         """The avatar's FastRenderer, built (graphs captured) on its first frame."""
-        fast = avatar.cache.get("fast")
-        if fast is None:
+        prepared = self.prepared(avatar)
+        if prepared.fast is None:
             from gaga_ros.avatar.gagavatar.fast import FastRenderer
 
-            fast = avatar.cache["fast"] = FastRenderer(self.model, self._source(avatar)[0],
-                                                       compile_mode=self.compile_mode)
-        return fast
+            prepared.fast = FastRenderer(self.model, prepared.source, compile_mode=self.compile_mode)
+        return prepared.fast
 
     def render(self, avatar: Avatar, expression: Expression, size: int = CROP_SIZE) -> np.ndarray:
         """RGB uint8 (size, size, 3) of the refined frame."""
