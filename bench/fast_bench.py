@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from record import stats, timed_ms, write
 
 from gaga_ros.avatar.gagavatar import FULL, GAGAvatar, load_state_dict_strict
 from gaga_ros.avatar.gagavatar.checkpoint import reference_fill
@@ -34,18 +34,9 @@ RESULTS = Path(__file__).resolve().parent / "results" / "fast.json"
 
 
 def timed(fn: Callable[[], object], repeats: int, warmup: int = 3) -> dict:
-    """Median/min/max milliseconds of `fn` followed by a device sync (host clock)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(1e3 * (time.perf_counter() - start))
-    times.sort()
-    return {"median_ms": times[len(times) // 2], "min_ms": times[0], "max_ms": times[-1]}
+    """Median, p90, least and most milliseconds of `repeats` calls of `fn` after `warmup` untimed
+    ones, each followed by a device sync (host clock, bench/record.py)."""
+    return stats(timed_ms(lambda _: fn(), range(warmup + repeats), warmup, torch.cuda.synchronize))
 
 
 def dynamic_rasterization(fr: FastRenderer) -> torch.Tensor:
@@ -217,7 +208,6 @@ def main() -> None:
                      **timed(first_frame, 10, 2)})
         del fr
 
-    machine = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     print(f"{'benchmark':<52} {'median ms':>10} {'min ms':>9} {'fps':>8} {'PSNR dB':>8} {'peak GB':>8}")
     for row in rows:
         extra = [f"{row['fps_total']:>8.1f}" if "fps_total" in row else f"{'':>8}",
@@ -226,12 +216,10 @@ def main() -> None:
         extra.append(f" isect {row['intersections']}/{row['capacity']}" if "capacity" in row else "")
         extra.append(f" splat diff {row['splat_max_diff']:.1e}" if "splat_max_diff" in row else "")
         print(f"{row['name']:<52} {row['median_ms']:>10.2f} {row['min_ms']:>9.2f} " + " ".join(extra))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     config = {"gaussians": int(len(sources[0].opacities)), "render_size": cfg.render_size,
               "precision": args.precision, "compile": args.compile, "frames": args.frames,
               "randomize_noise": False, "numpy": np.__version__}
-    RESULTS.write_text(json.dumps({"machine": machine, "config": config, "rows": rows}, indent=2))
-    print(f"wrote {RESULTS}")
+    write(RESULTS, {"config": config, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -29,9 +29,7 @@ The GPU test of the fleet runs the same way: $py -m pytest -m gpu tests/test_fle
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import random
 import signal
 import struct
@@ -43,6 +41,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from record import write
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -285,19 +284,9 @@ def main() -> None:
               f"{r['per_avatar_fps_min']:>7.1f}-{r['per_avatar_fps_max']:<7.1f} "
               f"{fmt(r['latency_ms_median']):>12} {fmt(r['latency_ms_p95']):>8} "
               f"{fmt(r['round_ms_median']):>9}")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    result = {"machine": platform.node(), "cpus": os.cpu_count(), "load": os.getloadavg(), "commit": commit,
-              "device": args.device, "backend": args.backend, "config": args.config, "size": args.size,
-              "rate_hz": args.rate, "command": " ".join(sys.argv), "results": rows}
-    if args.device == "cuda":
-        import torch
-
-        result["gpu"] = torch.cuda.get_device_name(0)
-    out = Path(args.out) if args.out else RESULTS / f"fleet_{args.device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write(Path(args.out) if args.out else RESULTS / f"fleet_{args.device}.json",
+          {"device": args.device, "backend": args.backend, "config": args.config, "size": args.size,
+           "rate_hz": args.rate, "results": rows})
 
 
 if __name__ == "__main__":

@@ -24,9 +24,7 @@ Writes bench/results/voice.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 from dataclasses import replace
@@ -40,7 +38,8 @@ MEDIA = ROOT.parent / "shared" / "media"
 OUT = ROOT / "bench" / "results" / "voice.json"
 sys.path.insert(0, str(ROOT / "bench"))
 
-from transfer_bench import pose_free  # noqa: E402 - bench/ is not a package
+from record import write  # noqa: E402 - bench/ is not a package
+from transfer_bench import pose_free  # noqa: E402
 
 from gaga_ros.audio import Pcm, from_frame  # noqa: E402
 from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES, REGIONS  # noqa: E402
@@ -261,13 +260,9 @@ def main() -> None:
         node = node_cost(clips["expressive.mp4"][0], args.node)
         print(f"voice node: {node['busy_percent']:.1f} % of a core with both voices sounding "
               f"({node['commands_per_s']:.0f} commands/s), {node['idle_percent']:.1f} % silent")
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"clips": results, "goal_clip": GOAL_CLIP, "goal": GOAL,
-                               "audio_mouth_correlation": goal, "sweep": sweep, "node": node,
-                               "chunk_s": CHUNK_S, "command_rate": COMMAND_RATE, "hold_s": COMMAND_HOLD_S,
-                               "machine": platform.node(), "cpus": os.cpu_count(),
-                               "load_average": os.getloadavg()}, indent=2))
-    print(f"wrote {OUT.relative_to(ROOT)}")
+    write(OUT, {"clips": results, "goal_clip": GOAL_CLIP, "goal": GOAL, "audio_mouth_correlation": goal,
+                "sweep": sweep, "node": node, "chunk_s": CHUNK_S, "command_rate": COMMAND_RATE,
+                "hold_s": COMMAND_HOLD_S})
 
 
 if __name__ == "__main__":
