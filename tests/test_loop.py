@@ -188,7 +188,8 @@ def test_operator_face_and_voice_drive_the_kiosk_and_the_robot_is_heard(loop):
     assert keep.sum() >= 0.8 * len(series) >= 30, f"the kiosk's face was found in {keep.sum()}/{len(series)}"
     values = np.array([m for m in opening if m is not None])
     corr = best_lag_correlation(times[keep], values, reference, 30.0)
-    assert values.std() > 0.01 and corr > 0.4, (values.std(), corr)
+    # moving (a still mouth reads within mediapipe's noise, std ~0.002) and with the speaker
+    assert values.std() > 0.005 and corr > 0.4, (values.std(), corr)
     # the operator's voice: on the kiosk page and on the ROS topic; the kiosk microphone: on the operator's
     floor = max(db for _, db in quiet)
     assert max(db for _, db in kiosk_levels) > max(floor + 20, -50), ("the kiosk did not hear the operator",
