@@ -38,7 +38,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +45,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 MEDIA = REPO.parent / "shared" / "media"
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
-from browser import FAKE_CAMERA, Browser, fake_media  # noqa: E402
+from browser import FAKE_CAMERA, Browser, fake_media, tone_bursts  # noqa: E402
 from test_faults import Graph, Observer  # noqa: E402
 
 #: Injected into a page: onsets(stream) records the wall-clock times of sound bursts in `stream`.
@@ -88,17 +87,6 @@ SEND_SIDE_JS = """
   return {encode_ms: enc, pacer_ms: pace, rtt_ms: rtt};
 })()
 """
-
-
-def bursts_wav(path: Path, seconds: float = 7.0, every: float = 0.7, length: float = 0.06) -> Path:
-    t = np.arange(int(seconds * 48000)) / 48000
-    tone = 0.5 * np.sin(2 * np.pi * 700 * t) * ((t % every) < length)
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(48000)
-        w.writeframes((tone * 32767).astype("<i2").tobytes())
-    return path
 
 
 async def measure(g: Graph, obs: Observer, seen: dict, flags: list[str], seconds: float) -> dict:
@@ -179,7 +167,7 @@ def main() -> None:
               "render": {"device": "cpu", "size": args.size},
               "bridge": {"upstream_topic": "camera/image_raw", "frame_codes": True}}
     flags = FAKE_CAMERA + fake_media(MEDIA / "talking_glasses.mp4", work, seconds=10.0)[:1] + [
-        f"--use-file-for-fake-audio-capture={bursts_wav(work / 'bursts.wav')}"]
+        f"--use-file-for-fake-audio-capture={tone_bursts(work / 'bursts.wav', 7.0, 700, 0.7, 0.06, 0.5)}"]
     g, obs = Graph(work, params), Observer()
     seen = {"tracking": [], "expr": []}
     obs.node.create_subscription(TrackingStatus, "/tracking/status",

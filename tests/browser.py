@@ -28,8 +28,6 @@ def fake_media(clip: Path, out_dir: Path, seconds: float = 10.0, width: int = 32
     """Chromium flags that make getUserMedia play `clip` (its picture and its sound, or the sound of
     `sound`, looped): writes a y4m (raw 4:2:0 frames, what Chromium's fake camera reads) and a 48 kHz
     mono WAV to out_dir."""
-    import wave
-
     import av
     import numpy as np
 
@@ -51,12 +49,30 @@ def fake_media(clip: Path, out_dir: Path, seconds: float = 10.0, width: int = 32
         for frame in c.decode(audio=0):
             pcm.append(resample(from_frame(frame)).samples[:, 0])
     samples = np.concatenate(pcm)[int(start_s * 48000):int((start_s + seconds) * 48000)]
-    with wave.open(str(wav), "wb") as w:
+    write_wav(wav, samples)
+    return [f"--use-file-for-fake-video-capture={y4m}", f"--use-file-for-fake-audio-capture={wav}"]
+
+
+def write_wav(path: Path, samples) -> Path:
+    """48 kHz mono 16-bit WAV (what Chromium's fake microphone plays) of int16 samples."""
+    import wave
+
+    with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(48000)
         w.writeframes(samples.astype("<i2").tobytes())
-    return [f"--use-file-for-fake-video-capture={y4m}", f"--use-file-for-fake-audio-capture={wav}"]
+    return path
+
+
+def tone_bursts(path: Path, seconds: float, freq: float, every: float, length: float,
+                amplitude: float) -> Path:
+    """A WAV of `freq` Hz bursts `length` s long every `every` s: sound with sharp, known onsets."""
+    import numpy as np
+
+    t = np.arange(int(seconds * 48000)) / 48000
+    tone = amplitude * np.sin(2 * np.pi * freq * t) * ((t % every) < length)
+    return write_wav(path, (tone * 32767).astype(np.int16))
 
 
 def chromium_path() -> str | None:

@@ -11,13 +11,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-import wave
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from browser import FAKE_CAMERA, Browser, chromium_path, fake_media
+from browser import FAKE_CAMERA, Browser, chromium_path, fake_media, tone_bursts
 from conftest import wait_for
 from test_faults import Graph, Observer
 
@@ -54,16 +53,9 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(chromium_path() is None, reason="needs chromium (test.sh installs it)")]
 
 
-def robot_room_wav(path: Path, seconds: float = 4.0) -> Path:
+def robot_room_wav(path: Path) -> Path:
     """The kiosk microphone's sound: 300 Hz bursts, 0.4 s on, 0.4 s off (unlike speech on purpose)."""
-    t = np.arange(int(seconds * 48000)) / 48000
-    tone = 0.3 * np.sin(2 * np.pi * 300 * t) * ((t % 0.8) < 0.4)
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(48000)
-        w.writeframes((tone * 32767).astype("<i2").tobytes())
-    return path
+    return tone_bursts(path, seconds=4.0, freq=300, every=0.8, length=0.4, amplitude=0.3)
 
 
 class Mouth:
