@@ -165,7 +165,7 @@ def start_fleet(spaces: list[str], args, models_dir: Path, tmp: Path) -> subproc
     import yaml
 
     params = {"device": args.device, "size": args.size, "namespaces": spaces, "slots": len(spaces),
-              "models_dir": str(models_dir), "gagavatar_config": args.config}
+              "models_dir": str(models_dir), "gagavatar_config": args.config, "compile": args.compile}
     path = tmp / f"fleet_{len(spaces)}.yaml"
     path.write_text(yaml.safe_dump({"/**": {"ros__parameters": params}}))
     log = open(tmp / f"fleet_{len(spaces)}.log", "w")  # noqa: SIM115 - the node writes it until it exits
@@ -241,6 +241,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--backend", default="geometric", choices=("geometric", "gagavatar"))
     parser.add_argument("--config", default="full", choices=("full", "tiny"), help="gagavatar size")
+    parser.add_argument("--compile", default="", help="gagavatar: the fleet node's refiner compile mode")
     parser.add_argument("--models-dir", default="", help="licensed models (default: synthetic, see above)")
     parser.add_argument("--size", type=int, default=0, help="image side (default: 512, 256 on the CPU)")
     parser.add_argument("--grid", type=int, default=96, help="geometric avatar: lifted pixels per side")

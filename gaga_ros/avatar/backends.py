@@ -61,10 +61,12 @@ def render_device(requested: str) -> str:
 
 
 def make_backend(name: str, device: str = "cpu", models_dir: str | Path | None = None,
-                 config: str = "full", grid: int | None = None, fast: bool = True) -> AvatarBackend:
+                 config: str = "full", grid: int | None = None, fast: bool = True,
+                 compile_mode: str = "") -> AvatarBackend:
     """The backend `name` on `device`: geometric (grid lifted pixels per side, its default when
-    None) or gagavatar (`config` full or tiny, `fast` the GPU fast path), which raises
-    FileNotFoundError, saying what is missing, without its files."""
+    None) or gagavatar (`config` full or tiny, `fast` the GPU fast path with the refiner compiled in
+    `compile_mode`, see its COMPILE_MODES), which raises FileNotFoundError, saying what is missing,
+    without its files."""
     if name == "geometric":
         from gaga_ros.avatar.geometric import GRID, GeometricAvatar
 
@@ -73,17 +75,17 @@ def make_backend(name: str, device: str = "cpu", models_dir: str | Path | None =
     if name == "gagavatar":
         from gaga_ros.avatar.gagavatar.backend import GagaAvatarBackend
 
-        return GagaAvatarBackend.load(models_dir, config, device=device, fast=fast)
+        return GagaAvatarBackend.load(models_dir, config, device=device, fast=fast, compile_mode=compile_mode)
     raise InputError(f"avatar backend {name!r}: accepted are {' and '.join(BACKENDS)}")
 
 
 def renderer_for(name: str, device: str, models_dir: str | Path | None = None, config: str = "full",
-                 fast: bool = True) -> AvatarBackend:
+                 fast: bool = True, compile_mode: str = "") -> AvatarBackend:
     """The backend that renders avatars made by backend `name` (the name an arriving avatar carries);
     an unknown name, or a gagavatar avatar without the model files here, is refused as AvatarError."""
     if name not in BACKENDS:
         raise AvatarError(f"avatar backend {name!r}: accepted are {' and '.join(BACKENDS)}")
     try:
-        return make_backend(name, device, models_dir, config, fast=fast)
+        return make_backend(name, device, models_dir, config, fast=fast, compile_mode=compile_mode)
     except FileNotFoundError as exc:
         raise AvatarError(f"a {name} avatar arrived but {exc}") from None

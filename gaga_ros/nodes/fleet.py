@@ -33,7 +33,7 @@ from gaga_ros.nodes.expression_msg import from_msg as expression_from_msg
 from gaga_ros.nodes.guard import describe
 from gaga_ros.nodes.image_msg import to_msg as image_to_msg
 from gaga_ros.nodes.managed import ManagedNode
-from gaga_ros.nodes.parameters import Param
+from gaga_ros.nodes.parameters import COMPILE, Param
 from gaga_ros.render.fleet import DEFAULT_SLOTS, Fleet
 
 AVATAR_TYPE = "gaga_ros/msg/GaussianAvatar"
@@ -49,6 +49,7 @@ PARAMS = (
     Param("gagavatar_config", "full", "GAGAvatar size: full (published) or tiny (tests)."),
     Param("fast_path", True, "GAGAvatar on CUDA: batched FastRenderer slots (false: each avatar in turn "
           "on the fp32 reference path)."),
+    COMPILE,
     Param("namespaces", [""], "Namespaces served, e.g. [robot1, robot2]: NS/avatar/model and "
           "NS/avatar/expression in, NS/avatar/image out ('/' is the root namespace, '' nothing). "
           "Change it live: a namespace added joins, one removed leaves.", read_only=False),
@@ -112,7 +113,8 @@ class FleetNode(ManagedNode):
     def configure(self) -> None:
         self.device = device = render_device(self.p["device"])
         self.fleet = Fleet(lambda name: renderer_for(name, device, self.p["models_dir"] or None,
-                                                     self.p["gagavatar_config"], self.p["fast_path"]),
+                                                     self.p["gagavatar_config"], self.p["fast_path"],
+                                                     self.p["compile"]),
                            device, self.p["size"], self.p["slots"], self.p["memory_cap_mb"])
         self._follow_namespaces()
 

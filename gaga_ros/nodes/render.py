@@ -32,7 +32,7 @@ from gaga_ros.nodes.expression_msg import from_msg as expression_from_msg
 from gaga_ros.nodes.expression_msg import named_from_msg
 from gaga_ros.nodes.image_msg import to_msg as image_to_msg
 from gaga_ros.nodes.managed import ManagedNode
-from gaga_ros.nodes.parameters import Param
+from gaga_ros.nodes.parameters import COMPILE, Param
 
 #: Frames per second of the neutral face showing a named command while no driver is live (the
 #: scripted driver's rate); the mailbox drops what the renderer cannot keep up with.
@@ -53,6 +53,7 @@ PARAMS = (
     Param("gagavatar_config", "full", "GAGAvatar size: full (published) or tiny (tests)."),
     Param("fast_path", True, "GAGAvatar on CUDA: CUDA graphs + fp16 refiner (about 5x faster, ~55 dB "
           "from the fp32 path); false renders the fp32 reference path."),
+    COMPILE,
     Param("display_frame", "display", "frame_id of look_at points: origin at the display's centre, x "
           "right, y up, z toward the viewer, metres (empty frame_id means this frame too)."),
     Param("display_width_m", 0.30, "Width of the face display, metres (maps look_at_display u).",
@@ -137,7 +138,7 @@ class RenderNode(ManagedNode):
             avatar = avatar_from_msg(msg, self.device)
             backend = (self.backend if self.backend is not None and self.backend.name == avatar.backend
                        else renderer_for(avatar.backend, self.device, self.p["models_dir"] or None,
-                                         self.p["gagavatar_config"], self.p["fast_path"]))
+                                         self.p["gagavatar_config"], self.p["fast_path"], self.p["compile"]))
         except GagaError as exc:
             self.error = f"avatar refused: {exc}"  # ERROR while there is no avatar to keep serving
             raise  # the guard logs it; diagnostics WARN while a previous avatar keeps serving

@@ -75,8 +75,8 @@ class Member:
 
     key: str
     avatar: Avatar | None = None
-    #: The member's backend stream: render() for every backend, flame_inputs() and source() too
-    #: for a batched GAGAvatar one.
+    #: The member's backend stream: render() for every backend; to_flame(), flame_inputs() and source()
+    #: too for a batched GAGAvatar one.
     backend: Any = None
     pending: Expression | None = None
     #: (batch, slot) for a GAGAvatar member on the fast path, else None (rendered in turn).
@@ -284,27 +284,28 @@ class Fleet:
     def _render_batch(self, batch: _Batch, work: list[tuple[Member, Expression, int]], out: Round) -> None:
         shown = []
         for member, expr, slot in work:
-            try:
-                vertices, transform = member.backend.flame_inputs(member.avatar, expr)
+            try:  # each member's own MESH -> FLAME converter; one member's failure is its own
+                shown.append((member, expr, member.backend.to_flame(expr), slot))
             except Exception as exc:  # noqa: BLE001 - this slot keeps its last inputs, unpublished
                 out.errors[member.key] = exc
-                continue
-            if batch.vertices is None or batch.transforms is None:
-                batch.vertices = vertices.expand(batch.renderer.batch, *vertices.shape).clone()
-                batch.transforms = torch.as_tensor(transform, dtype=torch.float32, device=vertices.device
-                                                   ).expand(batch.renderer.batch, 3, 4).clone()
-            batch.vertices[slot] = vertices
-            batch.transforms[slot] = torch.as_tensor(transform, dtype=torch.float32)
-            shown.append((member, expr, slot))
         if not shown:
             return
         try:
+            # One FLAME pass for the batch's members (the streams share the model and FLAME).
+            vertices, transforms = shown[0][0].backend.flame_inputs([m.avatar for m, _, _, _ in shown],
+                                                                   [flame for _, _, flame, _ in shown])
+            if batch.vertices is None or batch.transforms is None:
+                batch.vertices = vertices[:1].expand(batch.renderer.batch, *vertices.shape[1:]).clone()
+                batch.transforms = transforms[:1].expand(batch.renderer.batch, 3, 4).clone()
+            slots = torch.tensor([slot for _, _, _, slot in shown], device=vertices.device)
+            batch.vertices[slots] = vertices
+            batch.transforms[slots] = transforms
             images = batch.renderer.render(batch.vertices, batch.transforms)
         except Exception as exc:  # noqa: BLE001 - the batch's members fail this round, others go on
-            for member, _, _ in shown:
+            for member, _, _, _ in shown:
                 out.errors[member.key] = exc
             return
-        for member, expr, slot in shown:
+        for member, expr, _, slot in shown:
             out.frames.append(Frame(member.key, expr, images[slot].copy()))
 
     # ---- internals -------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ only FLAME and the camera change; the encoder never runs again.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,11 @@ if TYPE_CHECKING:  # the fast path loads with its first frame (it needs CUDA and
     from gaga_ros.avatar.gagavatar.fast import FastRenderer
 
 CONFIGS = {"full": FULL, "tiny": TINY}
+#: torch.compile modes for the fast path's refiner ("": eager kernels, CUDA graphs captured in seconds).
+#: "default" fuses the refiner's pointwise work (about 2x faster at batch 16) for about 75 s of
+#: compiling per batch size on the first frame (bench/FAST_NOTES.md); modes that bring their own CUDA
+#: graphs ("reduce-overhead") would clash with the fast path's.
+COMPILE_MODES = ("", "default", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -63,7 +69,10 @@ class GagaAvatarBackend:
         self.device = torch.device(device)
         #: On CUDA, render through FastRenderer (CUDA graphs, fp16 refiner); False: the reference path.
         self.fast = fast and self.device.type == "cuda"
-        self.compile_mode = compile_mode
+        if (compile_mode or "") not in COMPILE_MODES:
+            raise InputError(f"compile mode {compile_mode!r}: accepted are "
+                             f"{', '.join(repr(m) for m in COMPILE_MODES)}")
+        self.compile_mode = compile_mode or None
         self.model = model.to(self.device).eval()
         self.flame_assets = flame_assets
         self.flame = Flame(flame_assets).to(self.device)
@@ -73,7 +82,8 @@ class GagaAvatarBackend:
 
     @classmethod
     def load(cls, models_dir: str | Path | None = None, config: str = "full", weights: str | Path = "",
-             device: str | torch.device = "cpu", fast: bool = True) -> GagaAvatarBackend:
+             device: str | torch.device = "cpu", fast: bool = True, compile_mode: str = ""
+             ) -> GagaAvatarBackend:
         """Weights and FLAME from the models folder (see `gaga-ros assets`); clear errors if missing."""
         if config not in CONFIGS:
             raise InputError(f"config {config!r}: accepted are {', '.join(CONFIGS)}")
@@ -86,7 +96,7 @@ class GagaAvatarBackend:
         embedding = (MediapipeEmbedding.load(status.mediapipe_embedding) if status.mediapipe_embedding
                      else None)
         return cls(model, load_flame_assets(status.flame, status.flame_landmarks), device, fast,
-                   mediapipe_embedding=embedding)
+                   compile_mode, mediapipe_embedding=embedding)
 
     def stream(self) -> GagaAvatarBackend:
         """A backend for one more expression stream that shares this one's model (no second copy of
@@ -129,11 +139,15 @@ class GagaAvatarBackend:
         """The avatar's GagaSource on this backend's device (what a FastRenderer slot holds)."""
         return self.prepared(avatar).source
 
-    def flame_inputs(self, avatar: Avatar, expression: Expression) -> tuple[torch.Tensor, np.ndarray]:
-        """FLAME vertices (5023, 3) on the device and the camera (3, 4) that FastRenderer.render takes
-        for `avatar` driven by `expression` (MESH-mode ones converted first)."""
-        expression = self.to_flame(expression)
-        return self._vertices(avatar, expression), expression.transform
+    def flame_inputs(self, avatars: Sequence[Avatar], expressions: Sequence[Expression]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """FLAME vertices (K, 5023, 3) and cameras (K, 3, 4), on the device, that FastRenderer.render
+        takes for K avatars each driven by its expression (MESH-mode ones converted first), in one
+        FLAME pass: a fleet's batch costs one pass instead of one per avatar (bench/FAST_NOTES.md)."""
+        expressions = [self.to_flame(e) for e in expressions]
+        transforms = torch.as_tensor(np.stack([np.asarray(e.transform, np.float32) for e in expressions]),
+                                     device=self.device)
+        return self._vertices(avatars, expressions), transforms
 
     def prepared(self, avatar: Avatar) -> GagaPrepared:
         """The avatar's GagaPrepared state: made by reconstruction, or from the avatar's arrays on its
@@ -154,7 +168,7 @@ class GagaAvatarBackend:
         """The model's outputs (splat, coarse, refined) for the source's identity with the driver's
         FLAME expression, jaw, eyes and camera (the driver's shape never enters)."""
         expression = self.to_flame(expression)
-        return self.model.render(self.prepared(avatar).source, self._vertices(avatar, expression),
+        return self.model.render(self.prepared(avatar).source, self._vertices([avatar], [expression])[0],
                                  expression.transform)
 
     def to_flame(self, expression: Expression) -> Expression:
@@ -165,12 +179,16 @@ class GagaAvatarBackend:
             self._converter = FaceConverter(self.flame_assets, self.mediapipe_embedding)
         return self._converter.to_flame(expression)
 
-    def _vertices(self, avatar: Avatar, expression: Expression) -> torch.Tensor:
-        """FLAME (5023, 3) with the source's shape and a FLAME-mode expression's jaw and eyes."""
-        shape = self.prepared(avatar).shape
-        t = lambda a: torch.as_tensor(a, device=self.device)[None]  # noqa: E731
-        return self.flame(shape=shape, expression=t(expression.expression_padded(self.flame.n_exp)),
-                          jaw_pose=t(expression.jaw_pose), eye_pose=t(expression.eye_pose))[0]
+    def _vertices(self, avatars: Sequence[Avatar], expressions: Sequence[Expression]) -> torch.Tensor:
+        """FLAME (K, 5023, 3): each source's shape with its FLAME-mode expression's jaw and eyes."""
+        shape = torch.cat([self.prepared(a).shape for a in avatars])
+
+        def rows(values) -> torch.Tensor:  # one host -> device copy per parameter, not per avatar
+            return torch.as_tensor(np.stack([np.asarray(v, np.float32) for v in values]), device=self.device)
+
+        exp = rows(e.expression_padded(self.flame.n_exp) for e in expressions)
+        return self.flame(shape=shape, expression=exp, jaw_pose=rows(e.jaw_pose for e in expressions),
+                          eye_pose=rows(e.eye_pose for e in expressions))
 
     def _fast(self, avatar: Avatar) -> FastRenderer:
         """The avatar's FastRenderer, built (graphs captured) on its first frame."""
@@ -185,7 +203,7 @@ class GagaAvatarBackend:
         """RGB uint8 (size, size, 3) of the refined frame."""
         expression = self.to_flame(expression)
         if self.fast and size == self.model.cfg.render_size:
-            return self._fast(avatar).render(self._vertices(avatar, expression),
+            return self._fast(avatar).render(self._vertices([avatar], [expression]),
                                              expression.transform)[0].copy()
         refined = self.frame(avatar, expression).refined
         if refined.shape[-1] != size:
