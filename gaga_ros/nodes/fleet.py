@@ -24,6 +24,7 @@ from sensor_msgs.msg import Image
 
 from gaga_ros.avatar.backends import RENDER_SIDES, render_device, renderer_for
 from gaga_ros.errors import GagaError
+from gaga_ros.mailbox import KeyedMailbox
 from gaga_ros.msg import Expression as ExpressionMsg
 from gaga_ros.msg import GaussianAvatar
 from gaga_ros.nodes import names, qos, stamps
@@ -34,7 +35,7 @@ from gaga_ros.nodes.guard import describe
 from gaga_ros.nodes.image_msg import to_msg as image_to_msg
 from gaga_ros.nodes.managed import ManagedNode
 from gaga_ros.nodes.parameters import COMPILE, Param
-from gaga_ros.render.fleet import DEFAULT_SLOTS, Fleet
+from gaga_ros.render.fleet import DEFAULT_SLOTS, Fleet, Frame
 
 AVATAR_TYPE = "gaga_ros/msg/GaussianAvatar"
 #: How often discovery looks at the graph (it costs one graph query).
@@ -93,6 +94,11 @@ class FleetNode(ManagedNode):
         self.served: dict[str, _Served] = {}
         self.served_lock = threading.Lock()
         self.worker: threading.Thread | None = None
+        # Rendered frames go to a publisher thread, so the device renders the next round while the
+        # last one is serialised and written to DDS (about 1 ms per 512x512 image on the H200 machine's
+        # CPU, 16 ms a round of 16; bench/FAST_NOTES.md).
+        self.outbox: KeyedMailbox[str, Frame] = KeyedMailbox()
+        self.publisher: threading.Thread | None = None
         self.running = False
         self.meter = RateMeter()
         self.latency_ms = 0.0
@@ -120,15 +126,19 @@ class FleetNode(ManagedNode):
 
     def activate(self) -> None:
         self.running = True
+        self.outbox.reopen()
         self.worker = self.guard.worker("fleet", self._serve)
+        self.publisher = self.guard.worker("fleet publish", self._publish)
 
     def deactivate(self) -> None:
         self.running = False
+        self.outbox.close()
         if self.fleet is not None:
             self.fleet.wake()
-        if self.worker is not None:
-            self.worker.join(timeout=5)
-            self.worker = None
+        for thread in (self.worker, self.publisher):
+            if thread is not None:
+                thread.join(timeout=5)
+        self.worker = self.publisher = None
 
     def cleanup(self) -> None:
         self.deactivate()
@@ -240,17 +250,21 @@ class FleetNode(ManagedNode):
             t0 = time.perf_counter()
             result = fleet.render_round()
             self.round_ms = (time.perf_counter() - t0) * 1e3
-            for frame in result.frames:
-                with self.served_lock:
-                    served = self.served.get(frame.key)
-                if served is None:  # left during the round
-                    continue
-                served.image_pub.publish(image_to_msg(frame.image, stamps.from_ns(frame.expression.stamp_ns),
-                                                      self.p["frame_id"]))
-                self.latency_ms = (self.get_clock().now().nanoseconds - frame.expression.stamp_ns) / 1e6
-                self.meter.tick()
+            self.outbox.put({frame.key: frame for frame in result.frames})
             for ns, exc in result.errors.items():
                 self.guard.refuse(f"render {ns or '/'}", describe(exc))
+
+    def _publish(self) -> None:
+        while not self.outbox.closed:
+            for key, frame in self.outbox.get().items():
+                msg = image_to_msg(frame.image, stamps.from_ns(frame.expression.stamp_ns), self.p["frame_id"])
+                with self.served_lock:  # a namespace leaving destroys its publisher under this lock
+                    served = self.served.get(key)
+                    if served is None:  # left since its round
+                        continue
+                    served.image_pub.publish(msg)
+                self.latency_ms = (self.get_clock().now().nanoseconds - frame.expression.stamp_ns) / 1e6
+                self.meter.tick()
 
     def _report(self):
         fleet = self.fleet
@@ -259,6 +273,7 @@ class FleetNode(ManagedNode):
         members = fleet.snapshot()
         values = {"avatars": len(members), "frame_rate": self.meter.rate, "frames": self.meter.count,
                   "latency_ms": self.latency_ms, "round_ms": self.round_ms, "batches": len(fleet.batches),
+                  "superseded_frames": self.outbox.dropped,
                   "memory_mb": fleet.used_bytes() / 2**20, "device": self.device}
         for m in members:
             label = m.key or "/"
