@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import subprocess
 import time
 import urllib.error
 import urllib.request
 
+import aiohttp
 import numpy as np
 import pytest
 from browser import Browser, chromium_path
@@ -53,6 +55,35 @@ def test_settings_are_checked():
         SfuSettings("http://127.0.0.1:8088/janus", ROOM, "short")
     with pytest.raises(SfuConfigError, match="positive integer"):
         SfuSettings("http://127.0.0.1:8088/janus", 0, "long enough secret")
+
+
+def test_janus_not_running_is_said_with_its_url_and_retried(caplog):
+    """No Janus at the URL: the server says so with the URL, retries with backoff, and a viewer's
+    subscription gets 503 with the reason; one log line per attempt, no traceback."""
+    from test_webrtc import csrf_headers, free_port
+
+    from gaga_ros.stream import StreamServer
+
+    url = f"http://127.0.0.1:{free_port()}/janus"
+    caplog.set_level(logging.INFO, logger="gaga_ros.stream")
+    with StreamServer(port=0, sfu=SfuSettings(url, ROOM, "a long enough secret")) as server:
+        assert wait_for(lambda: server.stats()["sfu"]["publishes"] == 0 and
+                        len([r for r in caplog.records if "retrying" in r.getMessage()]) >= 3, 30)
+        sfu = server.stats()["sfu"]
+        assert url in sfu["problem"] and "unreachable" in sfu["problem"], sfu
+
+        async def subscribe():
+            async with aiohttp.ClientSession() as http:
+                headers = {**await csrf_headers(http, server.url), "Content-Type": "application/json"}
+                async with http.post(server.url + "subscribe", data="{}", headers=headers) as r:
+                    return r.status, await r.text()
+
+        status, text = asyncio.run(subscribe())
+    assert status == 503 and url in text, (status, text)
+    waits = [float(r.getMessage().rsplit("retrying in ", 1)[1].split()[0]) for r in caplog.records
+             if "retrying in" in r.getMessage()]
+    assert waits[:3] == [0.5, 1.0, 2.0], waits  # backoff
+    assert not any(r.exc_info for r in caplog.records), "a traceback was logged"
 
 
 def test_generated_janus_is_loopback_only_with_one_plugin_and_a_secret():
@@ -129,8 +160,8 @@ async def decoding(page, more: int = 10, timeout: float = 60.0) -> int:
 @needs_chromium
 @pytest.mark.slow
 def test_viewers_decode_the_avatar_through_janus(sfu_graph):
-    """Four viewers decode the rendered avatar from Janus; one killed leaves the others decoding; a
-    late joiner gets a picture; Janus's keyframe requests reached the shared encoder."""
+    """Four viewers decode the rendered avatar from Janus; one killed leaves the others decoding and
+    is dropped later; a late joiner gets a picture; Janus's keyframe requests reached the encoder."""
     g, obs, janus = sfu_graph
 
     async def main():
@@ -140,6 +171,8 @@ def test_viewers_decode_the_avatar_through_janus(sfu_graph):
             for page in pages:
                 await page.wait_for("gaga.state === 'connected' && gaga.frames > 5", timeout=90)
             assert all([await p.evaluate("gaga.viaSfu") for p in pages])
+            # the operator's voice comes along (silence while no operator talks)
+            assert await pages[0].evaluate("voice.srcObject.getAudioTracks()[0].readyState") == "live"
             # what the page shows is the rendered avatar: its size and colours
             shown = await pages[0].evaluate("[video.videoWidth, video.videoHeight, gaga.meanColor()]")
             assert await until(lambda: obs.status("bridge")[2].get("sfu_viewers") == "4", 30), \
@@ -150,6 +183,10 @@ def test_viewers_decode_the_avatar_through_janus(sfu_graph):
             late = await browser.new_page(g.url)
             await late.wait_for("gaga.frames > 0", timeout=LATE_JOINER_BOUND_S)
             first_frame_s = time.monotonic() - joined
+            # Janus's ICE keepalive checks (minimal_config) find the killed viewer gone (about 50 s):
+            # its subscription is freed, not kept forever
+            assert await until(lambda: obs.status("bridge")[2].get("sfu_viewers") == "4", 150), \
+                obs.status("bridge")
             return shown, after, first_frame_s
 
     (width, height, mean), after, first_frame_s = asyncio.run(main())

@@ -427,7 +427,7 @@ def minimal_config(folder: Path, port: int, secret: str, room: int, codec: str =
         f'  transports_folder = "{folder}/transports"\n  events_folder = "{folder}/events"\n'
         f'  loggers_folder = "{folder}/loggers"\n  debug_level = 4\n  api_secret = "{secret}"\n'
         "  session_timeout = 60\n}\n"
-        "media: {}\nnat: {\n  nice_debug = false\n}\nplugins: {}\ntransports: {}\nloggers: {}\nevents: {}\n")
+        "media: {}\nnat: {\n  nice_debug = false\n  ice_keepalive_conncheck = true\n}\nplugins: {}\ntransports: {}\nloggers: {}\nevents: {}\n")
     (folder / "janus.transport.http.jcfg").write_text(
         "general: {\n  json = \"compact\"\n  base_path = \"/janus\"\n  http = true\n"
         f'  port = {port}\n  ip = "127.0.0.1"\n  https = false\n}}\n'
