@@ -57,6 +57,17 @@ def test_settings_are_checked():
         SfuSettings("http://127.0.0.1:8088/janus", 0, "long enough secret")
 
 
+def test_launch_argument_sfu():
+    from gaga_ros.graph import telepresence
+
+    bridge = next(n for n in telepresence({"sfu": "janus"}) if n.module == "bridge")
+    assert bridge.parameters["sfu"] == "janus"
+    direct = next(n for n in telepresence() if n.module == "bridge")
+    assert "sfu" not in direct.parameters  # the default stays the bridge's own: direct
+    with pytest.raises(ValueError, match="none, janus"):
+        telepresence({"sfu": "mediasoup"})
+
+
 def test_janus_not_running_is_said_with_its_url_and_retried(caplog):
     """No Janus at the URL: the server says so with the URL, retries with backoff, and a viewer's
     subscription gets 503 with the reason; one log line per attempt, no traceback."""
