@@ -85,11 +85,15 @@ def test_janus_not_running_is_said_with_its_url_and_retried(caplog):
 
         async def subscribe():
             async with aiohttp.ClientSession() as http:
-                headers = {**await csrf_headers(http, server.url), "Content-Type": "application/json"}
+                json_type = {"Content-Type": "application/json"}
+                async with http.post(server.url + "subscribe", data="{}", headers=json_type) as r:
+                    forged = r.status  # a page of another site cannot read the CSRF token
+                headers = {**await csrf_headers(http, server.url), **json_type}
                 async with http.post(server.url + "subscribe", data="{}", headers=headers) as r:
-                    return r.status, await r.text()
+                    return forged, r.status, await r.text()
 
-        status, text = asyncio.run(subscribe())
+        forged, status, text = asyncio.run(subscribe())
+    assert forged == 403
     assert status == 503 and url in text, (status, text)
     waits = [float(r.getMessage().rsplit("retrying in ", 1)[1].split()[0]) for r in caplog.records
              if "retrying in" in r.getMessage()]
