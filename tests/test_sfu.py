@@ -248,3 +248,22 @@ def test_janus_killed_then_restarted(sfu_graph):
     assert frames > 25
     assert int(obs.status("bridge")[2]["sfu_publishes"]) >= 2
     assert "Traceback" not in g.log("bridge"), g.log("bridge")[-3000:]
+
+
+@pytest.mark.slow
+def test_a_bridge_killed_and_restarted_takes_the_room_back(sfu_graph):
+    """A crashed bridge's publisher lingers in Janus (its session times out after 60 s): the restarted
+    bridge kicks it (it has the room's secret) and publishes at once."""
+    g, obs, janus = sfu_graph
+    g.kill("bridge")
+    obs.diag.pop("gaga_ros: bridge", None)
+    restarted = time.monotonic()
+    g.start("bridge")
+
+    def published_after_kick() -> bool:
+        log = g.log("bridge")  # the old bridge never met a stale publisher: these lines are the new one's
+        return -1 < log.rfind("stale publisher holds feed 1") < log.rfind("publishing into room")
+
+    assert wait_for(published_after_kick, 90), g.log("bridge")[-3000:]
+    print(f"publishing again {time.monotonic() - restarted:.1f} s after the restart (process start in it)")
+    assert wait_for(lambda: obs.status("bridge")[2].get("sfu_state") == "publishing", 30), obs.status("bridge")

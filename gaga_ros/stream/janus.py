@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 PLUGIN = "janus.plugin.videoroom"
 #: The publisher's id in the room: fixed, so subscribers need no participant listing and a stale
 #: publisher of a crashed bridge (its session lingers until Janus's session timeout) can be kicked.
+#: Two live bridges on one room would kick each other in turn: give each bridge its own room.
 FEED_ID = 1
 #: Waits after a failed attempt, seconds; the last one repeats.
 RETRY_S = (0.5, 1.0, 2.0, 5.0)
