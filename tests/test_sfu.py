@@ -266,4 +266,5 @@ def test_a_bridge_killed_and_restarted_takes_the_room_back(sfu_graph):
 
     assert wait_for(published_after_kick, 90), g.log("bridge")[-3000:]
     print(f"publishing again {time.monotonic() - restarted:.1f} s after the restart (process start in it)")
-    assert wait_for(lambda: obs.status("bridge")[2].get("sfu_state") == "publishing", 30), obs.status("bridge")
+    assert wait_for(lambda: obs.status("bridge")[2].get("sfu_state") == "publishing", 30), \
+        obs.status("bridge")
