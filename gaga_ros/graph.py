@@ -60,8 +60,9 @@ ARGUMENTS = {
     "port": ("8080", "TCP port of the bridge's pages (viewer /, kiosk /kiosk, operator /operator); "
              "give each namespace its own."),
     "sfu": ("none", "How viewer pages get the stream: none (from the bridge itself, the default) or janus "
-            "(the bridge publishes once into a Janus VideoRoom and viewers subscribe there: many viewers; "
-            "the bridge's janus_url, janus_room and the room secret in GAGA_ROS_JANUS_SECRET)."),
+            "(the bridge publishes once into a Janus VideoRoom and viewer and kiosk pages subscribe there: "
+            "many viewers; the bridge's janus_url, janus_room and the room secret in "
+            "GAGA_ROS_JANUS_SECRET)."),
     "robot_camera": ("", "driver:=operator: an Image topic of the robot's camera, shown on the operator's "
                      "page (empty: none)."),
     "render": ("true", "Start the render node (false: a fleet node elsewhere renders this namespace's "

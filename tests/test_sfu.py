@@ -138,6 +138,39 @@ def test_generated_janus_is_loopback_only_with_one_plugin_and_a_secret():
         janus.close()
 
 
+@needs_chromium
+def test_kiosk_takes_the_avatar_from_janus_and_sends_its_microphone_to_the_bridge(tmp_path):
+    """A kiosk page through the SFU: the avatar (and the operator's voice) from Janus, its microphone
+    (the robot's voice) on an audio-only connection straight to the bridge."""
+    from browser import FAKE_CAMERA, tone_bursts
+    from test_webrtc import Pusher
+
+    from gaga_ros.stream import StreamServer
+
+    janus = JanusProcess().start()
+    wav = tone_bursts(tmp_path / "room.wav", seconds=4.0, freq=300, every=0.8, length=0.4, amplitude=0.3)
+    try:
+        with StreamServer(port=0, sfu=SfuSettings(janus.url, ROOM, janus.secret)) as server, Pusher(server):
+            assert wait_for(lambda: server.stats()["sfu"]["state"] == "publishing", 60), server.stats()["sfu"]
+
+            async def main():
+                flags = [*FAKE_CAMERA, f"--use-file-for-fake-audio-capture={wav}"]
+                async with Browser(extra_flags=flags) as b:
+                    kiosk = await b.new_page(server.url + "kiosk")
+                    await kiosk.wait_for("gaga.state === 'connected' && gaga.frames > 10", timeout=90)
+                    assert await kiosk.evaluate("gaga.viaSfu")
+                    assert await until(lambda: any(c["audio_frames"] > 50 for c in
+                                                   server.stats()["per_client"].values()), 60)
+                    return server.stats(), await decoding(kiosk, 20)
+
+            stats, frames = asyncio.run(main())
+    finally:
+        janus.close()
+    (client,) = stats["per_client"].values()  # the microphone's connection, and nothing else direct
+    assert client["role"] == "kiosk" and client["frames_sent"] == 0, client
+    assert stats["sfu"]["viewers"] == 1 and frames > 30
+
+
 @pytest.fixture(scope="module")
 def sfu_graph(tmp_path_factory):
     """Janus, then the test graph with the bridge publishing into it, and an Observer."""

@@ -67,7 +67,7 @@ PARAMS = (
           "camera-to-display latency (bench/loop_bench.py). Off in use: the code is visible."),
     Param("sfu", "none", "none: viewers get the stream from this bridge; janus: it publishes once into a "
           "Janus VideoRoom (janus_url, janus_room) and viewer pages subscribe there through this bridge "
-          "(same token rules); kiosk and operator pages stay direct."),
+          "(same token rules), kiosk pages too (their microphone comes here); operator pages stay direct."),
     Param("janus_url", "http://127.0.0.1:8088/janus", "Janus's HTTP API (sfu:=janus); keep Janus on "
           "loopback: pages never talk to it, only its media ports must be reachable."),
     Param("janus_room", 1234, "VideoRoom number (sfu:=janus); created with the secret as pin and secret "

@@ -239,9 +239,10 @@ class StreamServer:
     Many viewers (`sfu`, gaga_ros.stream.janus): the avatar and the operator's voice are published
     once into a Janus VideoRoom and viewer pages subscribe there, through this server's POST
     /subscribe (Janus's offer) and POST /answer (the page's answer), which pass the same token, Host,
-    Origin, CSRF and offer-rate checks as POST /offer; at most max_sfu_viewers at once. Kiosk and
-    operator pages stay direct: the kiosk sends its microphone and the operator its camera and voice
-    up, and both are single pages on the robot's side for which the direct path is the shortest.
+    Origin, CSRF and offer-rate checks as POST /offer; at most max_sfu_viewers at once. Kiosk pages
+    subscribe the same way and send their microphone on a second, audio-only direct connection (an
+    offer without video). Operator pages stay direct: their camera and voice go up, the robot's come
+    down, and the operator is one page for whom the direct path is the shortest.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8080, token: str | None = None,
@@ -740,6 +741,14 @@ class StreamServer:
             if channel.label == "expression":
                 channel.on("message", lambda msg: channel.send(self._expression_reply(msg)))
 
+        kinds = [line[2:].split(" ", 1)[0] for line in sdp.splitlines() if line.startswith("m=")]
+        if self.sfu is not None and client.role == "kiosk" and "video" not in kinds:
+            # Through the SFU a kiosk takes the avatar and the operator's voice from Janus; this
+            # connection only carries its microphone (the robot's voice) up.
+            pc.addTransceiver("audio", direction="recvonly")
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            await pc.setLocalDescription(await pc.createAnswer())
+            return pc.localDescription
         # The avatar transceiver exists before the offer is applied, so the offer's first video
         # m-line binds to it and aiortc negotiates only this client's codec (it fixes codecs then).
         enc = self._avatar_encoder(client.codec)
@@ -753,7 +762,6 @@ class StreamServer:
         # In the order the pages add theirs (viewer.js): avatar video, then the operator's camera (up)
         # with the robot's camera (down), then the voices; only those the offer has m-lines for (aiortc
         # cannot answer with a transceiver that no m-line took).
-        kinds = [line[2:].split(" ", 1)[0] for line in sdp.splitlines() if line.startswith("m=")]
         if client.role == "operator" and kinds.count("video") >= 2:
             if self.robot_camera:
                 client.camera = self._camera_encoder(client.codec).subscribe()

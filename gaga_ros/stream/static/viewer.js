@@ -23,6 +23,7 @@ const gaga = window.gaga = {
 };
 
 let pc = null;
+let uplink = null;  // a kiosk's microphone to the bridge, when the avatar comes through the SFU
 let channel = null;
 let pendingReplies = [];
 let config = { iceServers: [], idleAfterS: 3, codec: null };
@@ -121,7 +122,7 @@ async function connect() {
   connectingSince = performance.now();
   try {
     config = await fetchJson('/config');
-    gaga.viaSfu = !!config.sfu && role === 'viewer' && !flag('direct');
+    gaga.viaSfu = !!config.sfu && role !== 'operator' && !flag('direct');
     if (gaga.viaSfu) { await subscribe(); return; }
     const media = role === 'viewer' ? null : await getMedia();
     const peer = pc = new RTCPeerConnection({ iceServers: config.iceServers });
@@ -162,7 +163,8 @@ async function connect() {
 // Through the SFU (the bridge's sfu setting): the server offers. The bridge asks Janus for a
 // subscriber and hands over Janus's offer; the page answers through the bridge, so it never talks
 // to Janus's API and the bridge's token rules hold. Video and the operator's voice come this way;
-// expressions go by POST /expression (no data channel on a Janus subscription).
+// expressions go by POST /expression (no data channel on a Janus subscription). A kiosk's
+// microphone goes straight to the bridge on a second, audio-only connection.
 async function subscribe() {
   const offer = await fetchJson('/subscribe', {
     method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify({ role }),
@@ -180,6 +182,26 @@ async function subscribe() {
     method: 'POST', headers: { 'Content-Type': 'application/json' },
     body: JSON.stringify({ id: offer.id, type: 'answer', sdp: peer.localDescription.sdp }),
   });
+  if (role === 'kiosk') await sendMicrophone();
+}
+
+async function sendMicrophone() {
+  const media = await getMedia();
+  const mic = media && media.getAudioTracks()[0];
+  if (!mic) return;
+  const peer = uplink = new RTCPeerConnection({ iceServers: config.iceServers });
+  peer.addTransceiver(mic, { direction: 'sendonly', streams: [media] });
+  peer.onconnectionstatechange = () => {
+    const st = peer.connectionState;
+    if (peer === uplink && (st === 'failed' || st === 'closed')) scheduleReconnect('microphone connection ' + st);
+  };
+  await peer.setLocalDescription(await peer.createOffer());
+  await waitIceGathering(peer, 2000);
+  const answer = await fetchJson('/offer', {
+    method: 'POST', headers: { 'Content-Type': 'application/json' },
+    body: JSON.stringify({ sdp: peer.localDescription.sdp, type: peer.localDescription.type, role }),
+  });
+  if (peer === uplink) await peer.setRemoteDescription(answer);
 }
 
 function onTrack(e) {
@@ -208,6 +230,7 @@ function onConnectionState(peer) {
 function teardown() {
   // The camera and microphone stay open for the next connection (asked once).
   if (pc) { const old = pc; pc = null; old.close(); }
+  if (uplink) { const old = uplink; uplink = null; old.close(); }
   channel = null;
   pendingReplies.forEach((r) => r({ ok: false, error: 'disconnected' }));
   pendingReplies = [];
