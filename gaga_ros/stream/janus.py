@@ -26,8 +26,7 @@ import asyncio
 import logging
 import os
 import secrets
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -92,7 +91,6 @@ class Subscriber:
 
     handle: int
     remote: str
-    created: float = field(default_factory=time.monotonic)
     up: bool = False
 
 
@@ -227,7 +225,6 @@ class JanusPublisher:
         self.session: JanusSession | None = None
         self._http: aiohttp.ClientSession | None = None
         self._pc: RTCPeerConnection | None = None
-        self._ready = asyncio.Event()
 
     @property
     def viewers(self) -> int:
@@ -240,9 +237,11 @@ class JanusPublisher:
         failures = 0
         try:
             while True:
+                published = self.publishes
                 try:
                     why = await self._publish_once()
-                    failures = 0  # it was up: the next attempt starts with the short wait
+                    if self.publishes > published:
+                        failures = 0  # it was up: the next attempt starts with the short wait
                 except JanusError as e:
                     why = str(e)
                 except Exception as e:  # aiortc or a malformed reply: one line, no traceback loop
@@ -292,7 +291,6 @@ class JanusPublisher:
             if pc.connectionState == "connected":
                 self.state, self.problem = "publishing", None
                 self.publishes += 1
-                self._ready.set()
                 log.info("publishing into room %d at %s", self.settings.room, self.settings.url)
             elif pc.connectionState in ("failed", "closed") and not failed.done():
                 failed.set_result(f"Janus at {self.settings.url}: publisher connection {pc.connectionState}")
@@ -336,7 +334,6 @@ class JanusPublisher:
                 await self.leave(sub.handle)
 
     async def _teardown(self) -> None:
-        self._ready.clear()
         self.subscribers.clear()  # their handles end with the session
         if self._pc is not None:
             pc, self._pc = self._pc, None
