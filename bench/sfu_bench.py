@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -114,6 +115,7 @@ async def late_joiners(urls: dict[str, str], n: int) -> dict[str, list[float]]:
     """ms from a new page's first connect to its first picture, modes alternating, one page at a time,
     while one viewer of each mode watches."""
     out: dict[str, list[float]] = {mode: [] for mode in urls}
+    gaps = random.Random(19)
     async with Browser() as browser:
         watching = [await browser.new_page(url, window=False) for url in urls.values()]
         for page in watching:
@@ -123,7 +125,8 @@ async def late_joiners(urls: dict[str, str], n: int) -> dict[str, list[float]]:
                 page = await browser.new_page(url)
                 out[mode].append(await page.wait_for("gaga.firstFrameMs", timeout=60))
                 await page.close()
-                await asyncio.sleep(1.0)
+                # a random gap, so joins do not lock onto the encoder's 2 s keyframe clock
+                await asyncio.sleep(1.0 + 2.0 * gaps.random())
         for page in watching:
             await page.close()
     return out
@@ -145,13 +148,40 @@ def slope(cpu: dict, key: str) -> float:
     return float(np.polyfit(counts, [cpu[n][key] for n in counts], 1)[0])
 
 
+def unrouted(n: int) -> None:
+    """Late joiners through Janus when PLI/FIR stop at aiortc's flag, as before issue 19."""
+    import gaga_ros.stream.janus as janus_module
+
+    janus_module.route_keyframe_requests = lambda sender, encoder: None  # type: ignore[assignment]
+    janus = JanusProcess().start()
+    try:
+        with StreamServer(port=0, sfu=SfuSettings(janus.url, ROOM, janus.secret)) as sfu, \
+                Pusher(sfu, source_frames()):
+            while sfu.stats()["sfu"]["state"] != "publishing":
+                time.sleep(0.1)
+            late = asyncio.run(late_joiners({"sfu": sfu.url}, n))["sfu"]
+    finally:
+        janus.close()
+    print(f"late joiner first frame ms through Janus, keyframe requests not routed: median "
+          f"{np.median(late):.0f} ({', '.join(f'{v:.0f}' for v in late)})")
+    write(REPO / "bench" / "results" / "sfu_bench_unrouted.json",
+          {"late_joiner_ms": late, "late_joiner_median_ms": float(np.median(late)),
+           "keyframe_interval_s": 2.0})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--rounds", type=int, default=3, help="glass-to-glass rounds")
     ap.add_argument("--viewers", default="1,2,4", help="viewer counts for the CPU line")
     ap.add_argument("--late", type=int, default=5, help="late joiners per mode")
+    ap.add_argument("--unrouted", action="store_true",
+                    help="only late joiners through Janus with keyframe requests NOT routed to the encoder "
+                         "(what route_keyframe_requests saves); writes sfu_bench_unrouted.json")
     args = ap.parse_args()
+    if args.unrouted:
+        unrouted(args.late)
+        return
     counts = [int(c) for c in args.viewers.split(",")]
     frames = source_frames()
     results: dict = {"size": "512x512", "fps": 30, "codec": "VP8", "browser": "headless Chromium"}
