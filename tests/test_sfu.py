@@ -57,6 +57,42 @@ def test_settings_are_checked():
         SfuSettings("http://127.0.0.1:8088/janus", 0, "long enough secret")
 
 
+def test_peers_keyframe_requests_are_made_and_bounded():
+    """PLI/FIR reach the shared encoder as keyframes, at most one per PEER_KEYFRAME_GAP_S however many
+    arrive (those arriving while one waits are served by it); one that comes too soon after the
+    joiner's keyframe is made later, not lost."""
+    from gaga_ros.stream.tracks import PEER_KEYFRAME_GAP_S, NewestFrame, SharedEncoder
+
+    async def main():
+        frames = NewestFrame()
+        frames.bind(asyncio.get_running_loop())
+        encoder = SharedEncoder(frames, "VP8", 500, 30.0, None, keyframe_interval_s=1000.0)
+        rng = np.random.default_rng(0)
+        frames.put(rng.integers(0, 255, (64, 64, 3), np.uint8), 0)
+        track = encoder.subscribe()
+        await track.recv()  # the joiner's keyframe
+        start = time.monotonic()
+        for _ in range(20):  # a burst of requests, as from many subscribers at once
+            encoder.peer_keyframe_request()
+            frames.put(rng.integers(0, 255, (64, 64, 3), np.uint8), 0)
+            await asyncio.sleep(0.01)
+
+        def keyframes() -> int:  # in the stream since the joiner's
+            return sum(p.keyframe for p in encoder.ring) - 1
+
+        # the deferred request comes, and each request made becomes a keyframe in the stream
+        while not 1 <= encoder.peer_keyframes <= keyframes():
+            assert time.monotonic() - start < 30, (encoder.peer_keyframes, keyframes())
+            await asyncio.sleep(0.01)
+        elapsed = time.monotonic() - start
+        track.stop()
+        await encoder.close()
+        return encoder.peer_keyframes, elapsed
+
+    made, elapsed = asyncio.run(main())
+    assert made <= elapsed / PEER_KEYFRAME_GAP_S + 1, (made, elapsed)
+
+
 def test_launch_argument_sfu():
     from gaga_ros.graph import telepresence
 

@@ -215,8 +215,8 @@ class SharedEncoder:
 
     def peer_keyframe_request(self) -> None:
         """A peer's PLI/FIR: a keyframe now, or once PEER_KEYFRAME_GAP_S after the last one."""
-        if self._peer_request is not None:
-            return
+        if self._peer_request is not None or self._keyframe_wanted:
+            return  # one is on its way and serves this request too
         wait = self._last_keyframe + PEER_KEYFRAME_GAP_S - time.monotonic()
         if wait <= 0:
             self.peer_keyframes += 1
