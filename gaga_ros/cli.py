@@ -7,6 +7,7 @@
     gaga-ros demo namespace:=robot1 port:=8081  the demo under /robot1 (one more beside it)
     gaga-ros assets                             which licensed model files are present
     gaga-ros fetch-assets                       download GAGAvatar weights + FLAME (asks first)
+    gaga-ros janus [--port 8088]                a loopback Janus for sfu:=janus (many viewers)
 """
 
 from __future__ import annotations
@@ -180,6 +181,11 @@ def main(argv: list[str] | None = None) -> None:
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--models", default=None, help="models folder (default: ./models or "
                          "$GAGA_ROS_MODELS)")
+    janus = sub.add_parser("janus", help="start a loopback Janus for the bridge's sfu:=janus (minimal "
+                           "configuration, the room secret from GAGA_ROS_JANUS_SECRET)")
+    janus.add_argument("--dir", default="janus-conf", help="where the configuration is written")
+    janus.add_argument("--port", type=int, default=8088, help="HTTP API port on 127.0.0.1")
+    janus.add_argument("--room", type=int, default=1234, help="VideoRoom number")
     ns = parser.parse_args(argv)
     if ns.command == "demo":
         args = {"record": str(Path(ns.record).resolve()) if ns.record else "", **_launch_args(ns.args)}
@@ -198,8 +204,29 @@ def main(argv: list[str] | None = None) -> None:
                 assets.fetch_assets(ns.models)
         except (assets.LicenceNotAccepted, assets.DownloadError) as exc:
             sys.exit(f"gaga-ros {ns.command}: {exc}")
+    elif ns.command == "janus":
+        run_janus(Path(ns.dir), ns.port, ns.room)
     else:
         parser.error("gaga-ros node <name> [--ros-args ...]")
+
+
+def run_janus(folder: Path, port: int, room: int) -> None:
+    """Write gaga_ros.stream.janus.minimal_config and become that Janus (exec)."""
+    import shutil
+
+    from gaga_ros.stream.janus import SfuConfigError, SfuSettings, minimal_config
+
+    secret = os.environ.get("GAGA_ROS_JANUS_SECRET", "")
+    try:
+        SfuSettings(f"http://127.0.0.1:{port}/janus", room, secret)
+        command = minimal_config(folder.resolve(), port, secret, room)
+    except SfuConfigError as exc:
+        sys.exit(f"gaga-ros janus: {exc} (GAGA_ROS_JANUS_SECRET)")
+    if shutil.which("janus") is None:
+        sys.exit("gaga-ros janus: janus is not installed: apt-get install janus")
+    print(f"[gaga-ros] Janus on http://127.0.0.1:{port}/janus, room {room}, configuration in {folder}",
+          flush=True)
+    os.execvp(command[0], command)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,10 @@ ARGUMENTS = {
     "bridge": ("true", "Start the WebRTC bridge."),
     "port": ("8080", "TCP port of the bridge's pages (viewer /, kiosk /kiosk, operator /operator); "
              "give each namespace its own."),
+    "sfu": ("none", "How viewer pages get the stream: none (from the bridge itself, the default) or janus "
+            "(the bridge publishes once into a Janus VideoRoom and viewer and kiosk pages subscribe there: "
+            "many viewers; the bridge's janus_url, janus_room and the room secret in "
+            "GAGA_ROS_JANUS_SECRET)."),
     "robot_camera": ("", "driver:=operator: an Image topic of the robot's camera, shown on the operator's "
                      "page (empty: none)."),
     "render": ("true", "Start the render node (false: a fleet node elsewhere renders this namespace's "
@@ -75,6 +79,7 @@ RESPAWN_DELAY_S = 2.0
 DRIVERS = ("scripted", "video", "webcam", "topic", "operator")
 TRANSPORTS = ("raw", "compressed")
 TRACKING_MODES = ("mesh", "flame", "auto")
+SFUS = ("none", "janus")
 
 #: Fast DDS reads a default profile from this variable (the FASTDDS_ name is not honoured by the
 #: Jazzy wheels' Fast DDS 2.14, seen).
@@ -123,7 +128,11 @@ def telepresence(args: dict[str, str] | None = None) -> list[NodeSpec]:
     if a["camera_transport"] != "raw" and a["driver"] != "topic":
         raise ValueError("camera_transport:=compressed reads a camera driver's compressed topic: use it "
                          "with driver:=topic (the built-in capture publishes raw images)")
+    if a["sfu"] not in SFUS:
+        raise ValueError(f"sfu {a['sfu']!r} is not one of {', '.join(SFUS)}")
     bridge: dict[str, int | str] = {"port": _port(a["port"])}
+    if a["sfu"] != "none":
+        bridge["sfu"] = a["sfu"]
     nodes: list[NodeSpec] = []
     if a["driver"] == "operator":
         if not _true(a["bridge"]):

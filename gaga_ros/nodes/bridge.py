@@ -31,6 +31,7 @@ from gaga_ros.nodes.guard import GuardedNode
 from gaga_ros.nodes.image_msg import from_msg, to_msg
 from gaga_ros.nodes.parameters import Param, declare
 from gaga_ros.stream import StreamServer, stamp_code
+from gaga_ros.stream.janus import SfuConfigError, SfuSettings
 from gaga_ros.stream.webrtc import BITRATES_KBPS, FRAME_RATES, OUTPUT_SIDES
 
 PARAMS = (
@@ -64,6 +65,15 @@ PARAMS = (
     Param("frame_codes", False, "Paint each frame's stamp (the driving camera frame's time, in ms mod "
           "65536) as a frame code in the top-left corner, so a page opened with ?codes=1 measures "
           "camera-to-display latency (bench/loop_bench.py). Off in use: the code is visible."),
+    Param("sfu", "none", "none: viewers get the stream from this bridge; janus: it publishes once into a "
+          "Janus VideoRoom (janus_url, janus_room) and viewer pages subscribe there through this bridge "
+          "(same token rules), kiosk pages too (their microphone comes here); operator pages stay direct."),
+    Param("janus_url", "http://127.0.0.1:8088/janus", "Janus's HTTP API (sfu:=janus); keep Janus on "
+          "loopback: pages never talk to it, only its media ports must be reachable."),
+    Param("janus_room", 1234, "VideoRoom number (sfu:=janus); created with the secret as pin and secret "
+          "when Janus does not have it.", low=1, high=2**31 - 1),
+    Param("janus_secret_env", "GAGA_ROS_JANUS_SECRET", "Environment variable holding the room's pin and "
+          "secret and Janus's API secret (sfu:=janus; kept out of parameters)."),
     Param("max_operators", 1, "Operators connected at once; the next one waits (409, the page says "
           "so).", low=1, high=16),
 )
@@ -105,7 +115,8 @@ class BridgeNode(GuardedNode):
             allowed_origins=[o for o in self.p["allowed_origins"] if o],
             on_upstream_frame=self._on_upstream, on_expression=self._on_expression,
             on_named=self._on_named, on_operator_audio=self._on_operator_audio,
-            max_operators=self.p["max_operators"], robot_camera=bool(self.p["robot_camera"])).start()
+            max_operators=self.p["max_operators"], robot_camera=bool(self.p["robot_camera"]),
+            sfu=self._sfu()).start()
         self.get_logger().info(f"viewer at {self.server.url} (kiosk: {self.server.url}kiosk, operator: "
                                f"{self.server.url}operator)")
         self.create_subscription(Image, self.p["image_topic"], self._on_image, qos.FRAMES)
@@ -134,6 +145,19 @@ class BridgeNode(GuardedNode):
                 server.update(username=user, credential=credential)
             servers.append(server)
         return servers
+
+    def _sfu(self) -> SfuSettings | None:
+        """Where to publish for many viewers (sfu:=janus), the secret from the environment."""
+        if self.p["sfu"] == "none":
+            return None
+        if self.p["sfu"] != "janus":
+            raise SfuConfigError(f"sfu {self.p['sfu']!r}: accepted are none and janus")
+        secret = os.environ.get(self.p["janus_secret_env"], "")
+        if not secret:
+            raise SfuConfigError(f"sfu:=janus needs the room's secret: set {self.p['janus_secret_env']}"
+                                 "=<a long random string> in the bridge's environment (Janus's api_secret "
+                                 "and the room's pin and secret)")
+        return SfuSettings(self.p["janus_url"], self.p["janus_room"], secret)
 
     def _on_params(self, params) -> SetParametersResult:
         for p in params:
@@ -210,8 +234,18 @@ class BridgeNode(GuardedNode):
                   "operator_voice_dbfs": stats["voices"]["operator"]["dbfs"],
                   "robot_voice_dbfs": stats["voices"]["robot"]["dbfs"],
                   "refused_frames": self.guard.counts[self.resolve_topic_name(self.p["image_topic"])]}
+        sfu = stats["sfu"]
+        if sfu is not None:
+            values.update(sfu_state=sfu["state"], sfu_viewers=sfu["viewers"], sfu_publishes=sfu["publishes"],
+                          peer_keyframes=stats["peer_keyframes"])
+            if sfu["problem"] and sfu["state"] != "publishing":  # also while it tries again
+                when = f"in {sfu['retry_in_s']:g} s" if sfu["retry_in_s"] else "now"
+                return ERROR, f"{sfu['problem']}; retrying {when}", values
         if self.frames_in.rate == 0.0:
             return WARN, f"no frames on {self.p['image_topic']}", values
+        if sfu is not None:
+            return OK, f"streaming to {stats['clients']} direct clients, {sfu['viewers']} through Janus at " \
+                       f"{sfu['url']} ({sfu['state']})", values
         return OK, f"streaming to {stats['clients']} clients", values
 
     def close(self) -> None:

@@ -8,9 +8,12 @@ RTCRtpSender, so N viewers cost N encodes of the same picture. aiortc also accep
 
 * the bitrate is set, not adapted (``bitrate_kbps``, changeable live); aiortc's REMB feedback only
   steers its own encoders;
-* picture-loss requests (PLI/FIR) from a browser reach aiortc's private per-sender flag, not this
-  encoder, so recovery from loss comes from NACK retransmission (aiortc keeps an RTP history) plus
-  a keyframe every ``keyframe_interval_s`` and a keyframe whenever a viewer joins or falls behind.
+* picture-loss requests (PLI/FIR) would only set aiortc's private per-sender flag, which its
+  pre-encoded path never reads: :func:`route_keyframe_requests` sends them to this encoder instead
+  (at most one keyframe per PEER_KEYFRAME_GAP_S for them, so one viewer cannot make every frame a
+  keyframe for all). Recovery from loss also has NACK retransmission (aiortc keeps an RTP history),
+  a keyframe every ``keyframe_interval_s`` and one whenever a viewer joins or falls behind. Through
+  an SFU (gaga_ros.stream.janus) this is how a late joiner's keyframe is made.
 
 The frame code (:func:`stamp_code` / :func:`read_code`) lives here too because it is what the
 latency tests and the bench paint onto the outgoing frames; the viewer's JS reads the same layout.
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtcrtpsender import RTCRtpSender
 
 from gaga_ros.image import ImageError
 
@@ -43,6 +47,9 @@ CODE_BLOCKS_PER_WIDTH = 32
 MIN_FRAME_SIDE = 16
 #: How many encoded frames a slow viewer may lag before it must wait for a keyframe.
 RING_FRAMES = 30
+#: Least time between keyframes made for peers' picture-loss requests, seconds (one is kept
+#: waiting, not dropped, so the requester still gets its keyframe within this).
+PEER_KEYFRAME_GAP_S = 0.2
 
 
 class FrameError(ImageError):
@@ -175,6 +182,8 @@ class SharedEncoder:
         self._keyframe_wanted = True
         self._reopen = False
         self._last_keyframe = 0.0
+        self._peer_request: asyncio.TimerHandle | None = None
+        self.peer_keyframes = 0  # keyframes made for peers' PLI/FIR
         self._last_pts = -1
         self._new_packet = asyncio.Event()
         self._kick = asyncio.Event()
@@ -204,8 +213,25 @@ class SharedEncoder:
         self._keyframe_wanted = True
         self._kick.set()
 
+    def peer_keyframe_request(self) -> None:
+        """A peer's PLI/FIR: a keyframe now, or once PEER_KEYFRAME_GAP_S after the last one."""
+        if self._peer_request is not None or self._keyframe_wanted:
+            return  # one is on its way and serves this request too
+        wait = self._last_keyframe + PEER_KEYFRAME_GAP_S - time.monotonic()
+        if wait <= 0:
+            self.peer_keyframes += 1
+            self.request_keyframe()
+            return
+        self._peer_request = asyncio.get_running_loop().call_later(wait, self._deferred_peer_keyframe)
+
+    def _deferred_peer_keyframe(self) -> None:
+        self._peer_request = None
+        self.peer_keyframe_request()
+
     async def close(self) -> None:
         """Stop encoding and release the codec thread."""
+        if self._peer_request is not None:
+            self._peer_request.cancel()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -366,3 +392,13 @@ class EncodedTrack(MediaStreamTrack):
         """End the track and leave the shared encoder."""
         self.encoder.unsubscribe(self)
         super().stop()
+
+
+def route_keyframe_requests(sender: RTCRtpSender, encoder: SharedEncoder) -> None:
+    """Send the PLI/FIR a peer's RTCP carries for `sender` to `encoder`.
+
+    aiortc answers them in RTCRtpSender._handle_rtcp_packet by calling ``self._send_keyframe()``,
+    which sets a flag only its own encoders read; pre-encoded packets pass it by. Replacing that
+    method on this one sender is the only hook aiortc 1.16 offers.
+    """
+    sender._send_keyframe = encoder.peer_keyframe_request  # type: ignore[method-assign]

@@ -49,8 +49,16 @@ from gaga_ros.stream.auth import (
     normal_origin,
     token_middleware,
 )
+from gaga_ros.stream.janus import JanusError, JanusPublisher, SfuSettings
 from gaga_ros.stream.sound import BusTrack, SoundBus
-from gaga_ros.stream.tracks import MIN_FRAME_SIDE, EncodedTrack, FrameError, NewestFrame, SharedEncoder
+from gaga_ros.stream.tracks import (
+    MIN_FRAME_SIDE,
+    EncodedTrack,
+    FrameError,
+    NewestFrame,
+    SharedEncoder,
+    route_keyframe_requests,
+)
 
 log = logging.getLogger(__name__)
 #: aiohttp's server logger for this server (passed to its AppRunner), so it reaches the bridge's /rosout.
@@ -227,6 +235,14 @@ class StreamServer:
     to kiosks and viewers, the robot's (kiosk microphones and push_robot_audio) to operators;
     push_robot_camera frames go to operators when robot_camera is set. GET /status says in plain
     words what the pages wait for (set_note adds what the ROS side knows).
+
+    Many viewers (`sfu`, gaga_ros.stream.janus): the avatar and the operator's voice are published
+    once into a Janus VideoRoom and viewer pages subscribe there, through this server's POST
+    /subscribe (Janus's offer) and POST /answer (the page's answer), which pass the same token, Host,
+    Origin, CSRF and offer-rate checks as POST /offer; at most max_sfu_viewers at once. Kiosk pages
+    subscribe the same way and send their microphone on a second, audio-only direct connection (an
+    offer without video). Operator pages stay direct: their camera and voice go up, the robot's come
+    down, and the operator is one page for whom the direct path is the shortest.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8080, token: str | None = None,
@@ -244,7 +260,8 @@ class StreamServer:
                  peer_timeout_s: float = 10.0, allowed_hosts: list[str] | None = None,
                  allowed_origins: list[str] | None = None, token_on_loopback: bool = False,
                  max_pending: int = 4, pending_timeout_s: float = 10.0, offer_limit: int = 10,
-                 request_timeout_s: float = REQUEST_TIMEOUT_S) -> None:
+                 request_timeout_s: float = REQUEST_TIMEOUT_S, sfu: SfuSettings | None = None,
+                 max_sfu_viewers: int = 500) -> None:
         self.codec = codec.upper() if isinstance(codec, str) else codec
         if self.codec not in CODECS:
             raise StreamConfigError(f"codec {codec!r}: accepted are {CODECS}")
@@ -315,6 +332,9 @@ class StreamServer:
         self._runner: web.AppRunner | None = None
         self._upstream_pool = ThreadPoolExecutor(1, thread_name_prefix="upstream")
         self._upstream_busy = False
+        self.sfu_settings, self.max_sfu_viewers = sfu, int(max_sfu_viewers)
+        self.sfu: JanusPublisher | None = None
+        self._sfu_task: asyncio.Task | None = None
 
     # -- lifecycle (any thread) -------------------------------------------------------------
 
@@ -434,6 +454,11 @@ class StreamServer:
             "operators": self._operators(connected_only=True),
             "voices": {name: {"dbfs": bus.level_dbfs, "dropped_s": bus.dropped_s}
                        for name, bus in self._voices.items()},
+            "sfu": None if self.sfu is None else {
+                "state": self.sfu.state, "problem": self.sfu.problem, "url": self.sfu.settings.url,
+                "viewers": self.sfu.viewers, "subscriptions": len(self.sfu.subscribers),
+                "publishes": self.sfu.publishes, "retry_in_s": self.sfu.retry_in_s},
+            "peer_keyframes": sum(e.peer_keyframes for e in enc),
             "per_client": {
                 c.id: {"remote": c.remote, "codec": c.codec, "role": c.role, "state": c.pc.connectionState,
                        "frames_sent": c.track.frames_sent if c.track else 0,
@@ -468,6 +493,9 @@ class StreamServer:
         app.router.add_get("/config", self._config)
         app.router.add_post("/offer", self._offer)
         app.router.add_post("/expression", self._expression)
+        if self.sfu_settings is not None:
+            app.router.add_post("/subscribe", self._subscribe)
+            app.router.add_post("/answer", self._answer)
         self._runner = web.AppRunner(app, access_log=None, logger=HTTP_LOG,
                                      keepalive_timeout=self.request_timeout_s)
         await self._runner.setup()
@@ -487,6 +515,10 @@ class StreamServer:
                 f"there): stop it, or choose another port, e.g. port:={self._port + 1}") from None
         self._port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # started above
         self._watchdog = asyncio.get_running_loop().create_task(self._watch_peers())
+        if self.sfu_settings is not None:
+            self.sfu = JanusPublisher(self.sfu_settings, self._avatar_encoder(self.codec),
+                                      self._voices["operator"], self.codec, self.pending_timeout_s)
+            self._sfu_task = asyncio.get_running_loop().create_task(self.sfu.run())
         log.info("avatar stream at %s", self.url)
 
     async def _watch_peers(self) -> None:
@@ -513,6 +545,9 @@ class StreamServer:
 
     async def _shutdown(self) -> None:
         self._watchdog.cancel()
+        if self._sfu_task is not None:
+            self._sfu_task.cancel()
+            await asyncio.gather(self._sfu_task, return_exceptions=True)
         await asyncio.gather(*(c.pc.close() for c in list(self._clients.values())),
                              return_exceptions=True)
         self._clients.clear()
@@ -550,6 +585,7 @@ class StreamServer:
         """The viewer's settings and the CSRF token its POSTs must carry (header CSRF_HEADER)."""
         return web.json_response(
             {"codec": self.codec, "iceServers": [_ice_dict(s) for s in self.ice_servers],
+             "sfu": self.sfu is not None,
              "idleAfterS": self.idle_after_s, "maxFps": self.max_fps, "csrf": self._csrf.issue()},
             headers={"Cache-Control": "no-store"})
 
@@ -561,6 +597,8 @@ class StreamServer:
         return web.json_response(
             {"avatar": avatar, "avatar_age_s": age, "operator": self._operators(connected_only=True) > 0,
              "max_operators": self.max_operators, "viewers": self.clients, "notes": dict(self._notes),
+             "sfu": None if self.sfu is None else {"state": self.sfu.state, "viewers": self.sfu.viewers,
+                                                   "epoch": self.sfu.publishes},
              "voices": {name: round(bus.level_dbfs, 1) for name, bus in self._voices.items()}},
             headers={"Cache-Control": "no-store"})
 
@@ -623,14 +661,19 @@ class StreamServer:
                  oldest.id, oldest.remote, age)
         return oldest
 
-    async def _offer(self, request: web.Request) -> web.Response:
+    async def _session_description(self, request: web.Request, kind: str, extra: str = "") -> dict:
+        """A POSTed JSON session description of `kind` (offer, answer), after the POST checks."""
         self._check_post(request)
         try:
             body = json.loads(await self._read_body(request))
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise web.HTTPBadRequest(text="body is not valid JSON") from None
-        if not isinstance(body, dict) or body.get("type") != "offer" or not isinstance(body.get("sdp"), str):
-            raise web.HTTPBadRequest(text='expected {"type": "offer", "sdp": "..."}')
+        if not isinstance(body, dict) or body.get("type") != kind or not isinstance(body.get("sdp"), str):
+            raise web.HTTPBadRequest(text=f'expected {{"type": "{kind}", "sdp": "..."{extra}}}')
+        return body
+
+    async def _offer(self, request: web.Request) -> web.Response:
+        body = await self._session_description(request, "offer")
         codec = str(body.get("codec") or self.codec).upper()
         if codec not in CODECS:
             raise web.HTTPBadRequest(text=f"codec {codec!r}: accepted are {CODECS}")
@@ -698,23 +741,27 @@ class StreamServer:
             if channel.label == "expression":
                 channel.on("message", lambda msg: channel.send(self._expression_reply(msg)))
 
+        kinds = [line[2:].split(" ", 1)[0] for line in sdp.splitlines() if line.startswith("m=")]
+        if self.sfu is not None and client.role == "kiosk" and "video" not in kinds:
+            # Through the SFU a kiosk takes the avatar and the operator's voice from Janus; this
+            # connection only carries its microphone (the robot's voice) up.
+            pc.addTransceiver("audio", direction="recvonly")
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            await pc.setLocalDescription(await pc.createAnswer())
+            return pc.localDescription
         # The avatar transceiver exists before the offer is applied, so the offer's first video
         # m-line binds to it and aiortc negotiates only this client's codec (it fixes codecs then).
-        enc = self._encoders.get(client.codec)
-        if enc is None:
-            enc = self._encoders[client.codec] = SharedEncoder(
-                self._frames, client.codec, self.bitrate_kbps, self.max_fps, self.size,
-                self.keyframe_interval_s)
+        enc = self._avatar_encoder(client.codec)
         client.track = enc.subscribe()
         transceiver = pc.addTransceiver(client.track, direction="sendonly")
         client.sender = transceiver.sender
+        route_keyframe_requests(client.sender, enc)
         caps = [c for c in RTCRtpSender.getCapabilities("video").codecs
                 if c.mimeType == f"video/{client.codec}"]
         transceiver.setCodecPreferences(caps)
         # In the order the pages add theirs (viewer.js): avatar video, then the operator's camera (up)
         # with the robot's camera (down), then the voices; only those the offer has m-lines for (aiortc
         # cannot answer with a transceiver that no m-line took).
-        kinds = [line[2:].split(" ", 1)[0] for line in sdp.splitlines() if line.startswith("m=")]
         if client.role == "operator" and kinds.count("video") >= 2:
             if self.robot_camera:
                 client.camera = self._camera_encoder(client.codec).subscribe()
@@ -727,6 +774,45 @@ class StreamServer:
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         await pc.setLocalDescription(await pc.createAnswer())
         return pc.localDescription
+
+    def _avatar_encoder(self, codec: str) -> SharedEncoder:
+        """The avatar's shared encoder for `codec` (direct viewers and the SFU publisher share it)."""
+        if codec not in self._encoders:
+            self._encoders[codec] = SharedEncoder(self._frames, codec, self.bitrate_kbps, self.max_fps,
+                                                  self.size, self.keyframe_interval_s)
+        return self._encoders[codec]
+
+    async def _subscribe(self, request: web.Request) -> web.Response:
+        """A viewer page through the SFU: a Janus subscriber handle and Janus's offer for the page."""
+        self._check_post(request)
+        self._limit_offers(request.remote)
+        assert self.sfu is not None  # the route exists only with sfu
+        if len(self.sfu.subscribers) >= self.max_sfu_viewers:
+            raise web.HTTPServiceUnavailable(text=f"{self.max_sfu_viewers} viewers already connected")
+        try:
+            handle, jsep = await self.sfu.subscribe(request.remote or "?")
+        except JanusError as e:
+            raise web.HTTPServiceUnavailable(text=f"the stream's relay is not available: {e}",
+                                             headers={"Retry-After": "1"}) from None
+        return web.json_response({"sdp": jsep["sdp"], "type": jsep["type"], "id": str(handle),
+                                  "epoch": self.sfu.publishes})
+
+    async def _answer(self, request: web.Request) -> web.Response:
+        """The page's answer to the offer /subscribe handed it, forwarded to Janus."""
+        body = await self._session_description(request, "answer", ', "id": "<from /subscribe>"')
+        if not str(body.get("id", "")).isdigit():
+            raise web.HTTPBadRequest(text='"id" must be the id /subscribe handed out')
+        assert self.sfu is not None
+        handle = int(body["id"])
+        sub = self.sfu.subscribers.get(handle)
+        if sub is None or sub.remote != (request.remote or "?"):
+            raise web.HTTPNotFound(text=f"subscription {handle} is unknown or expired: subscribe again")
+        try:
+            await self.sfu.start(handle, body["sdp"])
+        except JanusError as e:
+            await self.sfu.leave(handle)
+            raise web.HTTPBadRequest(text=str(e)) from None
+        return web.json_response({"ok": True})
 
     def _camera_encoder(self, codec: str) -> SharedEncoder:
         key = f"robot camera {codec}"

@@ -23,6 +23,7 @@ const gaga = window.gaga = {
 };
 
 let pc = null;
+let uplink = null;  // a kiosk's microphone to the bridge, when the avatar comes through the SFU
 let channel = null;
 let pendingReplies = [];
 let config = { iceServers: [], idleAfterS: 3, codec: null };
@@ -121,6 +122,8 @@ async function connect() {
   connectingSince = performance.now();
   try {
     config = await fetchJson('/config');
+    gaga.viaSfu = !!config.sfu && role !== 'operator' && !flag('direct');
+    if (gaga.viaSfu) { await subscribe(); return; }
     const media = role === 'viewer' ? null : await getMedia();
     const peer = pc = new RTCPeerConnection({ iceServers: config.iceServers });
     // The server adds its transceivers in this order (gaga_ros/stream/webrtc.py, _negotiate).
@@ -135,26 +138,8 @@ async function connect() {
     channel = peer.createDataChannel('expression');
     channel.onmessage = (e) => { const r = pendingReplies.shift(); if (r) r(JSON.parse(e.data)); };
     channel.onclose = () => { if (peer === pc) scheduleReconnect('data channel closed'); };
-    peer.ontrack = (e) => {
-      if (e.track.kind === 'audio') {
-        voice.srcObject = new MediaStream([e.track]);
-        listen(voice.srcObject);
-        voice.play().then(() => { gaga.audioBlocked = false; }).catch(() => { gaga.audioBlocked = true; });
-        return;
-      }
-      if ('jitterBufferTarget' in e.receiver) e.receiver.jitterBufferTarget = 0;
-      if ('playoutDelayHint' in e.receiver) e.receiver.playoutDelayHint = 0;
-      const target = cameraTransceiver && e.transceiver === cameraTransceiver ? $('robot-camera') : video;
-      target.srcObject = new MediaStream([e.track]);
-      target.play().catch(() => {});
-    };
-    peer.onconnectionstatechange = () => {
-      if (peer !== pc) return;
-      const st = peer.connectionState;
-      if (st === 'connected') { setStatus('connected'); retryMs = 500; gaga.connects += 1; }
-      else if (st === 'failed' || st === 'closed') scheduleReconnect('connection ' + st);
-      else setStatus(st);
-    };
+    peer.ontrack = onTrack;
+    peer.onconnectionstatechange = () => onConnectionState(peer);
     await peer.setLocalDescription(await peer.createOffer());
     await waitIceGathering(peer, 2000);
     const body = { sdp: peer.localDescription.sdp, type: peer.localDescription.type, role };
@@ -175,9 +160,77 @@ async function connect() {
   }
 }
 
+// Through the SFU (the bridge's sfu setting): the server offers. The bridge asks Janus for a
+// subscriber and hands over Janus's offer; the page answers through the bridge, so it never talks
+// to Janus's API and the bridge's token rules hold. Video and the operator's voice come this way;
+// expressions go by POST /expression (no data channel on a Janus subscription). A kiosk's
+// microphone goes straight to the bridge on a second, audio-only connection.
+async function subscribe() {
+  const offer = await fetchJson('/subscribe', {
+    method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify({ role }),
+  });
+  const peer = pc = new RTCPeerConnection({ iceServers: config.iceServers });
+  peer.ontrack = onTrack;
+  peer.onconnectionstatechange = () => onConnectionState(peer);
+  await peer.setRemoteDescription({ type: offer.type, sdp: offer.sdp });
+  await peer.setLocalDescription(await peer.createAnswer());
+  await waitIceGathering(peer, 2000);
+  gaga.clientId = offer.id;
+  gaga.sfuEpoch = offer.epoch;
+  if (peer !== pc) return;
+  await fetchJson('/answer', {
+    method: 'POST', headers: { 'Content-Type': 'application/json' },
+    body: JSON.stringify({ id: offer.id, type: 'answer', sdp: peer.localDescription.sdp }),
+  });
+  if (role === 'kiosk') await sendMicrophone();
+}
+
+async function sendMicrophone() {
+  const media = await getMedia();
+  const mic = media && media.getAudioTracks()[0];
+  if (!mic) return;
+  const peer = uplink = new RTCPeerConnection({ iceServers: config.iceServers });
+  peer.addTransceiver(mic, { direction: 'sendonly', streams: [media] });
+  peer.onconnectionstatechange = () => {
+    const st = peer.connectionState;
+    if (peer === uplink && (st === 'failed' || st === 'closed')) scheduleReconnect('microphone connection ' + st);
+  };
+  await peer.setLocalDescription(await peer.createOffer());
+  await waitIceGathering(peer, 2000);
+  const answer = await fetchJson('/offer', {
+    method: 'POST', headers: { 'Content-Type': 'application/json' },
+    body: JSON.stringify({ sdp: peer.localDescription.sdp, type: peer.localDescription.type, role }),
+  });
+  if (peer === uplink) await peer.setRemoteDescription(answer);
+}
+
+function onTrack(e) {
+  if (e.track.kind === 'audio') {
+    voice.srcObject = new MediaStream([e.track]);
+    listen(voice.srcObject);
+    voice.play().then(() => { gaga.audioBlocked = false; }).catch(() => { gaga.audioBlocked = true; });
+    return;
+  }
+  if ('jitterBufferTarget' in e.receiver) e.receiver.jitterBufferTarget = 0;
+  if ('playoutDelayHint' in e.receiver) e.receiver.playoutDelayHint = 0;
+  const target = cameraTransceiver && e.transceiver === cameraTransceiver ? $('robot-camera') : video;
+  target.srcObject = new MediaStream([e.track]);
+  target.play().catch(() => {});
+}
+
+function onConnectionState(peer) {
+  if (peer !== pc) return;
+  const st = peer.connectionState;
+  if (st === 'connected') { setStatus('connected'); retryMs = 500; gaga.connects += 1; }
+  else if (st === 'failed' || st === 'closed' || (st === 'disconnected' && gaga.viaSfu)) {
+    scheduleReconnect('connection ' + st);
+  } else setStatus(st);
+}
+
 function teardown() {
   // The camera and microphone stay open for the next connection (asked once).
   if (pc) { const old = pc; pc = null; old.close(); }
+  if (uplink) { const old = uplink; uplink = null; old.close(); }
   channel = null;
   pendingReplies.forEach((r) => r({ ok: false, error: 'disconnected' }));
   pendingReplies = [];
@@ -280,6 +333,8 @@ let lastCode = null;
 function onFrame(now, meta) {
   lastFrameAt = performance.now();
   gaga.frames += 1;
+  // From this page's first connect to its first picture (signalling, ICE, DTLS, a keyframe, decode).
+  if (gaga.firstFrameMs === undefined) gaga.firstFrameMs = lastFrameAt - connectingSince;
   if (flag('codes')) {
     const code = readCode();
     // Wall-clock time the frame was handed to the compositor (same clock as Python's time.time()).
@@ -296,6 +351,13 @@ video.requestVideoFrameCallback(onFrame);
 
 // Sends one expression over the data channel; resolves to the server's {ok, error} reply.
 gaga.sendExpression = (obj) => new Promise((resolve) => {
+  if (gaga.viaSfu) {
+    fetchJson('/expression', {
+      method: 'POST', headers: { 'Content-Type': 'application/json' },
+      body: typeof obj === 'string' ? obj : JSON.stringify(obj),
+    }).then(resolve, (err) => resolve({ ok: false, error: String(err.message || err) }));
+    return;
+  }
   if (!channel || channel.readyState !== 'open') { resolve({ ok: false, error: 'not connected' }); return; }
   pendingReplies.push(resolve);
   channel.send(typeof obj === 'string' ? obj : JSON.stringify(obj));
@@ -359,6 +421,9 @@ function explain(stale) {
 async function pollStatus() {
   if (gaga.state !== 'connected') return;
   try { gaga.status = await fetchJson('/status'); } catch (err) { gaga.status = {}; }
+  // The bridge published anew (Janus restarted): this subscription belongs to the old one.
+  const sfu = gaga.status.sfu;
+  if (gaga.viaSfu && sfu && sfu.epoch !== gaga.sfuEpoch) scheduleReconnect('the relay restarted');
 }
 
 // Idle screen when no picture came for idleAfterS; a connection stuck while connecting is retried.
