@@ -165,7 +165,7 @@ def main() -> None:
     params = {"driver": {"rate": 30.0, "performance": "idle", "yield_to_tracking": True},
               "tracking": {"mode": "mesh"}, "voice": {}, "reconstruction": {"grid": args.grid},
               "render": {"device": "cpu", "size": args.size},
-              "bridge": {"upstream_topic": "camera/image_raw", "frame_codes": True}}
+              "bridge": {"upstream_topic": "camera/image_raw", "frame_codes": True, "operator_drives": True}}
     flags = FAKE_CAMERA + fake_media(MEDIA / "talking_glasses.mp4", work, seconds=10.0)[:1] + [
         f"--use-file-for-fake-audio-capture={tone_bursts(work / 'bursts.wav', 7.0, 700, 0.7, 0.06, 0.5)}"]
     g, obs = Graph(work, params), Observer()

@@ -137,7 +137,7 @@ def telepresence(args: dict[str, str] | None = None) -> list[NodeSpec]:
     if a["driver"] == "operator":
         if not _true(a["bridge"]):
             raise ValueError("driver:=operator needs the bridge (the operator's page is served by it)")
-        bridge.update(upstream_topic=names.CAMERA_IMAGE, robot_camera=a["robot_camera"])
+        bridge.update(upstream_topic=names.CAMERA_IMAGE, robot_camera=a["robot_camera"], operator_drives=True)
         nodes.append(_spec("driver", {"performance": "idle", "yield_to_tracking": True}))
         nodes.append(_spec("tracking", {"mode": a["tracking"]}))
     elif a["robot_camera"]:

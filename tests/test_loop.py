@@ -31,7 +31,8 @@ LOOP_GRAPH = {
     "voice": {},
     "reconstruction": {"grid": 96},
     "render": {"device": "cpu", "size": 192},
-    "bridge": {"upstream_topic": "camera/image_raw", "robot_camera": "robot/camera/image_raw"},
+    "bridge": {"upstream_topic": "camera/image_raw", "robot_camera": "robot/camera/image_raw",
+               "operator_drives": True},
 }
 #: mediapipe FaceMesh indices: inner lips, and the face's width (cheek to cheek) as its size.
 UPPER_LIP, LOWER_LIP, CHEEKS = 13, 14, (234, 454)

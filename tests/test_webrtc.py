@@ -182,6 +182,16 @@ def raw_get(port: int, path: str) -> tuple[int, bytes]:
     return int(head.split()[1]), body
 
 
+def test_status_mentions_operators_only_where_one_drives_the_face():
+    import json
+
+    with StreamServer(port=0) as plain, StreamServer(port=0, operator_drives=True) as loop:
+        status, body = raw_get(plain.port, "/status")
+        assert status == 200 and json.loads(body)["operator"] is None
+        status, body = raw_get(loop.port, "/status")
+        assert status == 200 and json.loads(body)["operator"] is False
+
+
 def test_static_files_cannot_be_walked_out_of():
     with StreamServer(port=0) as server:
         assert raw_get(server.port, "/static/viewer.js")[0] == 200

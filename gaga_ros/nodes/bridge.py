@@ -74,6 +74,8 @@ PARAMS = (
           "when Janus does not have it.", low=1, high=2**31 - 1),
     Param("janus_secret_env", "GAGA_ROS_JANUS_SECRET", "Environment variable holding the room's pin and "
           "secret and Janus's API secret (sfu:=janus; kept out of parameters)."),
+    Param("operator_drives", False, "An operator's page drives this face (driver:=operator sets it): "
+          "the pages say when no operator is connected."),
     Param("max_operators", 1, "Operators connected at once; the next one waits (409, the page says "
           "so).", low=1, high=16),
 )
@@ -116,6 +118,7 @@ class BridgeNode(GuardedNode):
             on_upstream_frame=self._on_upstream, on_expression=self._on_expression,
             on_named=self._on_named, on_operator_audio=self._on_operator_audio,
             max_operators=self.p["max_operators"], robot_camera=bool(self.p["robot_camera"]),
+            operator_drives=self.p["operator_drives"],
             sfu=self._sfu()).start()
         self.get_logger().info(f"viewer at {self.server.url} (kiosk: {self.server.url}kiosk, operator: "
                                f"{self.server.url}operator)")

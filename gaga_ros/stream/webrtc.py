@@ -254,7 +254,7 @@ class StreamServer:
                  on_expression: ExpressionCallback | None = None,
                  on_named: NamedCallback | None = None,
                  on_operator_audio: AudioCallback | None = None,
-                 max_operators: int = 1, robot_camera: bool = False,
+                 max_operators: int = 1, robot_camera: bool = False, operator_drives: bool = False,
                  max_clients: int = 16, max_body_bytes: int = 256 * 1024,
                  idle_after_s: float = 3.0, keyframe_interval_s: float = 2.0,
                  peer_timeout_s: float = 10.0, allowed_hosts: list[str] | None = None,
@@ -313,6 +313,9 @@ class StreamServer:
         self.on_upstream_frame, self.on_expression = on_upstream_frame, on_expression
         self.on_named, self.on_operator_audio = on_named, on_operator_audio
         self.max_operators, self.robot_camera = int(max_operators), bool(robot_camera)
+        # Whether an operator's page drives this face (the loop): only then does GET /status say
+        # whether one is connected (null otherwise, and the pages do not mention operators).
+        self.operator_drives = bool(operator_drives)
         self._robot_frames = NewestFrame()
         self._voices = {"operator": SoundBus("operator"), "robot": SoundBus("robot")}
         self._notes: dict[str, str] = {}
@@ -595,7 +598,8 @@ class StreamServer:
         age = time.monotonic() - frame.arrived if frame is not None else None
         avatar = "none" if age is None else "live" if age < self.idle_after_s else "paused"
         return web.json_response(
-            {"avatar": avatar, "avatar_age_s": age, "operator": self._operators(connected_only=True) > 0,
+            {"avatar": avatar, "avatar_age_s": age,
+             "operator": self._operators(connected_only=True) > 0 if self.operator_drives else None,
              "max_operators": self.max_operators, "viewers": self.clients, "notes": dict(self._notes),
              "sfu": None if self.sfu is None else {"state": self.sfu.state, "viewers": self.sfu.viewers,
                                                    "epoch": self.sfu.publishes},
