@@ -61,8 +61,11 @@ ARGUMENTS = {
              "give each namespace its own."),
     "sfu": ("none", "How viewer pages get the stream: none (from the bridge itself, the default) or janus "
             "(the bridge publishes once into a Janus VideoRoom and viewer and kiosk pages subscribe there: "
-            "many viewers; the bridge's janus_url, janus_room and the room secret in "
-            "GAGA_ROS_JANUS_SECRET)."),
+            "many viewers; the room secret in GAGA_ROS_JANUS_SECRET)."),
+    "janus_url": ("", "sfu:=janus: Janus's HTTP API (empty: the bridge's default, "
+                  "http://127.0.0.1:8088/janus, where `gaga-ros janus` serves it)."),
+    "janus_room": ("", "sfu:=janus: the VideoRoom number (empty: the bridge's default, 1234); one bridge "
+                   "per room, so give each namespace its own."),
     "robot_camera": ("", "driver:=operator: an Image topic of the robot's camera, shown on the operator's "
                      "page (empty: none)."),
     "render": ("true", "Start the render node (false: a fleet node elsewhere renders this namespace's "
@@ -133,6 +136,14 @@ def telepresence(args: dict[str, str] | None = None) -> list[NodeSpec]:
     bridge: dict[str, int | str] = {"port": _port(a["port"])}
     if a["sfu"] != "none":
         bridge["sfu"] = a["sfu"]
+        if a["janus_url"]:
+            bridge["janus_url"] = a["janus_url"]
+        if a["janus_room"]:
+            if not a["janus_room"].isdigit():
+                raise ValueError(f"janus_room {a['janus_room']!r}: accepted is a room number")
+            bridge["janus_room"] = int(a["janus_room"])
+    elif a["janus_url"] or a["janus_room"]:
+        raise ValueError("janus_url:= and janus_room:= choose the Janus of sfu:=janus: use them with it")
     nodes: list[NodeSpec] = []
     if a["driver"] == "operator":
         if not _true(a["bridge"]):

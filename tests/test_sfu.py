@@ -100,6 +100,13 @@ def test_launch_argument_sfu():
     assert bridge.parameters["sfu"] == "janus"
     direct = next(n for n in telepresence() if n.module == "bridge")
     assert "sfu" not in direct.parameters  # the default stays the bridge's own: direct
+    custom = next(n for n in telepresence({"sfu": "janus", "janus_url": "http://127.0.0.1:8188/janus",
+                                           "janus_room": "7"}) if n.module == "bridge")
+    assert custom.parameters["janus_url"] == "http://127.0.0.1:8188/janus"
+    assert custom.parameters["janus_room"] == 7
+    for wrong in ({"sfu": "janus", "janus_room": "lobby"}, {"janus_url": "http://127.0.0.1:8188/janus"}):
+        with pytest.raises(ValueError, match="janus"):
+            telepresence(wrong)
     with pytest.raises(ValueError, match="none, janus"):
         telepresence({"sfu": "mediasoup"})
 
