@@ -20,11 +20,15 @@ from browser import FAKE_CAMERA, Browser, chromium_path, fake_media, tone_bursts
 from conftest import wait_for
 from test_faults import Graph, Observer
 
+from gaga_ros.stream import read_code
+
 MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
 CLIP = MEDIA / "talking_glasses.mp4"
 #: The operator's voice: expressive.mp4's sound track (talking_glasses.mp4's is near silence, -65 dBFS).
 VOICE = MEDIA / "expressive.mp4"
-#: The loop as `driver:=operator` builds it (gaga_ros.graph), sized for 2 shared CPU cores.
+#: The loop as `driver:=operator` builds it (gaga_ros.graph), sized for 2 shared CPU cores; the
+#: bridge paints each frame's driving camera time as a frame code, so the mouth test aligns what the
+#: kiosk shows with the clip by that time, not by when the loaded machine got it on screen.
 LOOP_GRAPH = {
     "driver": {"rate": 15.0, "performance": "idle", "yield_to_tracking": True},
     "tracking": {"mode": "mesh"},
@@ -32,7 +36,7 @@ LOOP_GRAPH = {
     "reconstruction": {"grid": 96},
     "render": {"device": "cpu", "size": 192},
     "bridge": {"upstream_topic": "camera/image_raw", "robot_camera": "robot/camera/image_raw",
-               "operator_drives": True},
+               "operator_drives": True, "frame_codes": True},
 }
 #: mediapipe FaceMesh indices: inner lips, and the face's width (cheek to cheek) as its size.
 UPPER_LIP, LOWER_LIP, CHEEKS = 13, 14, (234, 454)
@@ -103,6 +107,17 @@ async def grab_series(page, seconds: float, every: float = 0.2) -> list[tuple[fl
     return out
 
 
+def driving_times(series: list[tuple[float, np.ndarray]]) -> np.ndarray:
+    """When the bridge received the camera frame that drove each grabbed frame, seconds (wall clock),
+    from the frame code (ms mod 65536, unwrapped against the grab time); NaN where unreadable."""
+    out = []
+    for grabbed, rgb in series:
+        code = read_code(rgb)
+        grabbed_ms = int(grabbed * 1000)
+        out.append(np.nan if code is None else (grabbed_ms - (grabbed_ms - code) % 65536) / 1000)
+    return np.array(out)
+
+
 def best_lag_correlation(times: np.ndarray, values: np.ndarray, reference: np.ndarray, fps: float) -> float:
     """Largest Pearson correlation of values(t) with the looped reference at any offset (the fake
     camera's loop started at an unknown time); reference is sampled at fps."""
@@ -165,7 +180,7 @@ def test_operator_face_and_voice_drive_the_kiosk_and_the_robot_is_heard(loop):
             await operator.wait_for("gaga.state === 'connected'", timeout=60)
             t0 = time.monotonic()
             assert await until(lambda: any(f for t, f in seen["tracking"] if t > t0), 60), "no face tracked"
-            series = await grab_series(kiosk, 12.0)
+            series = await grab_series(kiosk, 16.0)
             kiosk_levels = await kiosk.evaluate("gaga.voiceLevels")
             operator_levels = await operator.evaluate("gaga.voiceLevels")
             second = await ob.new_page(g.url + "operator")
@@ -175,11 +190,11 @@ def test_operator_face_and_voice_drive_the_kiosk_and_the_robot_is_heard(loop):
 
     series, quiet, kiosk_levels, operator_levels, said = asyncio.run(main())
     # the operator's face drives the avatar the kiosk shows: its mouth follows the speaker's
-    times = np.array([t for t, _ in series])
-    opening = [mouth(rgb) for _, rgb in series]
-    keep = np.array([m is not None for m in opening])
-    assert keep.sum() >= 0.8 * len(series) >= 30, f"the kiosk's face was found in {keep.sum()}/{len(series)}"
-    values = np.array([m for m in opening if m is not None])
+    times = driving_times(series)
+    opening = np.array([np.nan if m is None else m for m in (mouth(rgb) for _, rgb in series)])
+    keep = ~np.isnan(opening) & ~np.isnan(times)
+    assert keep.sum() >= 0.8 * len(series) >= 30, f"face and frame code read in {keep.sum()}/{len(series)}"
+    values = opening[keep]
     corr = best_lag_correlation(times[keep], values, reference, 30.0)
     # moving (a still mouth reads within mediapipe's noise, std ~0.002) and with the speaker
     assert values.std() > 0.005 and corr > 0.4, (values.std(), corr)
