@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from gaga_ros.errors import InputError
 from gaga_ros.nodes import names
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
@@ -110,7 +111,7 @@ def profile_file(profile: str) -> Path:
     path = config_dir() / f"{profile}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in config_dir().glob("*.yaml"))
-        raise ValueError(f"unknown profile {profile!r}: known are {', '.join(known)}")
+        raise InputError(f"unknown profile {profile!r}: known are {', '.join(known)}")
     yaml.safe_load(path.read_text())  # a broken profile fails here, not in six nodes at once
     return path
 
@@ -120,19 +121,19 @@ def telepresence(args: dict[str, str] | None = None) -> list[NodeSpec]:
     a = {k: v[0] for k, v in ARGUMENTS.items()}
     unknown = set(args or {}) - set(a)
     if unknown:
-        raise ValueError(f"unknown launch arguments {sorted(unknown)}: known are {sorted(a)}")
+        raise InputError(f"unknown launch arguments {sorted(unknown)}: known are {sorted(a)}")
     a.update(args or {})
     if a["driver"] not in DRIVERS:
-        raise ValueError(f"driver {a['driver']!r} is not one of {', '.join(DRIVERS)}")
+        raise InputError(f"driver {a['driver']!r} is not one of {', '.join(DRIVERS)}")
     if a["camera_transport"] not in TRANSPORTS:
-        raise ValueError(f"camera_transport {a['camera_transport']!r} is not one of {', '.join(TRANSPORTS)}")
+        raise InputError(f"camera_transport {a['camera_transport']!r} is not one of {', '.join(TRANSPORTS)}")
     if a["tracking"] not in TRACKING_MODES:
-        raise ValueError(f"tracking {a['tracking']!r} is not one of {', '.join(TRACKING_MODES)}")
+        raise InputError(f"tracking {a['tracking']!r} is not one of {', '.join(TRACKING_MODES)}")
     if a["camera_transport"] != "raw" and a["driver"] != "topic":
-        raise ValueError("camera_transport:=compressed reads a camera driver's compressed topic: use it "
+        raise InputError("camera_transport:=compressed reads a camera driver's compressed topic: use it "
                          "with driver:=topic (the built-in capture publishes raw images)")
     if a["sfu"] not in SFUS:
-        raise ValueError(f"sfu {a['sfu']!r} is not one of {', '.join(SFUS)}")
+        raise InputError(f"sfu {a['sfu']!r} is not one of {', '.join(SFUS)}")
     bridge: dict[str, int | str] = {"port": _port(a["port"])}
     if a["sfu"] != "none":
         bridge["sfu"] = a["sfu"]
@@ -140,19 +141,19 @@ def telepresence(args: dict[str, str] | None = None) -> list[NodeSpec]:
             bridge["janus_url"] = a["janus_url"]
         if a["janus_room"]:
             if not a["janus_room"].isdigit():
-                raise ValueError(f"janus_room {a['janus_room']!r}: accepted is a room number")
+                raise InputError(f"janus_room {a['janus_room']!r}: accepted is a room number")
             bridge["janus_room"] = int(a["janus_room"])
     elif a["janus_url"] or a["janus_room"]:
-        raise ValueError("janus_url:= and janus_room:= choose the Janus of sfu:=janus: use them with it")
+        raise InputError("janus_url:= and janus_room:= choose the Janus of sfu:=janus: use them with it")
     nodes: list[NodeSpec] = []
     if a["driver"] == "operator":
         if not _true(a["bridge"]):
-            raise ValueError("driver:=operator needs the bridge (the operator's page is served by it)")
+            raise InputError("driver:=operator needs the bridge (the operator's page is served by it)")
         bridge.update(upstream_topic=names.CAMERA_IMAGE, robot_camera=a["robot_camera"], operator_drives=True)
         nodes.append(_spec("driver", {"performance": "idle", "yield_to_tracking": True}))
         nodes.append(_spec("tracking", {"mode": a["tracking"]}))
     elif a["robot_camera"]:
-        raise ValueError("robot_camera:= shows the robot's camera on the operator's page: use it with "
+        raise InputError("robot_camera:= shows the robot's camera on the operator's page: use it with "
                          "driver:=operator")
     elif a["driver"] == "scripted":
         nodes.append(_spec("driver"))
@@ -161,7 +162,7 @@ def telepresence(args: dict[str, str] | None = None) -> list[NodeSpec]:
     else:
         src = a["video"] if a["driver"] == "video" else a["camera"]
         if not src:
-            raise ValueError("driver:=video needs video:=<file>")
+            raise InputError("driver:=video needs video:=<file>")
         nodes.append(_spec("capture", {"source": src}))
         nodes.append(_spec("tracking", {"mode": a["tracking"]}))
     # The voice moves the mouth with any driver: the robot's text-to-speech on robot/audio, and the
@@ -196,7 +197,7 @@ def _true(value: str) -> bool:
 def _port(port: str) -> int:
     """The bridge's port from launch argument `port`; ValueError saying what is accepted."""
     if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"port {port!r}: accepted is a TCP port, 0 to 65535")
+        raise InputError(f"port {port!r}: accepted is a TCP port, 0 to 65535")
     return int(port)
 
 
@@ -217,7 +218,7 @@ def replay(args: dict[str, str] | None = None) -> list[NodeSpec]:
     a = {"path": "", "rate": "1.0", "loop": "false", "bridge": "true", "namespace": "", "port": "8080",
          **(args or {})}
     if not a["path"]:
-        raise ValueError("replay needs path:=<recording.mcap>")
+        raise InputError("replay needs path:=<recording.mcap>")
     bag = {"mode": "replay", "path": a["path"], "rate": float(a["rate"]),
            "loop": _true(a["loop"]), "topics": [names.EXPRESSION]}
     nodes = [_spec("bag", bag), _spec("reconstruction", lifecycle=True), _spec("render", lifecycle=True)]

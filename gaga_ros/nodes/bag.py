@@ -26,6 +26,7 @@ from rclpy.serialization import deserialize_message
 from rosgraph_msgs.msg import Clock
 
 from gaga_ros import record
+from gaga_ros.errors import InputError
 from gaga_ros.nodes import names, qos, stamps
 from gaga_ros.nodes.diagnostics import ERROR, OK, WARN, Diagnostics, RateMeter
 from gaga_ros.nodes.guard import GuardedNode
@@ -98,7 +99,7 @@ class BagNode(GuardedNode):
         super().__init__("gaga_bag")
         self.p = declare(self, PARAMS)
         if self.p["mode"] not in MODES:
-            raise ValueError(f"mode {self.p['mode']!r} is not one of {', '.join(MODES)}")
+            raise InputError(f"mode {self.p['mode']!r} is not one of {', '.join(MODES)}")
         self.meter = RateMeter()
         self.state = "starting"
         self.error = ""

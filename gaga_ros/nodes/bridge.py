@@ -19,6 +19,7 @@ from rcl_interfaces.msg import SetParametersResult
 from sensor_msgs.msg import Image
 
 from gaga_ros import audio
+from gaga_ros.errors import InputError
 from gaga_ros.expression import Expression
 from gaga_ros.msg import AudioChunk, DisplayPoint, NamedExpression, TrackingStatus
 from gaga_ros.msg import Expression as ExpressionMsg
@@ -135,14 +136,14 @@ class BridgeNode(GuardedNode):
         """ice_servers with the TURN credentials from the environment (never from a parameter)."""
         secret = os.environ.get(self.p["turn_credentials_env"], "")
         if secret and ":" not in secret:
-            raise ValueError(f"{self.p['turn_credentials_env']} must be username:credential")
+            raise InputError(f"{self.p['turn_credentials_env']} must be username:credential")
         user, _, credential = secret.partition(":")
         servers = []
         for url in (u for u in self.p["ice_servers"] if u):
             server = {"urls": url}
             if url.startswith(("turn:", "turns:")):
                 if not secret:
-                    raise ValueError(f"TURN server {url} needs credentials: set "
+                    raise InputError(f"TURN server {url} needs credentials: set "
                                      f"{self.p['turn_credentials_env']}=username:credential in the "
                                      "bridge's environment")
                 server.update(username=user, credential=credential)

@@ -9,6 +9,8 @@ time source) listen there, and each diagnostic status names its node, so nothing
 
 import re
 
+from gaga_ros.errors import InputError
+
 _TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 # Driving the face: capture -> tracking -> expressions -> render.
@@ -45,7 +47,7 @@ def namespace(ns: str) -> str:
     tokens = [t for t in ns.strip().split("/") if t]
     bad = [t for t in tokens if not _TOKEN.fullmatch(t)]
     if bad:
-        raise ValueError(f"namespace {ns!r}: accepted are names of letters, digits and _ that do not start "
+        raise InputError(f"namespace {ns!r}: accepted are names of letters, digits and _ that do not start "
                          "with a digit, separated by / (e.g. robot1 or site/robot1)")
     return "/" + "/".join(tokens) if tokens else ""
 

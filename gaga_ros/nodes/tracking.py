@@ -12,6 +12,7 @@ from rcl_interfaces.msg import SetParametersResult
 from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import Trigger
 
+from gaga_ros.errors import InputError
 from gaga_ros.mailbox import Mailbox
 from gaga_ros.msg import Expression as ExpressionMsg
 from gaga_ros.msg import TrackingStatus
@@ -63,7 +64,7 @@ class TrackingNode(GuardedNode):
         self.p = declare(self, PARAMS)
         self.tracker = self._make_tracker()
         if self.p["camera_transport"] not in CAMERA_TOPICS:
-            raise ValueError(f"camera_transport {self.p['camera_transport']!r}: accepted are "
+            raise InputError(f"camera_transport {self.p['camera_transport']!r}: accepted are "
                              f"{', '.join(CAMERA_TOPICS)}")
         self.mailbox: Mailbox[Image | CompressedImage] = Mailbox()
         self.meter = RateMeter()

@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from gaga_ros.errors import InputError
 from gaga_ros.render.rasterize import EPS2D, NEAR_PLANE
 
 TILE_SIZE = 16
@@ -156,7 +157,7 @@ class TileLists:
     def resize(self, capacity: int) -> None:
         """New buffers of `capacity` entries (a CUDA graph that used the old ones must be recaptured)."""
         if capacity <= 0:
-            raise ValueError(f"capacity must be positive, got {capacity}")
+            raise InputError(f"capacity must be positive, got {capacity}")
         device, dtype = self._tile_starts.device, self._tile_starts.dtype
         self.capacity = capacity
         self._keys = torch.empty(capacity, dtype=dtype, device=device)
