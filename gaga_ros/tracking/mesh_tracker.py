@@ -2,8 +2,10 @@
 
 Per frame: landmarks on the full frame, a GAGAvatar head crop around them (crop.py), a rigid head fit in
 the crop's camera (gaga_ros.camera: focal 3072 px on 512), the landmarks brought into the canonical head
-frame, and motion relative to the driver's own reference (mean of its first confident frames), smoothed
-with One Euro filters. The output drives an avatar of another person: it carries motion, not shape.
+frame (the rigid motion left in them moved into the pose), and motion relative to the driver's own
+reference (its first confident frames: their mean pose, and the landmarks of the most closed-mouthed
+third), smoothed with One Euro filters. The output drives an avatar of another person: it carries
+motion, not shape.
 """
 
 from __future__ import annotations
