@@ -128,6 +128,15 @@ def _teeth(binding: Binding) -> torch.Tensor:
     return in_mouth & (weight_up > TEETH_WEIGHT)
 
 
+def _lid_colour(avatar: Avatar) -> torch.Tensor:
+    """(3,) median colour of the Gaussians on the skin around the upper lids' edges."""
+    edges = np.concatenate([REGIONS["left_eye_upper"], REGIONS["right_eye_upper"]])
+    on_lids = torch.isin(avatar.binding.triangle,
+                         torch.from_numpy(np.flatnonzero(np.isin(TRIANGLES, edges).any(1))).to(avatar.device))
+    colours = avatar.gaussians.colors[on_lids] if bool(on_lids.any()) else avatar.gaussians.colors
+    return colours.median(0).values
+
+
 def face_size(vertices: np.ndarray) -> float:
     """RMS distance of the face landmarks from their centroid: the scale of a face."""
     v = np.asarray(vertices, np.float64)[:FACE_LANDMARKS]
@@ -156,6 +165,8 @@ class Prepared:
     rest: Rest  # the deformation's rest pose (gaga_ros.avatar.deform)
     delta_scale: float  # the source's face size over the canonical one: expression motion scales by it
     teeth: torch.Tensor  # (N,) bool: the added teeth, which never grow with the mouth opening
+    eyes: torch.Tensor  # (N,) bool: what the photo shows between the lids, gone when they close
+    lid_colour: torch.Tensor  # (3,): what the eyes fade to as they close
 
 
 class GeometricAvatar:
@@ -240,7 +251,9 @@ class GeometricAvatar:
         """The avatar's Prepared state, derived on its first frame."""
         if not isinstance(avatar.prepared, Prepared):
             scale = face_size(avatar.neutral_vertices.cpu().numpy()) / face_size(CANONICAL_VERTICES)
-            avatar.prepared = Prepared(Rest(avatar), scale, _teeth(avatar.binding))
+            eyes = torch.isin(avatar.binding.triangle, torch.from_numpy(_EYES).to(avatar.device))
+            avatar.prepared = Prepared(Rest(avatar), scale, _teeth(avatar.binding), eyes,
+                                       _lid_colour(avatar))
         return avatar.prepared
 
     def scene(self, avatar: Avatar, expression: Expression,
@@ -250,8 +263,9 @@ class GeometricAvatar:
             raise InputError(f"render size {size!r}: accepted is {RENDER_SIZES[0]}..{RENDER_SIZES[1]} "
                              "pixels per side")
         expression = self.to_mesh(expression)
-        means, quats, growth = deform(avatar, self.driven_vertices(avatar, expression),
-                                      self.prepared(avatar).rest)
+        prepared = self.prepared(avatar)
+        means, quats, growth = deform(avatar, self.driven_vertices(avatar, expression), prepared.rest,
+                                      prepared.eyes)
         transform = rebase_transform(expression.transform, avatar.source_transform)
         fixed = avatar.binding.triangle == CAMERA_FIXED
         if bool(fixed.any()):
@@ -264,9 +278,14 @@ class GeometricAvatar:
             quats[fixed] = matrix_to_quat(turn @ quat_to_matrix(quats[fixed]))
         # Teeth bound to a mouth that is closed in the photo would grow with the opening's area
         # (up to STRETCH_RANGE's 3x) and cover the dark interior, so that the opening reads as closed.
-        growth = torch.where(self.prepared(avatar).teeth, growth.clamp(max=1.0), growth)
+        growth = torch.where(prepared.teeth, growth.clamp(max=1.0), growth)
         g = avatar.gaussians
-        gaussians = Gaussians(means, quats, g.scales * growth[:, None], g.opacities, g.colors)
+        # The photo's eye between the lids (no eyeball behind them here) shrinks as they close and fades
+        # to the lids' skin by the opening's area, so a blink shows a closed eye, not a squashed iris.
+        opened = growth.clamp(max=1.0)[:, None]
+        lid = prepared.lid_colour
+        colors = torch.where(prepared.eyes[:, None], lid + (g.colors - lid) * opened, g.colors)
+        gaussians = Gaussians(means, quats, g.scales * growth[:, None], g.opacities, colors)
         return gaussians, Camera.from_transform(transform, int(size))
 
     def render(self, avatar: Avatar, expression: Expression, size: int = CROP_SIZE) -> np.ndarray:
