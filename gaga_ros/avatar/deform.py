@@ -122,15 +122,17 @@ class Rest:
         return (anchor, *triangle_frames(vertices, triangles, normals))
 
 
-def deform(avatar: Avatar, vertices: torch.Tensor,
-           rest: Rest | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def deform(avatar: Avatar, vertices: torch.Tensor, rest: Rest | None = None,
+           vanishing: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Means (N,3), quats (N,4) and growth factors (N,) of the avatar's Gaussians on mesh `vertices`.
 
     `vertices` (V,3) is the deformed mesh in the canonical frame (same topology as the neutral one).
     Quaternions turn with the rotation from each triangle's rest frame to its deformed frame;
     growth is sqrt of the triangle's area ratio, so Gaussians on stretched skin keep covering it.
     CAMERA_FIXED Gaussians are returned unchanged (growth 1). `rest` is Rest(avatar), which a
-    caller that deforms the avatar every frame builds once (None: built here).
+    caller that deforms the avatar every frame builds once (None: built here). `vanishing` (N,) bool
+    marks Gaussians that fill an opening (an eye between its lids): below their triangle's rest area
+    they shrink in proportion to it, without STRETCH_RANGE's floor, so a closed opening shows nothing.
     """
     vertices = torch.as_tensor(vertices, dtype=torch.float32, device=avatar.device)
     if vertices.shape != avatar.neutral_vertices.shape:
@@ -144,6 +146,8 @@ def deform(avatar: Avatar, vertices: torch.Tensor,
     quats = quat_multiply(turn[rest.triangle], g.quats)
     ratio = torch.where(rest.area > 1e-8, area / rest.area.clamp_min(1e-8), torch.ones_like(area))
     growth = ratio.sqrt().clamp(*STRETCH_RANGE)[rest.triangle]
+    if vanishing is not None:
+        growth = torch.where(vanishing, torch.minimum(growth, ratio.clamp(max=1.0)[rest.triangle]), growth)
     fixed = rest.fixed
     quats = torch.where(fixed[:, None], g.quats, quats)
     growth = torch.where(fixed, torch.ones_like(growth), growth)

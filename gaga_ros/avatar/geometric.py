@@ -31,7 +31,9 @@ from gaga_ros.image import to_uint8
 #: Head ellipsoid of the canonical face (centre, radii), canonical units; scaled to each source.
 HEAD_CENTRE = np.array([0.0, 0.02, -0.02])
 HEAD_RADII = np.array([0.40, 0.62, 0.50])
-MOUTH_COLOUR = (0.16, 0.05, 0.05)
+#: Nearly black: a dark red interior under a dark moustache read, to mediapipe, as a closed mouth
+#: (bench/TRANSFER_NOTES.md).
+MOUTH_COLOUR = (0.05, 0.02, 0.02)
 TEETH_COLOUR = (0.78, 0.75, 0.68)
 #: How far behind the lips (canonical units) the source's own mouth pixels, the added teeth and
 #: the dark interior sit, front to back: deep enough that mouth corners hide them when lips close.
@@ -115,6 +117,26 @@ _STEADY = np.flatnonzero((CANONICAL_VERTICES[:FACE_LANDMARKS, 1] > 0.0) & (np.li
     > STEADY_MARGIN))
 
 
+def _teeth(binding: Binding) -> torch.Tensor:
+    """(N,) bool: Gaussians of the mouth interior that are teeth (_Lifter.mouth's rule: on a mouth
+    opening triangle, with more than TEETH_WEIGHT of their barycentric weight on the upper lip)."""
+    triangle = binding.triangle
+    in_mouth = (triangle >= int(_MOUTH[0])) & (triangle <= int(_MOUTH[-1]))
+    upper = torch.from_numpy(np.isin(AVATAR_TRIANGLES, REGIONS["mouth_inner"][:11])).to(triangle.device)
+    rows = torch.where(in_mouth, triangle, 0)
+    weight_up = (binding.barycentric * upper[rows].to(binding.barycentric.dtype)).sum(1)
+    return in_mouth & (weight_up > TEETH_WEIGHT)
+
+
+def _lid_colour(avatar: Avatar) -> torch.Tensor:
+    """(3,) median colour of the Gaussians on the skin around the upper lids' edges."""
+    edges = np.concatenate([REGIONS["left_eye_upper"], REGIONS["right_eye_upper"]])
+    on_lids = torch.isin(avatar.binding.triangle,
+                         torch.from_numpy(np.flatnonzero(np.isin(TRIANGLES, edges).any(1))).to(avatar.device))
+    colours = avatar.gaussians.colors[on_lids] if bool(on_lids.any()) else avatar.gaussians.colors
+    return colours.median(0).values
+
+
 def face_size(vertices: np.ndarray) -> float:
     """RMS distance of the face landmarks from their centroid: the scale of a face."""
     v = np.asarray(vertices, np.float64)[:FACE_LANDMARKS]
@@ -142,6 +164,9 @@ class Prepared:
 
     rest: Rest  # the deformation's rest pose (gaga_ros.avatar.deform)
     delta_scale: float  # the source's face size over the canonical one: expression motion scales by it
+    teeth: torch.Tensor  # (N,) bool: the added teeth, which never grow with the mouth opening
+    eyes: torch.Tensor  # (N,) bool: what the photo shows between the lids, gone when they close
+    lid_colour: torch.Tensor  # (3,): what the eyes fade to as they close
 
 
 class GeometricAvatar:
@@ -226,7 +251,9 @@ class GeometricAvatar:
         """The avatar's Prepared state, derived on its first frame."""
         if not isinstance(avatar.prepared, Prepared):
             scale = face_size(avatar.neutral_vertices.cpu().numpy()) / face_size(CANONICAL_VERTICES)
-            avatar.prepared = Prepared(Rest(avatar), scale)
+            eyes = torch.isin(avatar.binding.triangle, torch.from_numpy(_EYES).to(avatar.device))
+            avatar.prepared = Prepared(Rest(avatar), scale, _teeth(avatar.binding), eyes,
+                                       _lid_colour(avatar))
         return avatar.prepared
 
     def scene(self, avatar: Avatar, expression: Expression,
@@ -236,8 +263,9 @@ class GeometricAvatar:
             raise InputError(f"render size {size!r}: accepted is {RENDER_SIZES[0]}..{RENDER_SIZES[1]} "
                              "pixels per side")
         expression = self.to_mesh(expression)
-        means, quats, growth = deform(avatar, self.driven_vertices(avatar, expression),
-                                      self.prepared(avatar).rest)
+        prepared = self.prepared(avatar)
+        means, quats, growth = deform(avatar, self.driven_vertices(avatar, expression), prepared.rest,
+                                      prepared.eyes)
         transform = rebase_transform(expression.transform, avatar.source_transform)
         fixed = avatar.binding.triangle == CAMERA_FIXED
         if bool(fixed.any()):
@@ -248,8 +276,16 @@ class GeometricAvatar:
             means[fixed] = (cam - new[:, 3]) @ new[:, :3].T
             turn = (new[:, :3] @ src[:, :3].T).expand(int(fixed.sum()), 3, 3)
             quats[fixed] = matrix_to_quat(turn @ quat_to_matrix(quats[fixed]))
+        # Teeth bound to a mouth that is closed in the photo would grow with the opening's area
+        # (up to STRETCH_RANGE's 3x) and cover the dark interior, so that the opening reads as closed.
+        growth = torch.where(prepared.teeth, growth.clamp(max=1.0), growth)
         g = avatar.gaussians
-        gaussians = Gaussians(means, quats, g.scales * growth[:, None], g.opacities, g.colors)
+        # The photo's eye between the lids (no eyeball behind them here) shrinks as they close and fades
+        # to the lids' skin by the opening's area, so a blink shows a closed eye, not a squashed iris.
+        opened = growth.clamp(max=1.0)[:, None]
+        lid = prepared.lid_colour
+        colors = torch.where(prepared.eyes[:, None], lid + (g.colors - lid) * opened, g.colors)
+        gaussians = Gaussians(means, quats, g.scales * growth[:, None], g.opacities, colors)
         return gaussians, Camera.from_transform(transform, int(size))
 
     def render(self, avatar: Avatar, expression: Expression, size: int = CROP_SIZE) -> np.ndarray:
@@ -495,19 +531,14 @@ class _Lifter:
         i, j = np.meshgrid(np.arange(steps + 1), np.arange(steps + 1), indexing="ij")
         ok = i + j <= steps
         grid = np.stack([steps - i[ok] - j[ok], i[ok], j[ok]], 1) / steps  # barycentric lattice
-        upper = np.isin(AVATAR_TRIANGLES[_MOUTH], REGIONS["mouth_inner"][:11])
-        rows = []
-        for f, up in zip(_MOUTH, upper, strict=True):
-            weight_up = grid @ up.astype(np.float64)
-            rows.append((np.full(len(grid), f), grid, weight_up))
-        triangle = np.concatenate([r[0] for r in rows])
-        barycentric = np.concatenate([r[1] for r in rows])
-        teeth = np.concatenate([r[2] for r in rows]) > TEETH_WEIGHT
-        colours = np.where(teeth[:, None], TEETH_COLOUR, MOUTH_COLOUR)
+        triangle = np.repeat(_MOUTH, len(grid))
+        barycentric = np.tile(grid, (len(_MOUTH), 1))
         scale = face_size(self.neutral) / face_size(CANONICAL_VERTICES)
         offset = np.zeros(len(triangle))
         binding = Binding(torch.from_numpy(triangle), torch.from_numpy(barycentric),
                           torch.from_numpy(offset))
+        teeth = _teeth(binding).numpy()
+        colours = np.where(teeth[:, None], TEETH_COLOUR, MOUTH_COLOUR)
         on_opening = anchors(torch.from_numpy(self.neutral), torch.from_numpy(AVATAR_TRIANGLES),
                              binding).numpy()
         # Set back along the head's -z, not the opening's normal: a pinched mouth folds the

@@ -2,8 +2,10 @@
 
 Per frame: landmarks on the full frame, a GAGAvatar head crop around them (crop.py), a rigid head fit in
 the crop's camera (gaga_ros.camera: focal 3072 px on 512), the landmarks brought into the canonical head
-frame, and motion relative to the driver's own reference (mean of its first confident frames), smoothed
-with One Euro filters. The output drives an avatar of another person: it carries motion, not shape.
+frame (the rigid motion left in them moved into the pose), and motion relative to the driver's own
+reference (its first confident frames: their mean pose, and the landmarks of the most closed-mouthed
+third), smoothed with One Euro filters. The output drives an avatar of another person: it carries
+motion, not shape.
 """
 
 from __future__ import annotations
@@ -101,6 +103,42 @@ def fit_head(crop_points: np.ndarray, size: int = CROP_SIZE,
     return HeadFit(transform, canonical.astype(np.float32), rmse)
 
 
+#: Mid inner-lip landmarks (upper, lower), and the share of the reference frames, those with the
+#: least gap between them, whose landmarks make the driver's neutral face.
+INNER_LIPS, CLOSED_SHARE = (13, 14), 1 / 3
+
+
+def _neutral_points(frames: list[np.ndarray]) -> np.ndarray:
+    """The driver's neutral landmarks: the mean of the reference frames with the most closed mouth.
+
+    A neutral face has closed lips. A driver who speaks while the reference is taken would otherwise
+    leave a mean opening in it, and every closed mouth after it would close the avatar's lips past
+    each other (bench/TRANSFER_NOTES.md).
+    """
+    upper, lower = INNER_LIPS
+    gaps = np.array([f[upper, 1] - f[lower, 1] for f in frames])
+    closed = np.argsort(gaps, kind="stable")[:max(1, round(len(frames) * CLOSED_SHARE))]
+    return np.mean([frames[k] for k in closed], axis=0)
+
+
+def _register(points: np.ndarray, rot: np.ndarray, trans: np.ndarray,
+              reference: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Move the rigid motion left in head-frame landmarks into the head pose.
+
+    solvePnP fits the canonical face, not the driver's, to 2-D landmarks, so part of a nod or a turn
+    stays in the back-projected landmarks as a rotation of the whole face; a renderer then shows it
+    as a warp of the face, not as a turn of the head. The rigid landmarks' best rotation onto the
+    driver's reference (Kabsch) is folded into the pose and taken out of the landmarks.
+    """
+    mu_p, mu_r = points[RIGID].mean(0), reference[RIGID].mean(0)
+    u, _, vt = np.linalg.svd((points[RIGID] - mu_p).T @ (reference[RIGID] - mu_r))
+    q = u @ np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))]) @ vt  # (p - mu_p) q ~ reference - mu_r
+    shift = mu_r - mu_p @ q
+    # x_cam = p rot + trans = (p q + shift) q^T rot + trans - shift q^T rot
+    new_rot = q.T @ rot
+    return points @ q + shift, new_rot, trans - shift @ new_rot
+
+
 class MeshTracker:
     """Camera frames -> smoothed mesh-mode Expressions, relative to the driver's own reference.
 
@@ -195,11 +233,14 @@ class MeshTracker:
         quality = 1.0 / (1.0 + (fit.rmse_px / RMSE_HALF) ** 2)
         confidence = float(np.clip(face.score * quality, 0.0, 1.0))
         rot, trans = fit.transform[:, :3].astype(np.float64), fit.transform[:, 3].astype(np.float64)
+        points = fit.canonical_points.astype(np.float64)
+        if self._reference is not None:
+            points, rot, trans = _register(points, rot, trans, self._reference[0])
         if not self.reference_ready and confidence >= self.min_confidence:
-            self._ref_points.append(fit.canonical_points.astype(np.float64))
+            self._ref_points.append(points)
             self._ref_rots.append(rot)
             self._ref_trans.append(trans)
-            self._reference = (np.mean(self._ref_points, axis=0),
+            self._reference = (_neutral_points(self._ref_points),
                                nearest_rotation(np.mean(self._ref_rots, axis=0)),
                                np.mean(self._ref_trans, axis=0))
         if self._reference is None:
@@ -209,7 +250,7 @@ class MeshTracker:
         # Head-frame motion: x R_t = (x D) R_ref, so D = R_t R_ref^T; the avatar gets x D R_front.
         delta = cv2.Rodrigues(rot @ ref_rot.T)[0][:, 0]
         shift = (trans - ref_trans) @ ref_rot.T @ self._front[:, :3]
-        motion = self._filters["motion"](fit.canonical_points - ref_points, t)
+        motion = self._filters["motion"](points - ref_points, t)
         delta = self._filters["rot"](delta, t)
         shift = self._filters["trans"](shift, t)
         transform = np.column_stack([cv2.Rodrigues(delta)[0] @ self._front[:, :3],
