@@ -24,14 +24,17 @@ FAKE_CAMERA = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-st
 
 
 def fake_media(clip: Path, out_dir: Path, seconds: float = 10.0, width: int = 320, height: int = 304,
-               fps: int = 30, start_s: float = 0.0, sound: Path | None = None) -> list[str]:
+               fps: int = 30, start_s: float = 0.0, sound: Path | None = None,
+               codes: bool = False) -> list[str]:
     """Chromium flags that make getUserMedia play `clip` (its picture and its sound, or the sound of
     `sound`, looped): writes a y4m (raw 4:2:0 frames, what Chromium's fake camera reads) and a 48 kHz
-    mono WAV to out_dir."""
+    mono WAV to out_dir. With `codes`, each frame carries its index as a frame code (top-left), so a
+    test can tell which clip frame a received camera image is, however the loaded machine paced it."""
     import av
     import numpy as np
 
     from gaga_ros.audio import Resampler, from_frame
+    from gaga_ros.stream import stamp_code
 
     y4m, wav = out_dir / f"{clip.stem}.y4m", out_dir / f"{clip.stem}.wav"
     with av.open(str(clip)) as c, open(y4m, "wb") as f:
@@ -41,7 +44,10 @@ def fake_media(clip: Path, out_dir: Path, seconds: float = 10.0, width: int = 32
         for i, frame in enumerate(c.decode(video=0)):
             t = i / rate
             while t >= start_s + n / fps and n < seconds * fps:  # the clip's frames at `fps`
-                yuv = frame.reformat(width, height, "yuv420p").to_ndarray()
+                picture = frame.reformat(width, height, "rgb24")
+                if codes:
+                    picture = av.VideoFrame.from_ndarray(stamp_code(picture.to_ndarray(), n), "rgb24")
+                yuv = picture.reformat(format="yuv420p").to_ndarray()
                 f.write(b"FRAME\n" + yuv.tobytes())
                 n += 1
     resample, pcm = Resampler(48000, 1), []

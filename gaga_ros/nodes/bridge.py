@@ -10,6 +10,7 @@ streaming itself lives in gaga_ros.stream.
 
 from __future__ import annotations
 
+import array
 import os
 
 import numpy as np
@@ -189,7 +190,7 @@ class BridgeNode(GuardedNode):
         msg = AudioChunk(sample_rate=chunk.sample_rate, channels=chunk.channels)
         msg.header.stamp = stamps.from_ns(chunk.stamp_ns)
         msg.header.frame_id = "operator_mic"
-        msg.data = chunk.samples.reshape(-1).tolist()
+        msg.data = array.array("h", chunk.samples.astype(np.int16, copy=False).tobytes())  # 8x a list
         self.pub_voice.publish(msg)
         self.voice_out.tick()
 
