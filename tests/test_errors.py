@@ -33,7 +33,7 @@ def test_every_core_error_is_a_gaga_error_and_refusals_stay_value_errors():
     outside = sorted(n for n, c in classes.items() if not issubclass(c, GagaError))
     assert not outside, f"errors without the package base: {outside}"
     not_input = sorted(n for n, c in classes.items() if not issubclass(c, ValueError))
-    assert not_input == ["CaptureError", "GagaError", "UnavailableError"], not_input
+    assert not_input == ["CaptureError", "GagaError", "JanusError", "UnavailableError"], not_input
     assert issubclass(InputError, ValueError) and issubclass(UnavailableError, RuntimeError)
 
 

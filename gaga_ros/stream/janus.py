@@ -33,7 +33,7 @@ import aiohttp
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.rtcrtpsender import RTCRtpSender
 
-from gaga_ros.errors import InputError
+from gaga_ros.errors import InputError, UnavailableError
 from gaga_ros.stream.sound import SoundBus
 from gaga_ros.stream.tracks import SharedEncoder, route_keyframe_requests
 
@@ -58,7 +58,7 @@ NO_SUCH_SESSION = 458
 DEBIAN_LIB = Path("/usr/lib/x86_64-linux-gnu/janus")
 
 
-class JanusError(RuntimeError):
+class JanusError(UnavailableError):
     """Janus could not be reached, or refused a request; the message names the URL."""
 
 
