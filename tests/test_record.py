@@ -425,7 +425,13 @@ def test_mp4_recorder_keeps_existing_file_and_survives_sigkill(ros_node, tmp_pat
     assert status["gaga_recorder"]["path"] == str(tmp_path / "demo-1.mp4")
     assert earlier.read_bytes() == b"an earlier recording"
     ids = [i for i, _ in mp4_frames(tmp_path / "demo-1.mp4")]
-    assert ids == sorted(set(ids)) and len(ids) >= 0.9 * (ids[-1] - ids[0] + 1), ids  # best effort: few drops
+    # In order, and every frame the recorder encoded is in the file but for what the kill cut: its
+    # count as of its last report (at most its count at the kill) less one fragment (KEYFRAME_S) and a
+    # second for the encoder's 6 frames in flight. (Not a share of the frames sent: /avatar/image is
+    # best effort, newest only, and two loaded cores drop many: 102 of 167 in a clean-clone run.)
+    received = int(status["gaga_recorder"]["frames"])
+    assert ids == sorted(set(ids)), ids
+    assert len(ids) >= received - RATE_HZ * (KEYFRAME_S + 1.0), (len(ids), received)
     lost = sent - 1 - ids[-1]
     print(f"\nmp4 killed after {sent} frames at {RATE_HZ} Hz: {len(ids)} survive, the last {lost} "
           f"({lost / RATE_HZ:.2f} s) are lost")
