@@ -48,6 +48,8 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from browser import FAKE_CAMERA, Browser, fake_media, tone_bursts  # noqa: E402
 from test_faults import Graph, Observer  # noqa: E402
 
+from gaga_ros.stream.tracks import CODE_VALUES  # noqa: E402
+
 #: Injected into a page: onsets(stream) records the wall-clock times of sound bursts in `stream`.
 ONSETS_JS = """
 window.onsets = (stream, key) => {
@@ -121,7 +123,7 @@ async def measure(g: Graph, obs: Observer, seen: dict, flags: list[str], seconds
             await asyncio.sleep(0.02)
         back = next((t for t, f in seen["expr"] if t > t_left and f == "scripted_driver"), None)
     # code = stamp ms mod 65536, shown = display wall-clock ms: the difference mod 65536 is the latency
-    bridge_to_kiosk = np.array([(shown - code) % 65536 for code, shown in codes])
+    bridge_to_kiosk = np.array([(shown - code) % CODE_VALUES for code, shown in codes])
     bridge_to_kiosk = bridge_to_kiosk[bridge_to_kiosk < 5000]  # a code misread as another frame's
     send_ms = (send["encode_ms"] or 0) + (send["pacer_ms"] or 0) + (send["rtt_ms"] or 0) / 2
     spoken_arr = np.array(spoken)

@@ -29,6 +29,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from browser import Browser  # noqa: E402
 
 from gaga_ros.stream import StreamServer, stamp_code  # noqa: E402
+from gaga_ros.stream.tracks import CODE_VALUES  # noqa: E402
 
 MEDIA = REPO.parent / "shared" / "media" / "obama.mp4"
 SIZE = 512
@@ -78,7 +79,7 @@ class Pusher:
         while not self._stop.is_set():
             img = self.frames[n % len(self.frames)].copy()
             stamp_code(img, n)
-            self.pushed[n % 65536] = time.time() * 1000
+            self.pushed[n % CODE_VALUES] = time.time() * 1000
             self.server.push_frame(img, time.time_ns())
             n += 1
             next_t += self.period

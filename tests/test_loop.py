@@ -21,6 +21,7 @@ from conftest import wait_for
 from test_faults import Graph, Observer
 
 from gaga_ros.stream import read_code
+from gaga_ros.stream.tracks import CODE_VALUES
 
 MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
 #: The operator: a face whose mouth moves well beyond mediapipe's noise at the kiosk's 192 px (the
@@ -130,7 +131,8 @@ def loop(tmp_path_factory):
                                  lambda m: seen["expr"].append((time.monotonic(), m.header.frame_id)),
                                  qos.EXPRESSIONS)
     obs.node.create_subscription(Image, "/camera/image_raw", lambda m: seen["camera"].update(
-        {(stamps.to_ns(m.header.stamp) // 1_000_000) % 65536: read_code(image_from_msg(m))}), qos.FRAMES)
+        {(stamps.to_ns(m.header.stamp) // 1_000_000) % CODE_VALUES: read_code(image_from_msg(m))}),
+        qos.FRAMES)
     obs.node.create_subscription(TrackingStatus, "/tracking/status",
                                  lambda m: seen["tracking"].append((time.monotonic(), m.face_found)),
                                  qos.LATCHED)

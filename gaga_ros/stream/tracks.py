@@ -41,6 +41,8 @@ VIDEO_CLOCK = 90_000
 VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK)
 #: Bits carried by the frame code; the second row repeats them inverted as a check.
 CODE_BITS = 16
+#: Distinct frame codes: a number is painted modulo this (readers unwrap by it).
+CODE_VALUES = 1 << CODE_BITS
 #: The code's blocks are this fraction of the image width (16 blocks span half the width).
 CODE_BLOCKS_PER_WIDTH = 32
 #: Smallest frame side the stream carries, pixels (pushed frames and output sizes).
@@ -72,7 +74,7 @@ def stamp_code(image: np.ndarray, frame_number: int) -> np.ndarray:
     b = _code_block(image.shape[1])
     if 2 * b > image.shape[0]:
         raise FrameError(f"image {image.shape[1]}x{image.shape[0]} is too flat for the frame code")
-    value = int(frame_number) % (1 << CODE_BITS)
+    value = int(frame_number) % CODE_VALUES
     for i in range(CODE_BITS):
         bit = (value >> (CODE_BITS - 1 - i)) & 1
         image[0:b, i * b:(i + 1) * b] = 255 * bit
