@@ -83,12 +83,18 @@ def main() -> None:
     parser.add_argument("--batches", default="1,4,8,16")
     parser.add_argument("--precision", default="fp16", help="precision of the staged/batched runs")
     parser.add_argument("--compile", default=None, help="torch.compile mode for an extra refiner variant")
+    parser.add_argument("--tuning", action="store_true",
+                        help="inductor's coordinate-descent tuning of the compiled kernels' launch sizes")
     parser.add_argument("--skip-variants", action="store_true", help="skip the per-precision table")
     parser.add_argument("--profile", action="store_true",
                         help="top CUDA kernels of rasterization and refinement at the largest batch")
     parser.add_argument("--skip-encoder", action="store_true", help="skip the reconstruction rows")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
+    if args.tuning:
+        import torch._inductor.config as inductor
+
+        inductor.coordinate_descent_tuning = True
     batches = [int(b) for b in args.batches.split(",")]
     dev = torch.device("cuda")
     rows: list[dict] = []
@@ -217,7 +223,7 @@ def main() -> None:
         extra.append(f" splat diff {row['splat_max_diff']:.1e}" if "splat_max_diff" in row else "")
         print(f"{row['name']:<52} {row['median_ms']:>10.2f} {row['min_ms']:>9.2f} " + " ".join(extra))
     config = {"gaussians": int(len(sources[0].opacities)), "render_size": cfg.render_size,
-              "precision": args.precision, "compile": args.compile, "frames": args.frames,
+              "precision": args.precision, "compile": args.compile, "tuning": args.tuning, "frames": args.frames,
               "randomize_noise": False, "numpy": np.__version__}
     write(RESULTS, {"config": config, "rows": rows})
 
