@@ -223,8 +223,8 @@ def main() -> None:
         extra.append(f" splat diff {row['splat_max_diff']:.1e}" if "splat_max_diff" in row else "")
         print(f"{row['name']:<52} {row['median_ms']:>10.2f} {row['min_ms']:>9.2f} " + " ".join(extra))
     config = {"gaussians": int(len(sources[0].opacities)), "render_size": cfg.render_size,
-              "precision": args.precision, "compile": args.compile, "tuning": args.tuning, "frames": args.frames,
-              "randomize_noise": False, "numpy": np.__version__}
+              "precision": args.precision, "compile": args.compile, "tuning": args.tuning,
+              "frames": args.frames, "randomize_noise": False, "numpy": np.__version__}
     write(RESULTS, {"config": config, "rows": rows})
 
 

@@ -24,10 +24,9 @@ import math
 import numpy as np
 from numba import njit, parallel_chunksize, prange
 
-TILE = 16
-ALPHA_MIN = 1.0 / 255.0
-ALPHA_MAX = 0.999
-T_MIN = 1e-4
+from gaga_ros.render.rasterize import ALPHA_MAX, ALPHA_MIN, T_MIN
+from gaga_ros.render.rasterize import TILE_SIZE as TILE
+
 MAX_EXTENT = 3.33
 
 

@@ -19,6 +19,13 @@ from gaga_ros.render.covariance import raw_quat_covariance
 
 NEAR_PLANE = 0.2
 EPS2D = 0.3
+#: Compositing cut-offs of gsplat's classic mode, shared by every backend: a Gaussian adds nothing
+#: where alpha < ALPHA_MIN, alpha is clamped to ALPHA_MAX, and a pixel stops before its transmittance
+#: reaches T_MIN. Tiles are TILE_SIZE pixels square.
+ALPHA_MIN = 1.0 / 255.0
+ALPHA_MAX = 0.999
+T_MIN = 1e-4
+TILE_SIZE = 16
 BACKENDS = ("auto", "gsplat", "cpu", "reference")
 
 

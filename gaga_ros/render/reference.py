@@ -11,10 +11,7 @@ import torch
 from gsplat.cuda._torch_impl import _fully_fused_projection
 
 from gaga_ros.render.covariance import raw_quat_covariance
-
-ALPHA_MIN = 1.0 / 255.0
-ALPHA_MAX = 0.999
-T_MIN = 1e-4
+from gaga_ros.render.rasterize import ALPHA_MAX, ALPHA_MIN, T_MIN
 
 
 def render(means: torch.Tensor, quats: torch.Tensor, scales: torch.Tensor, opacities: torch.Tensor,

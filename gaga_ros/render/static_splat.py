@@ -27,9 +27,8 @@ import math
 import torch
 
 from gaga_ros.errors import InputError
-from gaga_ros.render.rasterize import EPS2D, NEAR_PLANE
+from gaga_ros.render.rasterize import ALPHA_MIN, EPS2D, NEAR_PLANE, TILE_SIZE
 
-TILE_SIZE = 16
 #: Index of the 6 upper-triangle entries of a 3x3 covariance, gsplat's `covars` layout.
 TRIU = ([0, 0, 0, 1, 1, 2], [0, 1, 2, 1, 2, 2])
 #: Slack on the exponent when culling a tile: e^0.05 = 1.05x the alpha threshold, far more than the
@@ -62,7 +61,7 @@ def _tile_pass_kernel():
 
     @triton.jit
     def tile_pass(order_ptr, means_ptr, radii_ptr, conics_ptr, opac_ptr, count_ptr, start_ptr, keys_ptr,
-                  ids_ptr, total, per_image, tw, th, capacity, margin,
+                  ids_ptr, total, per_image, tw, th, capacity, margin, alpha_min,
                   TILE: tl.constexpr, EMIT: tl.constexpr, BLOCK: tl.constexpr):
         j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         live = j < total
@@ -85,8 +84,8 @@ def _tile_pass_kernel():
         y1 = tl.minimum(tl.maximum(tl.ceil(ty + try_), 0.0), th * 1.0).to(tl.int32)
         w = tl.maximum(x1 - x0, 1)
         n = tl.where(live & (rx > 0) & (ry > 0), (x1 - x0) * (y1 - y0), 0)
-        # The compositor skips the Gaussian where 0.5 d^T conic d > log(255 opacity).
-        limit = tl.log(opac * 255.0) + margin
+        # The compositor skips the Gaussian where 0.5 d^T conic d > log(opacity / ALPHA_MIN).
+        limit = tl.log(opac / alpha_min) + margin
         image = (g // per_image).to(tl.int32)
         if EMIT:
             pos = tl.load(start_ptr + j, mask=live, other=0)
@@ -171,7 +170,7 @@ class TileLists:
         order = (rank + torch.arange(self.images, device=rank.device)[:, None] * n).reshape(-1)
         counts = torch.empty(self.images * n, dtype=torch.int32, device=rank.device)
         _kernel()[self._grid](order, means2d, radii, conics, opacities, counts, counts, self._keys, self._ids,
-                              self.images * n, n, self.tw, self.th, self.capacity, CULL_MARGIN,
+                              self.images * n, n, self.tw, self.th, self.capacity, CULL_MARGIN, ALPHA_MIN,
                               TILE=TILE_SIZE, EMIT=False, BLOCK=_BLOCK)
         return order, counts
 
@@ -185,7 +184,7 @@ class TileLists:
         self._keys.fill_(-1)
         _kernel()[self._grid](order, means2d, radii, conics, opacities, counts, start, self._keys, self._ids,
                               self.images * self.gaussians, self.gaussians, self.tw, self.th, self.capacity,
-                              CULL_MARGIN, TILE=TILE_SIZE, EMIT=True, BLOCK=_BLOCK)
+                              CULL_MARGIN, ALPHA_MIN, TILE=TILE_SIZE, EMIT=True, BLOCK=_BLOCK)
         sorted_keys, perm = torch.sort(self._keys, stable=True)
         offsets = torch.searchsorted(sorted_keys, self._tile_starts).int()
         return offsets.reshape(self.images, self.th, self.tw), self._ids[perm], end[-1]

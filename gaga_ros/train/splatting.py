@@ -17,11 +17,8 @@ import torch
 from gaga_ros.camera import Camera
 from gaga_ros.gaussians import Gaussians
 from gaga_ros.render.covariance import raw_quat_covariance
-from gaga_ros.render.rasterize import EPS2D, NEAR_PLANE
+from gaga_ros.render.rasterize import ALPHA_MAX, ALPHA_MIN, EPS2D, NEAR_PLANE
 
-#: gsplat's classic-mode cut-offs.
-ALPHA_MIN = 1.0 / 255.0
-ALPHA_MAX = 0.999
 #: Half side (pixels) of the CPU compositor's window around each Gaussian.
 CPU_MAX_RADIUS = 6
 
