@@ -24,7 +24,8 @@ class Param:
 #: Shared by the render and fleet nodes (the values: gaga_ros.avatar.gagavatar.backend.COMPILE_MODES).
 COMPILE = Param("compile", "", "GAGAvatar fast path: torch.compile mode of the refiner: '' (eager, ready "
                 "in seconds), default (about 2x faster at batch 16, about 75 s of compiling per batch "
-                "size on the first frame) or max-autotune-no-cudagraphs.")
+                "size on the first frame) or max-autotune-no-cudagraphs (more than 8 minutes of "
+                "compiling at batch 1 on an H200, for no measured gain: bench/FAST_NOTES.md).")
 
 
 def declare(node: Node, params: tuple[Param, ...]) -> dict[str, Any]:
