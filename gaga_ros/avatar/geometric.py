@@ -36,8 +36,11 @@ HEAD_RADII = np.array([0.40, 0.62, 0.50])
 MOUTH_COLOUR = (0.05, 0.02, 0.02)
 TEETH_COLOUR = (0.78, 0.75, 0.68)
 #: How far behind the lips (canonical units) the source's own mouth pixels, the added teeth and
-#: the dark interior sit, front to back: deep enough that mouth corners hide them when lips close.
-SOURCE_MOUTH_DEPTH, TEETH_DEPTH, MOUTH_DEPTH = 0.04, 0.05, 0.07
+#: the dark interior sit, front to back: deep enough that mouth corners hide them when lips close,
+#: shallow enough that a turned head does not show the interior beside the opening (at 0.07 it read,
+#: to mediapipe, as a turn on a three-quarter photo and as a nod on a pitched one;
+#: bench/TRANSFER_NOTES.md).
+SOURCE_MOUTH_DEPTH, TEETH_DEPTH, MOUTH_DEPTH = 0.02, 0.03, 0.04
 #: Seams between the face mesh, the ellipsoid and the torso: the mesh-to-ellipsoid depth step fades
 #: over SEAM_BLEND of the crop; the torso repeats the SEAM_BAND (of the crop) above the chin line,
 #: SEAM_DEPTH (canonical units) further back.

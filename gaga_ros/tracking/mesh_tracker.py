@@ -2,10 +2,10 @@
 
 Per frame: landmarks on the full frame, a GAGAvatar head crop around them (crop.py), a rigid head fit in
 the crop's camera (gaga_ros.camera: focal 3072 px on 512), the landmarks brought into the canonical head
-frame (the rigid motion left in them moved into the pose), and motion relative to the driver's own
-reference (its first confident frames: their mean pose, and the landmarks of the most closed-mouthed
-third), smoothed with One Euro filters. The output drives an avatar of another person: it carries
-motion, not shape.
+frame (the rigid motion left in them moved into the pose, the strain the pose leaves in them dropped),
+and motion relative to the driver's own reference (its first confident frames: their mean pose, and the
+landmarks of the most closed-mouthed third), smoothed with One Euro filters. The output drives an
+avatar of another person: it carries motion, not shape.
 """
 
 from __future__ import annotations
@@ -123,20 +123,26 @@ def _neutral_points(frames: list[np.ndarray]) -> np.ndarray:
 
 def _register(points: np.ndarray, rot: np.ndarray, trans: np.ndarray,
               reference: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Move the rigid motion left in head-frame landmarks into the head pose.
+    """Move the rigid motion left in head-frame landmarks into the head pose, and drop the strain.
 
     solvePnP fits the canonical face, not the driver's, to 2-D landmarks, so part of a nod or a turn
     stays in the back-projected landmarks as a rotation of the whole face; a renderer then shows it
     as a warp of the face, not as a turn of the head. The rigid landmarks' best rotation onto the
-    driver's reference (Kabsch) is folded into the pose and taken out of the landmarks.
+    driver's reference (Kabsch) is folded into the pose. The back-projection also strains the face in
+    proportion to the pose (on head_turns.mp4 ~0.9 % of the depth in height per degree of pitch), which
+    mediapipe reads on a render as a pitch against the pose's own (bench/TRANSFER_NOTES.md): the
+    landmarks are mapped by the rigid landmarks' best linear map onto the reference, which takes out
+    both.
     """
     mu_p, mu_r = points[RIGID].mean(0), reference[RIGID].mean(0)
-    u, _, vt = np.linalg.svd((points[RIGID] - mu_p).T @ (reference[RIGID] - mu_r))
+    centred, target = points[RIGID] - mu_p, reference[RIGID] - mu_r
+    u, _, vt = np.linalg.svd(centred.T @ target)
     q = u @ np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))]) @ vt  # (p - mu_p) q ~ reference - mu_r
+    linear = np.linalg.lstsq(centred, target, rcond=None)[0]  # (p - mu_p) linear ~ reference - mu_r
     shift = mu_r - mu_p @ q
     # x_cam = p rot + trans = (p q + shift) q^T rot + trans - shift q^T rot
     new_rot = q.T @ rot
-    return points @ q + shift, new_rot, trans - shift @ new_rot
+    return (points - mu_p) @ linear + mu_r, new_rot, trans - shift @ new_rot
 
 
 class MeshTracker:
