@@ -24,7 +24,8 @@ Method.
   (the observer and the pages' DevTools sessions) and everything else on the machine (other jobs),
   in % of one core over the window, from /proc.
 
-    .venv/bin/python bench/loop_bench.py [--seconds 20] [--size 256]
+    .venv/bin/python bench/loop_bench.py [--seconds 20] [--size 256] [--grid G] [--operator-fps F]
+        [--sheet kiosk.png]
 
 Prints a table and writes bench/results/loop_bench.json.
 """
@@ -157,7 +158,24 @@ def cpu_shares(before: dict[str, int], after: dict[str, int], seconds: float) ->
     return shares
 
 
-async def measure(g: Graph, obs: Observer, seen: dict, flags: list[str], seconds: float) -> dict:
+async def contact_sheet(page, path: Path, frames: int = 8, every: float = 0.4) -> None:
+    """What the kiosk shows, `frames` pictures `every` seconds apart in one row, as a PNG at `path`."""
+    import base64
+
+    import cv2
+
+    shots = []
+    for _ in range(frames):
+        url = await page.evaluate("gaga.grab()")  # a PNG data URL
+        if url:
+            shots.append(cv2.imdecode(np.frombuffer(base64.b64decode(url.split(",", 1)[1]), np.uint8),
+                                      cv2.IMREAD_COLOR))
+        await asyncio.sleep(every)
+    cv2.imwrite(str(path), np.concatenate(shots, axis=1))
+
+
+async def measure(g: Graph, obs: Observer, seen: dict, flags: list[str], seconds: float,
+                  sheet: Path | None) -> dict:
     async with Browser() as kb, Browser(extra_flags=flags) as ob:
         kiosk = await kb.new_page(g.url + "kiosk?codes=1")
         operator = await ob.new_page(g.url + "operator")
@@ -188,6 +206,8 @@ async def measure(g: Graph, obs: Observer, seen: dict, flags: list[str], seconds
         send = await operator.evaluate(SEND_SIDE_JS)
         end = time.time() * 1000
         nodes = {name: values for name, (_, _, values) in obs.diag.items()}  # each node's own rates
+        if sheet is not None:
+            await contact_sheet(kiosk, sheet)
         await operator.close()
         t_left = time.monotonic()
         while not any(f == "scripted_driver" for t, f in seen["expr"] if t > t_left):
@@ -228,6 +248,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--grid", type=int, default=0,
                     help="the geometric avatar's grid (0: as the demo launches it)")
+    ap.add_argument("--sheet", type=Path, help="write a contact sheet of the kiosk's pictures here (PNG)")
+    ap.add_argument("--operator-fps", type=float, default=0,
+                    help="the bridge's operator_fps, the operator camera's rate (0: as the demo launches it)")
     args = ap.parse_args()
 
     # Its own DDS domain on localhost, shared memory for the frames (as gaga-ros launch and the tests).
@@ -249,6 +272,8 @@ def main() -> None:
     params["render"]["size"] = args.size
     if args.grid:
         params["reconstruction"]["grid"] = args.grid
+    if args.operator_fps:
+        params["bridge"]["operator_fps"] = args.operator_fps
     flags = FAKE_CAMERA + fake_media(MEDIA / "talking_glasses.mp4", work, seconds=10.0)[:1] + [
         f"--use-file-for-fake-audio-capture={tone_bursts(work / 'bursts.wav', 7.0, 700, 0.7, 0.06, 0.5)}"]
     g, obs = Graph(work, params), Observer(frames=False)
@@ -266,7 +291,7 @@ def main() -> None:
     try:
         if not wait_for(lambda: float(obs.status("render")[2].get("frames", 0)) > 0, 180):
             raise SystemExit("the graph never rendered:\n" + "\n".join(g.log(n)[-800:] for n in g.procs))
-        result = asyncio.run(measure(g, obs, seen, flags, args.seconds))
+        result = asyncio.run(measure(g, obs, seen, flags, args.seconds, args.sheet))
     finally:
         g.stop()
         obs.close()
