@@ -208,6 +208,17 @@ async def measure(g: Graph, obs: Observer, seen: dict, flags: list[str], seconds
         nodes = {name: values for name, (_, _, values) in obs.diag.items()}  # each node's own rates
         if sheet is not None:
             await contact_sheet(kiosk, sheet)
+        # Expressions are taken only now: 15-30 a second through this script's executor during the
+        # window would take the loop's CPU. Once one of tracking's came, the reader is matched.
+        from gaga_ros.msg import Expression
+        from gaga_ros.nodes import qos
+
+        obs.node.create_subscription(Expression, "/avatar/expression",
+                                     lambda m: seen["expr"].append((time.monotonic(), m.header.frame_id)),
+                                     qos.EXPRESSIONS)
+        t_sub = time.monotonic()
+        while not seen["expr"] and time.monotonic() - t_sub < 10:
+            await asyncio.sleep(0.02)
         await operator.close()
         t_left = time.monotonic()
         while not any(f == "scripted_driver" for t, f in seen["expr"] if t > t_left):
@@ -259,7 +270,7 @@ def main() -> None:
     from diagnostic_msgs.msg import DiagnosticArray
 
     from gaga_ros.graph import dds_environment, node_parameters, telepresence
-    from gaga_ros.msg import Expression, TrackingStatus
+    from gaga_ros.msg import TrackingStatus
     from gaga_ros.nodes import qos
 
     os.environ.update(dds_environment(dict(os.environ)))
@@ -281,9 +292,6 @@ def main() -> None:
     obs.node.create_subscription(TrackingStatus, "/tracking/status",
                                  lambda m: seen["tracking"].append((time.monotonic(), m.face_found)),
                                  qos.LATCHED)
-    obs.node.create_subscription(Expression, "/avatar/expression",
-                                 lambda m: seen["expr"].append((time.monotonic(), m.header.frame_id)),
-                                 qos.EXPRESSIONS)
     obs.node.create_subscription(DiagnosticArray, "/diagnostics", lambda m: seen["render"].extend(
         (float(v["latency_ms"]), float(v["render_ms"])) for v in (
             {kv.key: kv.value for kv in s.values} for s in m.status if s.name == "gaga_ros: render")), 50)
