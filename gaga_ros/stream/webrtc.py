@@ -31,6 +31,7 @@ import numpy as np
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.jitterbuffer import JitterBuffer
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcrtpsender import RTCRtpSender
 from av import AudioFrame
@@ -743,6 +744,8 @@ class StreamServer:
 
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
+            if track.kind == "audio":
+                _short_audio_buffer(pc, track)
             if track.kind == "video" and client.role == "operator":
                 asyncio.ensure_future(self._consume_upstream(client, track))
             elif track.kind == "audio" and client.role in ("operator", "kiosk"):
@@ -986,6 +989,26 @@ def _ice_server(spec: str | dict) -> RTCIceServer:
         if not str(url).startswith(("stun:", "stuns:", "turn:", "turns:")):
             raise StreamConfigError(f"ice server url {url!r}: accepted are stun:, stuns:, turn:, turns:")
     return RTCIceServer(urls=urls, username=spec.get("username"), credential=spec.get("credential"))
+
+
+#: Audio packets aiortc's receiver waits for behind each one before it hands it on (its own: 4, 80 ms
+#: of Opus at 20 ms a packet, on every voice into the bridge). 1 is its least: it knows a packet is
+#: whole when the next one comes; a pair swapped in transit is still put back in order
+#: (bench/LOOP_NOTES.md).
+AUDIO_PREFETCH = 1
+
+
+def _short_audio_buffer(pc: RTCPeerConnection, track: MediaStreamTrack) -> None:
+    """Replace the jitter buffer of the receiver of `track` with a shorter one, before sound flows.
+    aiortc makes it inside RTCRtpReceiver with no option; where a version has no such buffer, the
+    voice keeps aiortc's (logged) rather than fail."""
+    for receiver in (t.receiver for t in pc.getTransceivers()):
+        if receiver.track is track:
+            if not isinstance(getattr(receiver, "_RTCRtpReceiver__jitter_buffer", None), JitterBuffer):
+                log.warning("aiortc's audio receiver has no jitter buffer to shorten: voices keep 80 ms more")
+                return
+            shorter = JitterBuffer(capacity=16, prefetch=AUDIO_PREFETCH)
+            receiver._RTCRtpReceiver__jitter_buffer = shorter  # type: ignore[attr-defined]  # private
 
 
 def _ice_dict(server: RTCIceServer) -> dict:
