@@ -116,6 +116,15 @@ def profile_file(profile: str) -> Path:
     return path
 
 
+def node_parameters(specs: list[NodeSpec], profile: str) -> dict[str, dict]:
+    """Each node's parameters as a launch gives them, keyed by module: its profile's
+    (`/**/gaga_<module>` in config/<profile>.yaml) overlaid by the graph's. For tests and benches that
+    start the nodes themselves, so a default set here or in a profile reaches them too."""
+    profiles = yaml.safe_load(profile_file(profile).read_text()) or {}
+    return {spec.module: {**profiles.get(f"/**/{spec.name}", {}).get("ros__parameters", {}),
+                          **spec.parameters} for spec in specs}
+
+
 def telepresence(args: dict[str, str] | None = None) -> list[NodeSpec]:
     """The telepresence graph for the given launch arguments (unset ones take their defaults)."""
     a = {k: v[0] for k, v in ARGUMENTS.items()}

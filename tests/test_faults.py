@@ -110,9 +110,10 @@ class Graph:
 
 
 class Observer:
-    """An rclpy node in this process on its own context: frames, avatars and diagnostics seen."""
+    """An rclpy node in this process on its own context: frames, avatars and diagnostics seen.
+    frames=False leaves /avatar/image alone (a bench timing the graph does not pay for taking them)."""
 
-    def __init__(self) -> None:
+    def __init__(self, frames: bool = True) -> None:
         import rclpy
         from diagnostic_msgs.msg import DiagnosticArray
         from rclpy.executors import MultiThreadedExecutor
@@ -129,7 +130,8 @@ class Observer:
         self.avatar_ids: list[str] = []
         self.diag: dict[str, tuple[int, str, dict]] = {}
         self._entities: dict = {}
-        self.node.create_subscription(Image, "/avatar/image", self._on_frame, qos.FRAMES)
+        if frames:
+            self.node.create_subscription(Image, "/avatar/image", self._on_frame, qos.FRAMES)
         self.node.create_subscription(GaussianAvatar, "/avatar/model",
                                       lambda m: self.avatar_ids.append(m.avatar_id), qos.LATCHED)
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 50)

@@ -134,6 +134,20 @@ def test_graph_description_is_valid():
         graph.profile_file("nope")
 
 
+def test_node_parameters_are_what_a_launch_gives():
+    """A profile's parameters overlaid by the graph's: what tests and benches that start the nodes
+    themselves use, so a default in either reaches them."""
+    loop = graph.node_parameters(graph.telepresence({"driver": "operator", "port": "8081"}), "demo")
+    assert loop["render"] == {"device": "cpu", "size": 256}  # the profile's alone
+    assert loop["bridge"]["port"] == 8081 and loop["bridge"]["host"] == "127.0.0.1"  # the graph's wins
+    assert loop["bridge"]["operator_drives"] is True and loop["bridge"]["operator_fps"] == 15.0
+    assert loop["tracking"] == {"min_confidence": 0.5, "mode": "auto"}
+    assert set(loop) == {s.module for s in graph.telepresence({"driver": "operator"})}
+    assert graph.node_parameters(graph.telepresence(), "kiosk")["render"]["size"] == 512
+    with pytest.raises(ValueError, match="known are"):
+        graph.node_parameters(graph.telepresence(), "nope")
+
+
 def test_launch_file_static():
     """The launch file builds its nodes from gaga_ros.graph (so the graph is written once)."""
     source = (REPO / "launch" / "telepresence.launch.py").read_text()

@@ -27,19 +27,25 @@ MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
 #: The operator: a face whose mouth moves well beyond mediapipe's noise at the kiosk's 192 px (the
 #: speaker of talking_glasses.mp4 opens his by ~1 px there), with its own voice.
 CLIP = MEDIA / "expressive.mp4"
-#: The loop as `driver:=operator` builds it (gaga_ros.graph), sized for 2 shared CPU cores. The
-#: bridge paints each frame's driving camera stamp as a frame code, and the fake camera's frames carry
-#: their clip index: the mouth test pairs what the kiosk shows with the clip frame that drove it, however
-#: a loaded machine paced the camera and the render.
-LOOP_GRAPH = {
-    "driver": {"rate": 15.0, "performance": "idle", "yield_to_tracking": True},
-    "tracking": {"mode": "mesh"},
-    "voice": {},
-    "reconstruction": {"grid": 96},
-    "render": {"device": "cpu", "size": 192},
-    "bridge": {"upstream_topic": "camera/image_raw", "robot_camera": "robot/camera/image_raw",
-               "operator_drives": True, "frame_codes": True},
-}
+
+
+def loop_graph() -> dict[str, dict]:
+    """The loop as `gaga-ros demo driver:=operator` launches it (gaga_ros.graph and the CPU profile),
+    made lighter for 2 shared CPU cores. The bridge paints each frame's driving camera stamp as a frame
+    code, and the fake camera's frames carry their clip index: the mouth test pairs what the kiosk
+    shows with the clip frame that drove it, however a loaded machine paced the camera and the render."""
+    from gaga_ros.graph import node_parameters, telepresence
+
+    params = node_parameters(telepresence({"driver": "operator", "tracking": "mesh",
+                                           "robot_camera": "robot/camera/image_raw"}), "demo")
+    del params["bridge"]["port"]  # Graph gives it a free one
+    params["bridge"]["frame_codes"] = True
+    params["driver"]["rate"] = 15.0
+    params["reconstruction"]["grid"] = 96
+    params["render"]["size"] = 192
+    return params
+
+
 #: mediapipe FaceMesh indices: inner lips, and the face's width (cheek to cheek) as its size.
 UPPER_LIP, LOWER_LIP, CHEEKS = 13, 14, (234, 454)
 
@@ -119,7 +125,7 @@ def loop(tmp_path_factory):
     from gaga_ros.nodes.image_msg import from_msg as image_from_msg
 
     work = tmp_path_factory.mktemp("loop")
-    g = Graph(work, LOOP_GRAPH)
+    g = Graph(work, loop_graph())
     obs = Observer()
     seen = {"audio": [], "named": [], "expr": [], "tracking": [], "camera": {}}
     obs.node.create_subscription(AudioChunk, "/operator/audio",

@@ -128,6 +128,8 @@ def test_bad_settings_and_frames_are_refused():
         StreamServer(codec="AV1")
     with pytest.raises(StreamConfigError, match="stun"):
         StreamServer(ice_servers=["http://example.com"])
+    with pytest.raises(StreamConfigError, match="operator_fps 0"):
+        StreamServer(operator_fps=0)
     server = StreamServer(port=0)
     with pytest.raises(FrameError, match="uint8"):
         server.push_frame(np.zeros((64, 64, 3), np.float32))
@@ -338,6 +340,27 @@ def test_operator_camera_and_voice_reach_the_callbacks_and_expressions_over_data
     assert bad["ok"] is False and "eye_pose" in bad["error"]
     assert garbage["ok"] is False and "JSON" in garbage["error"]
     assert len(exprs) == 1 and exprs[0].confidence == pytest.approx(0.5)
+
+
+@needs_chromium
+def test_operator_camera_comes_no_faster_than_operator_fps():
+    """The page asks its camera for operator_fps (Chromium's fake one runs at 30) and the server
+    leaves out what comes sooner, so the robot never tracks more frames than it asked for."""
+    stamps: list[int] = []
+    with StreamServer(port=0, operator_fps=10, on_upstream_frame=lambda rgb, stamp: stamps.append(stamp)) \
+            as server, Pusher(server):
+        async def main():
+            async with Browser(fake_camera=True) as browser:
+                page = await browser.new_page(server.url + "operator")
+                await page.wait_for("gaga.frames >= 5", timeout=30)
+                deadline = time.monotonic() + 30
+                while len(stamps) < 12 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.2)
+                return await page.evaluate("gaga.media.getVideoTracks()[0].getSettings().frameRate")
+        camera_fps = asyncio.run(main())
+    assert camera_fps <= 10
+    assert len(stamps) >= 12
+    assert np.diff(stamps).min() >= 0.75 / 10 * 1e9 - 1e6  # never two within 3/4 of the period
 
 
 @needs_chromium

@@ -78,6 +78,10 @@ PARAMS = (
           "secret and Janus's API secret (sfu:=janus; kept out of parameters)."),
     Param("operator_drives", False, "An operator's page drives this face (driver:=operator sets it): "
           "the pages say when no operator is connected."),
+    Param("operator_fps", 30.0, "Most frames per second of the operator's camera: the page asks its camera "
+          "for no more and the bridge drops faster ones. Tracking a camera faster than the render node "
+          "renders only queues work: the CPU profile sets 15 (bench/LOOP_NOTES.md).", low=FRAME_RATES[0],
+          high=FRAME_RATES[1]),
     Param("max_operators", 1, "Operators connected at once; the next one waits (409, the page says "
           "so).", low=1, high=16),
 )
@@ -119,7 +123,8 @@ class BridgeNode(GuardedNode):
             allowed_origins=[o for o in self.p["allowed_origins"] if o],
             on_upstream_frame=self._on_upstream, on_expression=self._on_expression,
             on_named=self._on_named, on_operator_audio=self._on_operator_audio,
-            max_operators=self.p["max_operators"], robot_camera=bool(self.p["robot_camera"]),
+            max_operators=self.p["max_operators"], operator_fps=self.p["operator_fps"],
+            robot_camera=bool(self.p["robot_camera"]),
             operator_drives=self.p["operator_drives"],
             sfu=self._sfu()).start()
         self.get_logger().info(f"viewer at {self.server.url} (kiosk: {self.server.url}kiosk, operator: "

@@ -31,6 +31,7 @@ import numpy as np
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.jitterbuffer import JitterBuffer
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcrtpsender import RTCRtpSender
 from av import AudioFrame
@@ -225,7 +226,8 @@ class StreamServer:
     Encoding: one shared encode per codec for all viewers (see gaga_ros.stream.tracks for why and
     what it costs). Callbacks run on the server's threads and must return quickly:
     on_upstream_frame(rgb, stamp_ns) gets each operator webcam frame (on one worker thread; frames
-    arriving while it is busy are dropped), on_operator_audio(Pcm) each 20 ms of the operator's
+    arriving while it is busy, or sooner than operator_fps allows, are dropped; the operator page
+    asks its camera for operator_fps too), on_operator_audio(Pcm) each 20 ms of the operator's
     voice, on_expression(Expression) each valid expression, and on_named(command, look_at) each
     valid named expression (gaga_ros.named.parse_json: a JSON object with any of "named", "head",
     "hold_s", "look_at"; either part may be None).
@@ -255,6 +257,7 @@ class StreamServer:
                  on_named: NamedCallback | None = None,
                  on_operator_audio: AudioCallback | None = None,
                  max_operators: int = 1, robot_camera: bool = False, operator_drives: bool = False,
+                 operator_fps: float = 30.0,
                  max_clients: int = 16, max_body_bytes: int = 256 * 1024,
                  idle_after_s: float = 3.0, keyframe_interval_s: float = 2.0,
                  peer_timeout_s: float = 10.0, allowed_hosts: list[str] | None = None,
@@ -268,6 +271,9 @@ class StreamServer:
         _check_bitrate(bitrate_kbps)
         if not FRAME_RATES[0] <= max_fps <= FRAME_RATES[1]:
             raise StreamConfigError(f"max_fps {max_fps}: accepted is {FRAME_RATES[0]} to {FRAME_RATES[1]}")
+        if not FRAME_RATES[0] <= operator_fps <= FRAME_RATES[1]:
+            raise StreamConfigError(f"operator_fps {operator_fps}: accepted is {FRAME_RATES[0]} to "
+                                    f"{FRAME_RATES[1]}")
         if (width is None) != (height is None):
             raise StreamConfigError("give both width and height, or neither (keep the pushed size)")
         low, high = OUTPUT_SIDES
@@ -313,6 +319,8 @@ class StreamServer:
         self.on_upstream_frame, self.on_expression = on_upstream_frame, on_expression
         self.on_named, self.on_operator_audio = on_named, on_operator_audio
         self.max_operators, self.robot_camera = int(max_operators), bool(robot_camera)
+        self.operator_fps = float(operator_fps)
+        self._upstream_at = -float("inf")  # monotonic time of the last operator frame delivered
         # Whether an operator's page drives this face (the loop): only then does GET /status say
         # whether one is connected (null otherwise, and the pages do not mention operators).
         self.operator_drives = bool(operator_drives)
@@ -589,7 +597,8 @@ class StreamServer:
         return web.json_response(
             {"codec": self.codec, "iceServers": [_ice_dict(s) for s in self.ice_servers],
              "sfu": self.sfu is not None,
-             "idleAfterS": self.idle_after_s, "maxFps": self.max_fps, "csrf": self._csrf.issue()},
+             "idleAfterS": self.idle_after_s, "maxFps": self.max_fps, "operatorFps": self.operator_fps,
+             "csrf": self._csrf.issue()},
             headers={"Cache-Control": "no-store"})
 
     async def _status(self, request: web.Request) -> web.Response:
@@ -735,6 +744,8 @@ class StreamServer:
 
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
+            if track.kind == "audio":
+                _short_audio_buffer(pc, track)
             if track.kind == "video" and client.role == "operator":
                 asyncio.ensure_future(self._consume_upstream(client, track))
             elif track.kind == "audio" and client.role in ("operator", "kiosk"):
@@ -850,7 +861,12 @@ class StreamServer:
             if self._upstream_busy:
                 self.upstream_dropped += 1
                 continue
-            self._upstream_busy = True
+            # A page that sends faster than operator_fps asked: every frame that comes too soon is left
+            # out (3/4 of the period, so a camera at that rate, a little uneven, loses none).
+            now = time.monotonic()
+            if now - self._upstream_at < 0.75 / self.operator_fps:
+                continue
+            self._upstream_busy, self._upstream_at = True, now
             stamp = time.time_ns()
             loop.run_in_executor(self._upstream_pool, self._deliver_upstream, frame, stamp)
 
@@ -973,6 +989,26 @@ def _ice_server(spec: str | dict) -> RTCIceServer:
         if not str(url).startswith(("stun:", "stuns:", "turn:", "turns:")):
             raise StreamConfigError(f"ice server url {url!r}: accepted are stun:, stuns:, turn:, turns:")
     return RTCIceServer(urls=urls, username=spec.get("username"), credential=spec.get("credential"))
+
+
+#: Audio packets aiortc's receiver waits for behind each one before it hands it on (its own: 4, 80 ms
+#: of Opus at 20 ms a packet, on every voice into the bridge). 1 is its least: it knows a packet is
+#: whole when the next one comes; a pair swapped in transit is still put back in order
+#: (bench/LOOP_NOTES.md).
+AUDIO_PREFETCH = 1
+
+
+def _short_audio_buffer(pc: RTCPeerConnection, track: MediaStreamTrack) -> None:
+    """Replace the jitter buffer of the receiver of `track` with a shorter one, before sound flows.
+    aiortc makes it inside RTCRtpReceiver with no option; where a version has no such buffer, the
+    voice keeps aiortc's (logged) rather than fail."""
+    for receiver in (t.receiver for t in pc.getTransceivers()):
+        if receiver.track is track:
+            if not isinstance(getattr(receiver, "_RTCRtpReceiver__jitter_buffer", None), JitterBuffer):
+                log.warning("aiortc's audio receiver has no jitter buffer to shorten: voices keep 80 ms more")
+                return
+            shorter = JitterBuffer(capacity=16, prefetch=AUDIO_PREFETCH)
+            receiver._RTCRtpReceiver__jitter_buffer = shorter  # type: ignore[attr-defined]  # private
 
 
 def _ice_dict(server: RTCIceServer) -> dict:

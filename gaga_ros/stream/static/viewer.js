@@ -83,7 +83,12 @@ async function getMedia() {
         : 'The operator will not hear the robot\'s room. ') +
       (refused ? 'Allow them in the browser\'s site settings and reload.' : 'Connect one and reload.');
   }
-  if (role === 'operator' && has('video')) $('self-view').srcObject = gaga.media;
+  if (role === 'operator' && has('video')) {
+    $('self-view').srcObject = gaga.media;
+    // No faster than the robot takes (the bridge's operator_fps): faster frames it would only drop.
+    await gaga.media.getVideoTracks()[0].applyConstraints({ ...video, frameRate: { max: config.operatorFps || 30 } })
+      .catch((err) => gaga.errors.push('camera frame rate: ' + err));
+  }
   applyMutes();
   return gaga.media;
 }
