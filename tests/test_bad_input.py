@@ -579,7 +579,8 @@ def test_no_endpoint_reveals_files_or_environment(running):
         if "passwd" in path or path.endswith(".py") or "env" in path:
             assert code == 404, f"/{path} answered {code}"
     config = json.loads(http_get(g.url + "config")[1])
-    assert set(config) <= {"codec", "iceServers", "idleAfterS", "maxFps", "csrf", "sfu"}, config
+    assert set(config) <= {"codec", "iceServers", "idleAfterS", "maxFps", "operatorFps", "csrf",
+                           "sfu"}, config
 
 
 def test_remote_bridge_needs_a_token(tmp_path):
