@@ -204,7 +204,7 @@ def _true(value: str) -> bool:
 
 
 def _port(port: str) -> int:
-    """The bridge's port from launch argument `port`; ValueError saying what is accepted."""
+    """The bridge's port from launch argument `port`; InputError saying what is accepted."""
     if not port.isdigit() or not 0 <= int(port) <= 65535:
         raise InputError(f"port {port!r}: accepted is a TCP port, 0 to 65535")
     return int(port)

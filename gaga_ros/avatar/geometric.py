@@ -281,11 +281,12 @@ class GeometricAvatar:
             quats[fixed] = matrix_to_quat(turn @ quat_to_matrix(quats[fixed]))
         # Teeth bound to a mouth that is closed in the photo would grow with the opening's area
         # (up to STRETCH_RANGE's 3x) and cover the dark interior, so that the opening reads as closed.
-        growth = torch.where(prepared.teeth, growth.clamp(max=1.0), growth)
+        shrunk = growth.clamp(max=1.0)
+        growth = torch.where(prepared.teeth, shrunk, growth)
         g = avatar.gaussians
         # The photo's eye between the lids (no eyeball behind them here) shrinks as they close and fades
         # to the lids' skin by the opening's area, so a blink shows a closed eye, not a squashed iris.
-        opened = growth.clamp(max=1.0)[:, None]
+        opened = shrunk[:, None]  # eyes and teeth are apart: the teeth's clamp leaves the eyes' as it was
         lid = prepared.lid_colour
         colors = torch.where(prepared.eyes[:, None], lid + (g.colors - lid) * opened, g.colors)
         gaussians = Gaussians(means, quats, g.scales * growth[:, None], g.opacities, colors)

@@ -136,8 +136,7 @@ def _register(points: np.ndarray, rot: np.ndarray, trans: np.ndarray,
     """
     mu_p, mu_r = points[RIGID].mean(0), reference[RIGID].mean(0)
     centred, target = points[RIGID] - mu_p, reference[RIGID] - mu_r
-    u, _, vt = np.linalg.svd(centred.T @ target)
-    q = u @ np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))]) @ vt  # (p - mu_p) q ~ reference - mu_r
+    q = nearest_rotation(centred.T @ target)  # (p - mu_p) q ~ reference - mu_r
     linear = np.linalg.lstsq(centred, target, rcond=None)[0]  # (p - mu_p) linear ~ reference - mu_r
     shift = mu_r - mu_p @ q
     # x_cam = p rot + trans = (p q + shift) q^T rot + trans - shift q^T rot
