@@ -288,6 +288,7 @@ class VoiceMouth:
         self.sound_timeout_s = float(sound_timeout_s)
         self.blend_s = float(blend_s)
         self.operator_share = 1.0  # no face until a status says otherwise
+        self._share_target = 1.0
         self._updated: float | None = None
         self.driving: tuple[str, ...] = ()
         self.jaw = 0.0
@@ -301,7 +302,7 @@ class VoiceMouth:
         closed (nothing to send)."""
         dt = 0.0 if self._updated is None else max(0.0, now - self._updated)
         self._updated = now
-        target = 0.0 if face else 1.0
+        target = self._share_target = 0.0 if face else 1.0
         step = dt / self.blend_s if self.blend_s > 0 else 1.0
         self.operator_share += max(-step, min(step, target - self.operator_share))
         mouth = dict.fromkeys(MOUTH_NAMES, 0.0)
@@ -319,6 +320,11 @@ class VoiceMouth:
         return mouth if driving else None
 
     def idle(self, now: float) -> bool:
-        """Nothing to play and nothing playing: update() gives None until a voice is heard again."""
-        return not self.driving and all(v.backlog.seconds == 0.0 and now - v.played_at > self.sound_timeout_s
-                                        for v in self.voices.values())
+        """Nothing to play, nothing playing and the operator's share settled: update() gives None
+        until a voice is heard again. (A share still blending needs its updates: a face that returns
+        just after one would otherwise leave it part way, and the operator's next word would move a
+        tracked face's mouth.)"""
+        settled = self.operator_share == self._share_target
+        return not self.driving and settled and all(
+            v.backlog.seconds == 0.0 and now - v.played_at > self.sound_timeout_s
+            for v in self.voices.values())
