@@ -551,6 +551,8 @@ def test_bag_recorder_keeps_existing_file_and_survives_sigkill(ros_node, tmp_pat
     try:
         assert wait_for(lambda: status.get("gaga_bag", {}).get("message", "").endswith(": recording"),
                         timeout=60)
+        # "recording" comes with the file; the bag subscribes to each topic as discovery finds it.
+        assert wait_for(lambda: images.pub.get_subscription_count() > 0, timeout=30)
         at = sent[0] + 3 * RATE_HZ + random.randrange(RATE_HZ)  # at any point of a chunk
         assert wait_for(lambda: sent[0] >= at, timeout=30)
     finally:
