@@ -66,8 +66,13 @@ def profile(fr: FastRenderer) -> None:
             for _ in range(3):
                 fn()
             torch.cuda.synchronize()
-        print(f"--- {label}, batch {fr.batch}, 3 calls")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+        events = prof.key_averages()
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        launches = sum(e.count for e in kernels) // 3
+        busy_ms = sum(getattr(e, "self_device_time_total", 0) for e in kernels) / 3e3
+        print(f"--- {label}, batch {fr.batch}, 3 calls: {launches} kernel launches a call, "
+              f"{busy_ms:.3f} ms of kernel time a call")
+        print(events.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60))
 
 
 def flame_params(batch: int, seed: int) -> dict[str, torch.Tensor]:

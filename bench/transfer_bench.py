@@ -11,8 +11,11 @@ render is compared with the source photo's and with its driving frame's.
     .venv/bin/python bench/transfer_bench.py                 # the three clips, 160 pairs each
     .venv/bin/python bench/transfer_bench.py --pairs 60      # quicker
 
-The capture node reads every frame of the clip at --rate (slower than real time), so the tracker and
-the renderer see each one. Writes bench/results/transfer.json.
+The capture node reads every frame of the clip at --rate, stamped as it is read: below real time (the
+default) the tracker and the renderer see each frame; at the clip's own rate (--rate 30) they see it
+as a camera's stream, with the tracker's filter at its real time step and the renderer dropping what
+it cannot keep up with (pairs are matched by stamp, so a dropped frame is only not measured).
+Writes bench/results/transfer.json.
 """
 
 from __future__ import annotations
@@ -76,7 +79,8 @@ def pose_free(points: np.ndarray, canonical: np.ndarray) -> np.ndarray:
     return ((pts - trans) @ rot) / scale
 
 
-def run_pair(clip: str, photo: str, pairs: int, rate: float, size: int, workdir: Path) -> dict:
+def run_pair(clip: str, photo: str, pairs: int, rate: float, size: int, workdir: Path,
+             landmarks_dir: Path | None = None, tracking: dict | None = None) -> dict:
     from sensor_msgs.msg import Image
     from test_faults import Graph, Observer
 
@@ -87,7 +91,7 @@ def run_pair(clip: str, photo: str, pairs: int, rate: float, size: int, workdir:
     from gaga_ros.tracking.landmarks import FaceLandmarker
 
     params = {"capture": {"source": str(MEDIA / clip), "rate": rate, "loop": False},
-              "tracking": {},
+              "tracking": tracking or {},
               "reconstruction": {"grid": 192, "source_path": str(MEDIA / photo)},
               "render": {"device": "cpu", "size": size}}
     graph = Graph(workdir, params)
@@ -128,7 +132,8 @@ def run_pair(clip: str, photo: str, pairs: int, rate: float, size: int, workdir:
     with lock:
         stamps_paired = sorted(set(driving) & set(rendered))[:pairs]
     canonical = CANONICAL_VERTICES.astype(np.float64)
-    rows, shapes = [], []
+    stamps_measured: list[int] = []
+    rows, shapes, landmarks = [], [], []
     with FaceLandmarker(static_image_mode=True) as landmarker:
         source_faces = landmarker.detect(load_image(MEDIA / photo))
         source_shape = pose_free(source_faces[0].points, canonical)
@@ -136,7 +141,9 @@ def run_pair(clip: str, photo: str, pairs: int, rate: float, size: int, workdir:
             a, b = landmarker.detect(driving[stamp]), landmarker.detect(rendered[stamp])
             if not a or not b:
                 continue
+            stamps_measured.append(stamp)
             rows.append((measure(a[0].points, canonical), measure(b[0].points, canonical)))
+            landmarks.append((a[0].points, b[0].points))
             shapes.append((pose_free(a[0].points, canonical), pose_free(b[0].points, canonical)))
     corr = {}
     for name in SIGNALS:
@@ -146,6 +153,9 @@ def run_pair(clip: str, photo: str, pairs: int, rate: float, size: int, workdir:
             else float("nan")
     to_source = float(np.mean([np.linalg.norm(r - source_shape, axis=1).mean() for _, r in shapes]))
     to_driver = float(np.mean([np.linalg.norm(r - d, axis=1).mean() for d, r in shapes]))
+    if landmarks_dir is not None:  # the measured faces, to compare other measures offline
+        np.savez_compressed(landmarks_dir / f"{Path(clip).stem}.npz", source=source_faces[0].points,
+                            stamps=np.array(stamps_measured), landmarks=np.array(landmarks))
     return {"clip": clip, "photo": photo, "driving_frames": len(driving), "rendered_frames": len(rendered),
             "pairs_rendered": len(stamps_paired), "pairs_measured": len(rows),
             "correlation": corr, "identity_distance_to_source": to_source,
@@ -169,6 +179,10 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=6.0, help="capture rate (Hz), below real time")
     parser.add_argument("--size", type=int, default=512, help="rendered image side")
     parser.add_argument("--only", default="", help="run only the clip with this name")
+    parser.add_argument("--tracking", action="append", default=[], metavar="NAME=NUMBER",
+                        help="a tracking node parameter, e.g. --tracking min_cutoff=1.5 (repeatable)")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="folder for each clip's measured landmarks (driving, rendered) as .npz")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "transfer.json")
     args = parser.parse_args()
     from gaga_ros.graph import dds_environment
@@ -176,13 +190,17 @@ def main() -> None:
     # shared-memory transport for the nodes and this observer, as `gaga-ros launch` sets it: over
     # UDP, best-effort 512x512 frames arrive fragmented and many are lost
     os.environ.update(dds_environment(dict(os.environ)))
+    tracking = {}
+    for item in args.tracking:
+        name, _, value = item.partition("=")
+        tracking[name] = float(value)
     results = []
     for clip, photo in PAIRS:
         if args.only and args.only != clip:
             continue
         with tempfile.TemporaryDirectory(prefix="gaga_transfer_") as tmp:
             t0 = time.monotonic()
-            r = run_pair(clip, photo, args.pairs, args.rate, args.size, Path(tmp))
+            r = run_pair(clip, photo, args.pairs, args.rate, args.size, Path(tmp), args.keep, tracking)
             r["seconds"] = round(time.monotonic() - t0, 1)
         results.append(r)
         print(f"{clip:16} <- {photo:28} pairs {r['pairs_measured']:4d}  "
@@ -193,7 +211,8 @@ def main() -> None:
     print("\nworst clip per signal (goal >= 0.85):")
     for n, r in worst.items():
         print(f"  transfer {n} correlation: {r['correlation'][n]:.3f} ({r['clip']})")
-    write(args.out, {"rate_hz": args.rate, "size": args.size, "goal": GOAL, "results": results})
+    write(args.out, {"rate_hz": args.rate, "size": args.size, "tracking": tracking, "goal": GOAL,
+                     "results": results})
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from gaga_ros.nodes.expression_msg import to_msg as expression_to_msg
 from gaga_ros.nodes.guard import GuardedNode
 from gaga_ros.nodes.image_msg import to_rgb
 from gaga_ros.nodes.parameters import Param, declare
+from gaga_ros.tracking.smoothing import FACE_SMOOTHING
 from gaga_ros.tracking.tracker import Tracker, make_tracker, resolve_mode
 
 #: image_transport's names: raw images on the camera topic, JPEG/PNG on its /compressed sub-topic.
@@ -40,12 +41,13 @@ PARAMS = (
           high=1.0),
     Param("reference_frames", 15, "Frames averaged into the driver's neutral reference.", low=1,
           high=300),
-    Param("min_cutoff", 1.5, "One Euro filter: cutoff (Hz) for a still face; lower = steadier.",
-          read_only=False, low=0.01, high=30.0),
-    Param("beta", 3.0, "One Euro filter: how fast the cutoff opens with speed; higher = less lag.",
-          read_only=False, low=0.0, high=100.0),
-    Param("d_cutoff", 1.0, "One Euro filter: cutoff (Hz) of the speed estimate.", read_only=False,
-          low=0.01, high=30.0),
+    Param("min_cutoff", FACE_SMOOTHING.min_cutoff, "One Euro filter of the expression (landmark) motion, "
+          "mesh mode: cutoff (Hz) for a still face; lower = steadier. The head pose has its own filter "
+          "(gaga_ros/tracking/smoothing.py).", read_only=False, low=0.01, high=30.0),
+    Param("beta", FACE_SMOOTHING.beta, "One Euro filter: how fast the cutoff opens with speed; "
+          "higher = less lag.", read_only=False, low=0.0, high=100.0),
+    Param("d_cutoff", FACE_SMOOTHING.d_cutoff, "One Euro filter: cutoff (Hz) of the speed estimate; "
+          "higher = the speed term opens sooner.", read_only=False, low=0.01, high=30.0),
     Param("silent_after_s", 1.0, "No camera frame for this long: the status says the camera is silent "
           "(no face), so an idle driver takes over; the next frames start a new neutral reference (a "
           "new operator may be in front of it).", low=0.1, high=60.0),

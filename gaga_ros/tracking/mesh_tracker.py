@@ -22,7 +22,7 @@ from gaga_ros.errors import InputError
 from gaga_ros.expression import Expression, FaceModel
 from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES, FACE_LANDMARKS, REGIONS
 from gaga_ros.tracking.landmarks import FaceLandmarker
-from gaga_ros.tracking.smoothing import OneEuroFilter
+from gaga_ros.tracking.smoothing import FACE_SMOOTHING, HEAD_SMOOTHING, OneEuroFilter, OneEuroSettings
 from gaga_ros.tracking.tracker import TrackingState, nearest_rotation
 
 #: Landmarks that move little with expression (forehead, nose, cheeks, eye corners): the rigid fit uses
@@ -147,18 +147,18 @@ def _register(points: np.ndarray, rot: np.ndarray, trans: np.ndarray,
 class MeshTracker:
     """Camera frames -> smoothed mesh-mode Expressions, relative to the driver's own reference.
 
-    Defaults of the One Euro filters (applied to vertex motion in canonical units, to the head rotation
-    as an axis-angle in radians and to the translation in units): min_cutoff 1.5 Hz keeps a still face
-    steady; beta 3.0 opens the cutoff to ~4.5 Hz at 1 unit/s (lips opening, a brisk head turn) so speech
-    is not smeared; d_cutoff 1.0 Hz is the filter paper's recommendation.
+    One Euro filters smooth the vertex motion (canonical units; min_cutoff, beta and d_cutoff, by default
+    smoothing.FACE_SMOOTHING) and the head pose (`head_smoothing`: the rotation as an axis-angle in
+    radians and the translation in units).
     """
 
     #: One Euro settings of the crop box (in units of the box side, per second).
     BOX_FILTER = (0.5, 2.0, 1.0)
 
-    def __init__(self, min_cutoff: float = 1.5, beta: float = 3.0, d_cutoff: float = 1.0,
-                 reference_frames: int = 15, min_confidence: float = 0.5, crop_size: int = CROP_SIZE,
-                 crop_scale: float = CROP_SCALE, distance: float = CAMERA_DISTANCE):
+    def __init__(self, min_cutoff: float = FACE_SMOOTHING.min_cutoff, beta: float = FACE_SMOOTHING.beta,
+                 d_cutoff: float = FACE_SMOOTHING.d_cutoff, reference_frames: int = 15,
+                 min_confidence: float = 0.5, crop_size: int = CROP_SIZE, crop_scale: float = CROP_SCALE,
+                 distance: float = CAMERA_DISTANCE, head_smoothing: OneEuroSettings = HEAD_SMOOTHING):
         if int(reference_frames) < 1:
             raise InputError(f"reference_frames {reference_frames!r}: accepted is a positive integer")
         self.landmarker = FaceLandmarker(static_image_mode=False, max_faces=1, min_confidence=min_confidence)
@@ -166,7 +166,9 @@ class MeshTracker:
         self.min_confidence = float(min_confidence)
         self.crop_size, self.crop_scale = int(crop_size), float(crop_scale)
         self._front = frontal_transform(distance)
-        self._filters = {k: OneEuroFilter(min_cutoff, beta, d_cutoff) for k in ("motion", "rot", "trans")}
+        head = (head_smoothing.min_cutoff, head_smoothing.beta, head_smoothing.d_cutoff)
+        self._filters = {"motion": OneEuroFilter(min_cutoff, beta, d_cutoff),
+                         "rot": OneEuroFilter(*head), "trans": OneEuroFilter(*head)}
         self._box_filter = OneEuroFilter(*self.BOX_FILTER)
         self._last: tuple[np.ndarray, np.ndarray, CropWindow] | None = None
         self._last_crop: HeadCrop | None = None
@@ -276,9 +278,9 @@ class MeshTracker:
         return None
 
     def set_smoothing(self, min_cutoff: float, beta: float, d_cutoff: float) -> None:
-        """Retune the One Euro filters live; the filter state is kept, so motion stays continuous."""
-        for flt in self._filters.values():
-            flt.min_cutoff, flt.beta, flt.d_cutoff = float(min_cutoff), float(beta), float(d_cutoff)
+        """Retune the landmark motion's One Euro filter live (its state is kept: motion stays continuous)."""
+        flt = self._filters["motion"]
+        flt.min_cutoff, flt.beta, flt.d_cutoff = float(min_cutoff), float(beta), float(d_cutoff)
 
     def close(self) -> None:
         """Release mediapipe."""

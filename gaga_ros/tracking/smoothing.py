@@ -7,9 +7,31 @@ implementing it are scalar-only or unmaintained.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from gaga_ros.errors import InputError
+
+
+@dataclass(frozen=True)
+class OneEuroSettings:
+    """min_cutoff (Hz), beta (per unit of the signal per second) and d_cutoff (Hz) of a OneEuroFilter."""
+
+    min_cutoff: float
+    beta: float
+    d_cutoff: float
+
+
+#: The mesh tracker's filter of the landmark motion (canonical units; the face spans about 1.1), chosen
+#: at the clips' own frame rates (bench/TRANSFER_NOTES.md, "The motion filter at the camera's rate"): a
+#: low still cutoff keeps a still face steadier than 1.5/3/1 did, and the speed term, fed by a quicker
+#: speed estimate, opens fast enough that a 4-frame blink at 30 fps keeps 98 % of its depth (78 %).
+FACE_SMOOTHING = OneEuroSettings(min_cutoff=0.3, beta=30.0, d_cutoff=3.0)
+#: Its filter of the head pose (an axis-angle in radians, a shift in GAGAvatar units). A turn moves
+#: these faster than a blink moves the lids, so the speed term needs less gain: a still head is
+#: steadier than with 1.5/3/1 and the pose follows the driver's more closely (same notes).
+HEAD_SMOOTHING = OneEuroSettings(min_cutoff=0.3, beta=5.0, d_cutoff=3.0)
 
 
 def _alpha(cutoff: np.ndarray | float, dt: float) -> np.ndarray | float:

@@ -16,6 +16,7 @@ import numpy as np
 
 from gaga_ros.errors import InputError
 from gaga_ros.expression import Expression
+from gaga_ros.tracking.smoothing import FACE_SMOOTHING
 
 #: Tracking modes: mesh (asset-free), flame (needs a FLAME model), auto (flame when one is present).
 TRACKING_MODES = ("mesh", "flame", "auto")
@@ -74,7 +75,8 @@ def resolve_mode(mode: str, models_dir: str | Path | None = None) -> str:
 
 
 def make_tracker(mode: str, models_dir: str | Path | None = None, *, min_confidence: float = 0.5,
-                 flame_steps: int = 3, min_cutoff: float = 1.5, beta: float = 3.0, d_cutoff: float = 1.0,
+                 flame_steps: int = 3, min_cutoff: float = FACE_SMOOTHING.min_cutoff,
+                 beta: float = FACE_SMOOTHING.beta, d_cutoff: float = FACE_SMOOTHING.d_cutoff,
                  reference_frames: int = 15) -> Tracker:
     """The tracker of a mode (see resolve_mode). FLAME mode reads the FLAME model (and FLAME's
     mediapipe embedding when present) from models_dir and raises FileNotFoundError without it; the
