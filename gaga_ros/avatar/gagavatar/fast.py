@@ -6,12 +6,14 @@ time. `FastRenderer` keeps every slot's Gaussians in preallocated buffers (covar
 per source), writes only the 5023 expression positions and the camera per frame, and replays two
 CUDA graphs: rasterization of all slots (`gaga_ros.render.static_splat`: gsplat's stages with a
 fixed-size intersection buffer, so no host sync and the same image as `gsplat.rasterization`) and
-the StyleUNet (fp16 autocast by default, channels_last, optional torch.compile), whose last step
-writes the uint8 image that one non-blocking copy moves into pinned host memory.
+the StyleUNet (fp16 autocast by default, channels_last, optional torch.compile with inductor's
+freezing), whose last step writes the uint8 image that one non-blocking copy moves into pinned host
+memory.
 
 The refiner copy runs its modulated convolutions unfused (StyleGAN2's non-fused form: scale the
 input by the style, one shared-weight conv, scale the output by the demodulation), which is the same
-function and lets a batch of styles run as one ordinary convolution instead of a grouped one.
+function and lets a batch of styles run as one ordinary convolution instead of a grouped one; all
+its layers' styles come from one matrix product of w instead of 23 small ones.
 `reference=True` switches back to `GAGAvatar.render` for every slot.
 
 Slots (a fleet of avatars on one GPU): the renderer is built for a fixed number of slots, e.g.
@@ -34,7 +36,7 @@ import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import TypeAlias
+from typing import TypeAlias, cast
 
 import numpy as np
 import torch
@@ -42,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gaga_ros.avatar.gagavatar.model import GagaSource, GAGAvatar
-from gaga_ros.avatar.gagavatar.refiner import DEMOD_EPS, ModulatedConv2d
+from gaga_ros.avatar.gagavatar.refiner import DEMOD_EPS, ModulatedConv2d, StyleGANDecoder, StyleUNet
 from gaga_ros.camera import intrinsics, viewmats
 from gaga_ros.conventions import FLAME_VERTICES
 from gaga_ros.errors import InputError
@@ -83,17 +85,58 @@ class _UnfusedModulatedConv2d(nn.Module):
         return out
 
 
-def fast_refiner(upsampler: nn.Module) -> nn.Module:
-    """A copy of the StyleUNet with unfused modulated convs and channels_last conv weights."""
+class _SharedStyleDecoder(StyleGANDecoder):
+    """The decoder with every layer's style from one matrix product of w: the same maps as its 23
+    separate modulation Linears, in one kernel instead of 23 (a few microseconds each at batch 1)."""
+
+    def share_styles(self) -> None:
+        """Move the layers' modulation weights into one Linear; each layer then takes its style."""
+        convs = self.modulated_convs()
+        linears = [cast(nn.Linear, c.modulation) for c in convs]
+        self.style_sizes = [m.out_features for m in linears]
+        weight = torch.cat([m.weight.data for m in linears])
+        rows, cols = weight.shape
+        self.style_bank = nn.Linear(cols, rows, device=weight.device, dtype=weight.dtype)
+        self.style_bank.weight.data = weight
+        self.style_bank.bias.data = torch.cat([m.bias.data for m in linears])
+        for conv in convs:
+            conv.modulation = nn.Identity()
+
+    def styles(self, w: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.style_bank(w).split(self.style_sizes, dim=1))
+
+
+def fast_refiner(upsampler: StyleUNet) -> nn.Module:
+    """A copy of the StyleUNet computing the same function in fewer kernels: unfused modulated convs,
+    one style product, channels_last conv weights."""
     refiner = copy.deepcopy(upsampler)
     for parent in list(refiner.modules()):
         for name, child in parent.named_children():
             if isinstance(child, ModulatedConv2d):
                 setattr(parent, name, _UnfusedModulatedConv2d(child))
+    refiner.stylegan_decoder.__class__ = _SharedStyleDecoder  # overrides `styles` only
+    cast(_SharedStyleDecoder, refiner.stylegan_decoder).share_styles()
     for module in refiner.modules():
         if isinstance(module, nn.Conv2d):
             module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
     return refiner
+
+
+def _compiled(module: nn.Module, mode: str) -> Callable[..., torch.Tensor]:
+    """torch.compile in `mode`, compiling with inductor's freezing: the refiner copy's weights never
+    change, so its weight-only work (their fp16 casts under autocast, the demodulation sums) is folded
+    once at compile time instead of running every frame (bench/FAST_NOTES.md). torch.compile's
+    `options` do not reach freezing (torch 2.11: dynamo reads it while tracing), so each call runs under
+    a config patch; it matters only for the call that compiles (a CUDA graph's replays skip this)."""
+    import torch._inductor.config as inductor
+
+    compiled = torch.compile(module, mode=mode)
+
+    def call(*args: object, **kwargs: object) -> torch.Tensor:
+        with inductor.patch(freezing=True):
+            return compiled(*args, **kwargs)
+
+    return call
 
 
 @contextlib.contextmanager
@@ -197,7 +240,7 @@ class FastRenderer:
         self._total = torch.zeros((), dtype=torch.int64, device=dev)
         self._total_host = torch.zeros((), dtype=torch.int64).pin_memory()
         refiner = fast_refiner(model.upsampler)
-        self._refiner = torch.compile(refiner, mode=compile_mode) if compile_mode else refiner
+        self._refiner = _compiled(refiner, compile_mode) if compile_mode else refiner
         self._rasterizer: StaticRasterizer | None = None  # sized at the first frame
         self._raster_graph: torch.cuda.CUDAGraph | None = None
         self._refine_graph = _captured(self._refine) if cuda_graph else None

@@ -8,6 +8,7 @@ at every level. Noise: fresh N(0,1) per call as published, or the stored `noises
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -141,18 +142,28 @@ class StyleGANDecoder(nn.Module):
             self.to_rgbs.append(ToRGB(cout, style_dim))
             cin = cout
 
+    def modulated_convs(self) -> list[nn.Module]:
+        """Every layer's modulated conv, in the order of `styles`."""
+        layers = [self.style_conv1, self.to_rgb1, *self.style_convs, *self.to_rgbs]
+        return [cast(nn.Module, layer.modulated_conv) for layer in layers]
+
+    def styles(self, w: torch.Tensor) -> list[torch.Tensor]:
+        """What each layer's modulated conv takes, in `modulated_convs` order: here w for all."""
+        return [w] * (2 + len(self.style_convs) + len(self.to_rgbs))
+
     def forward(self, code: torch.Tensor, conditions: list[tuple[torch.Tensor, torch.Tensor]],
                 randomize_noise: bool) -> torch.Tensor:
-        w = self.style_mlp(code)
+        styles = self.styles(self.style_mlp(code))
+        convs, rgbs = styles[2:2 + len(self.style_convs)], styles[2 + len(self.style_convs):]
         n = len(self.style_convs) + 1
         noise = [None] * n if randomize_noise else [getattr(self.noises, f"noise{j}") for j in range(n)]
-        out = self.style_conv1(self.constant_input(code.shape[0]), w, noise[0])
-        rgb = self.to_rgb1(out, w, None)
+        out = self.style_conv1(self.constant_input(code.shape[0]), styles[0], noise[0])
+        rgb = self.to_rgb1(out, styles[1], None)
         for k, (scale, shift) in enumerate(conditions):
-            out = self.style_convs[2 * k](out, w, noise[2 * k + 1])
+            out = self.style_convs[2 * k](out, convs[2 * k], noise[2 * k + 1])
             out = out * scale + shift
-            out = self.style_convs[2 * k + 1](out, w, noise[2 * k + 2])
-            rgb = self.to_rgbs[k](out, w, rgb)
+            out = self.style_convs[2 * k + 1](out, convs[2 * k + 1], noise[2 * k + 2])
+            rgb = self.to_rgbs[k](out, rgbs[k], rgb)
         return rgb
 
 
