@@ -309,10 +309,10 @@ def test_face_smoothing_keeps_a_blink_at_30_fps_and_steadies_a_still_face():
 
     t = np.arange(90) / 30.0
     blink = np.where((t >= 1.0) & (t < 1.0 + 4 / 30), 0.03, 0.0)
-    flt = OneEuroFilter(FACE_SMOOTHING.min_cutoff, FACE_SMOOTHING.beta, FACE_SMOOTHING.d_cutoff)
+    flt = OneEuroFilter.of(FACE_SMOOTHING)
     assert max(flt(np.array([x]), s)[0] for x, s in zip(blink, t, strict=True)) >= 0.9 * 0.03
     noise = 5e-4 * np.random.default_rng(2).standard_normal((300, 8))
-    flt = OneEuroFilter(FACE_SMOOTHING.min_cutoff, FACE_SMOOTHING.beta, FACE_SMOOTHING.d_cutoff)
+    flt = OneEuroFilter.of(FACE_SMOOTHING)
     out = np.array([flt(x, i / 30.0) for i, x in enumerate(noise)])
     assert out[30:].std() <= noise[30:].std() / 3
 

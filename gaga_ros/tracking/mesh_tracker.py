@@ -153,7 +153,7 @@ class MeshTracker:
     """
 
     #: One Euro settings of the crop box (in units of the box side, per second).
-    BOX_FILTER = (0.5, 2.0, 1.0)
+    BOX_FILTER = OneEuroSettings(min_cutoff=0.5, beta=2.0, d_cutoff=1.0)
 
     def __init__(self, min_cutoff: float = FACE_SMOOTHING.min_cutoff, beta: float = FACE_SMOOTHING.beta,
                  d_cutoff: float = FACE_SMOOTHING.d_cutoff, reference_frames: int = 15,
@@ -166,10 +166,9 @@ class MeshTracker:
         self.min_confidence = float(min_confidence)
         self.crop_size, self.crop_scale = int(crop_size), float(crop_scale)
         self._front = frontal_transform(distance)
-        head = (head_smoothing.min_cutoff, head_smoothing.beta, head_smoothing.d_cutoff)
         self._filters = {"motion": OneEuroFilter(min_cutoff, beta, d_cutoff),
-                         "rot": OneEuroFilter(*head), "trans": OneEuroFilter(*head)}
-        self._box_filter = OneEuroFilter(*self.BOX_FILTER)
+                         "rot": OneEuroFilter.of(head_smoothing), "trans": OneEuroFilter.of(head_smoothing)}
+        self._box_filter = OneEuroFilter.of(self.BOX_FILTER)
         self._last: tuple[np.ndarray, np.ndarray, CropWindow] | None = None
         self._last_crop: HeadCrop | None = None
         self.last_fit: HeadFit | None = None

@@ -54,6 +54,11 @@ class OneEuroFilter:
         self.min_cutoff, self.beta, self.d_cutoff = float(min_cutoff), float(beta), float(d_cutoff)
         self.reset()
 
+    @classmethod
+    def of(cls, settings: OneEuroSettings) -> OneEuroFilter:
+        """A filter with these settings."""
+        return cls(settings.min_cutoff, settings.beta, settings.d_cutoff)
+
     def reset(self) -> None:
         """Forget the history; the next sample passes unfiltered."""
         self._x: np.ndarray | None = None
