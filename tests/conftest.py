@@ -76,9 +76,9 @@ def ros_node():
     thread.start()
     yield node
     executor.shutdown()
+    thread.join(timeout=10)  # before the context goes: its next wait set would fail under it
     node.destroy_node()
     rclpy.shutdown()
-    thread.join(timeout=2)
 
 
 def start_node(name: str, *ros_args: str, params: dict | None = None, tmp_path: Path | None = None):
