@@ -193,7 +193,10 @@ def main() -> None:
     tracking = {}
     for item in args.tracking:
         name, _, value = item.partition("=")
-        tracking[name] = float(value)
+        try:
+            tracking[name] = float(value)
+        except ValueError:
+            parser.error(f"--tracking {item!r}: accepted is NAME=NUMBER, e.g. min_cutoff=1.5")
     results = []
     for clip, photo in PAIRS:
         if args.only and args.only != clip:

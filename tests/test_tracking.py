@@ -12,7 +12,7 @@ from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES, MIRROR, REGIONS, T
 from gaga_ros.image import ImageError
 from gaga_ros.tracking.landmarks import FaceLandmarker
 from gaga_ros.tracking.mesh_tracker import RIGID, FitError, MeshTracker, fit_head
-from gaga_ros.tracking.smoothing import OneEuroFilter
+from gaga_ros.tracking.smoothing import OneEuroFilter, OneEuroSettings
 
 V = CANONICAL_VERTICES
 
@@ -339,7 +339,7 @@ def test_make_tracker_chooses_by_mode_and_models(tmp_path):
         tracker = make_tracker(mode, models, reference_frames=3)
         try:
             assert isinstance(tracker, kind) and not tracker.status.face_found
-            tracker.set_smoothing(1.0, 0.5, 1.0)  # both take the live retune, FLAME mode ignores it
+            tracker.set_smoothing(OneEuroSettings(1.0, 0.5, 1.0))  # both take it, FLAME mode ignores it
             tracker.reset_reference()
         finally:
             tracker.close()
@@ -355,3 +355,28 @@ def test_nearest_rotation_of_an_averaged_rotation():
     assert np.linalg.det(r) > 0.999 and _angle_deg(r, a) < 2.0 and _angle_deg(r, b) < 2.0
     np.testing.assert_allclose(nearest_rotation(-np.eye(3)) @ nearest_rotation(-np.eye(3)).T, np.eye(3))
     assert np.linalg.det(nearest_rotation(-np.eye(3))) > 0  # a reflection comes back as a rotation
+
+
+def test_tracking_node_retunes_the_landmark_filter_live():
+    """`ros2 param set /gaga_tracking beta 50` reaches the mesh tracker's landmark filter, the head's
+    own filter keeps its settings (a real rclpy node, in this process)."""
+    import rclpy
+    from rclpy.parameter import Parameter
+
+    from gaga_ros.nodes.tracking import TrackingNode
+    from gaga_ros.tracking.smoothing import FACE_SMOOTHING, HEAD_SMOOTHING
+
+    rclpy.init(args=["--ros-args", "-p", "mode:=mesh"])
+    try:
+        node = TrackingNode()
+        try:
+            motion, rot = node.tracker._filters["motion"], node.tracker._filters["rot"]
+            assert (motion.beta, rot.beta) == (FACE_SMOOTHING.beta, HEAD_SMOOTHING.beta)
+            results = node.set_parameters([Parameter("beta", value=50.0), Parameter("min_cutoff", value=0.2)])
+            assert all(r.successful for r in results)
+            assert (motion.beta, motion.min_cutoff, motion.d_cutoff) == (50.0, 0.2, FACE_SMOOTHING.d_cutoff)
+            assert (rot.beta, rot.min_cutoff) == (HEAD_SMOOTHING.beta, HEAD_SMOOTHING.min_cutoff)
+        finally:
+            node.destroy_node()
+    finally:
+        rclpy.try_shutdown()

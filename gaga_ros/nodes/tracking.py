@@ -22,7 +22,7 @@ from gaga_ros.nodes.expression_msg import to_msg as expression_to_msg
 from gaga_ros.nodes.guard import GuardedNode
 from gaga_ros.nodes.image_msg import to_rgb
 from gaga_ros.nodes.parameters import Param, declare
-from gaga_ros.tracking.smoothing import FACE_SMOOTHING
+from gaga_ros.tracking.smoothing import FACE_SMOOTHING, OneEuroSettings
 from gaga_ros.tracking.tracker import Tracker, make_tracker, resolve_mode
 
 #: image_transport's names: raw images on the camera topic, JPEG/PNG on its /compressed sub-topic.
@@ -92,15 +92,17 @@ class TrackingNode(GuardedNode):
             self.get_logger().info(f"tracking mode auto: {mode} (FLAME model "
                                    f"{'found' if mode == 'flame' else 'not found'})")
         return make_tracker(mode, models_dir, min_confidence=self.p["min_confidence"],
-                            flame_steps=self.p["flame_steps"], min_cutoff=self.p["min_cutoff"],
-                            beta=self.p["beta"], d_cutoff=self.p["d_cutoff"],
+                            flame_steps=self.p["flame_steps"], smoothing=self._smoothing(),
                             reference_frames=self.p["reference_frames"])
+
+    def _smoothing(self) -> OneEuroSettings:
+        return OneEuroSettings(**{k: self.p[k] for k in SMOOTHING})
 
     def _on_params(self, params) -> SetParametersResult:
         changed = {p.name: p.value for p in params if p.name in SMOOTHING}
         if changed:
             self.p.update(changed)
-            self.tracker.set_smoothing(**{k: self.p[k] for k in SMOOTHING})
+            self.tracker.set_smoothing(self._smoothing())
         return SetParametersResult(successful=True)
 
     def _on_reset(self, request, response):

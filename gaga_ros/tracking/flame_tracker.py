@@ -17,6 +17,7 @@ from gaga_ros.expression import Expression, FaceModel
 from gaga_ros.faces.flame_assets import FlameAssets
 from gaga_ros.tracking.flame_fitter import FlameFit, FlameFitter, MediapipeEmbedding
 from gaga_ros.tracking.landmarks import FaceLandmarker
+from gaga_ros.tracking.smoothing import OneEuroSettings
 from gaga_ros.tracking.tracker import TrackingState, nearest_rotation
 
 #: EMA weights of the published video tracker: new = a * current + (1 - a) * previous.
@@ -84,7 +85,7 @@ class FlameTracker:
                           stamp_ns=stamp_ns, expression=fit.expcode, jaw_pose=fit.posecode[3:6],
                           eye_pose=s["eyes"], confidence=min(max(confidence, 0.0), 1.0))
 
-    def set_smoothing(self, min_cutoff: float, beta: float, d_cutoff: float) -> None:
+    def set_smoothing(self, settings: OneEuroSettings) -> None:
         """The published tracker's EMA weights are fixed; One Euro settings apply to mesh mode only."""
 
     def reset_reference(self) -> None:

@@ -147,16 +147,14 @@ def _register(points: np.ndarray, rot: np.ndarray, trans: np.ndarray,
 class MeshTracker:
     """Camera frames -> smoothed mesh-mode Expressions, relative to the driver's own reference.
 
-    One Euro filters smooth the vertex motion (canonical units; min_cutoff, beta and d_cutoff, by default
-    smoothing.FACE_SMOOTHING) and the head pose (`head_smoothing`: the rotation as an axis-angle in
-    radians and the translation in units).
+    One Euro filters smooth the vertex motion (`smoothing`, canonical units) and the head pose
+    (`head_smoothing`: the rotation as an axis-angle in radians and the translation in units).
     """
 
     #: One Euro settings of the crop box (in units of the box side, per second).
     BOX_FILTER = OneEuroSettings(min_cutoff=0.5, beta=2.0, d_cutoff=1.0)
 
-    def __init__(self, min_cutoff: float = FACE_SMOOTHING.min_cutoff, beta: float = FACE_SMOOTHING.beta,
-                 d_cutoff: float = FACE_SMOOTHING.d_cutoff, reference_frames: int = 15,
+    def __init__(self, smoothing: OneEuroSettings = FACE_SMOOTHING, reference_frames: int = 15,
                  min_confidence: float = 0.5, crop_size: int = CROP_SIZE, crop_scale: float = CROP_SCALE,
                  distance: float = CAMERA_DISTANCE, head_smoothing: OneEuroSettings = HEAD_SMOOTHING):
         if int(reference_frames) < 1:
@@ -166,7 +164,7 @@ class MeshTracker:
         self.min_confidence = float(min_confidence)
         self.crop_size, self.crop_scale = int(crop_size), float(crop_scale)
         self._front = frontal_transform(distance)
-        self._filters = {"motion": OneEuroFilter(min_cutoff, beta, d_cutoff),
+        self._filters = {"motion": OneEuroFilter.of(smoothing),
                          "rot": OneEuroFilter.of(head_smoothing), "trans": OneEuroFilter.of(head_smoothing)}
         self._box_filter = OneEuroFilter.of(self.BOX_FILTER)
         self._last: tuple[np.ndarray, np.ndarray, CropWindow] | None = None
@@ -276,10 +274,9 @@ class MeshTracker:
         self._state = TrackingState(found, confidence, lost, message)
         return None
 
-    def set_smoothing(self, min_cutoff: float, beta: float, d_cutoff: float) -> None:
+    def set_smoothing(self, settings: OneEuroSettings) -> None:
         """Retune the landmark motion's One Euro filter live (its state is kept: motion stays continuous)."""
-        flt = self._filters["motion"]
-        flt.min_cutoff, flt.beta, flt.d_cutoff = float(min_cutoff), float(beta), float(d_cutoff)
+        self._filters["motion"].retune(settings)
 
     def close(self) -> None:
         """Release mediapipe."""

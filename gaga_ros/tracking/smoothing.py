@@ -22,6 +22,11 @@ class OneEuroSettings:
     beta: float
     d_cutoff: float
 
+    def __post_init__(self) -> None:
+        if not (self.min_cutoff > 0 and self.d_cutoff > 0 and self.beta >= 0):
+            raise InputError(f"One Euro settings min_cutoff={self.min_cutoff}, beta={self.beta}, "
+                             f"d_cutoff={self.d_cutoff}: accepted are positive cutoffs (Hz) and beta >= 0")
+
 
 #: The mesh tracker's filter of the landmark motion (canonical units; the face spans about 1.1), chosen
 #: at the clips' own frame rates (bench/TRANSFER_NOTES.md, "The motion filter at the camera's rate"): a
@@ -48,16 +53,17 @@ class OneEuroFilter:
     """
 
     def __init__(self, min_cutoff: float = 1.0, beta: float = 0.0, d_cutoff: float = 1.0):
-        if min_cutoff <= 0 or d_cutoff <= 0 or beta < 0:
-            raise InputError(f"OneEuroFilter(min_cutoff={min_cutoff}, beta={beta}, d_cutoff={d_cutoff}): "
-                             "accepted are positive cutoffs (Hz) and beta >= 0")
-        self.min_cutoff, self.beta, self.d_cutoff = float(min_cutoff), float(beta), float(d_cutoff)
+        self.retune(OneEuroSettings(float(min_cutoff), float(beta), float(d_cutoff)))
         self.reset()
 
     @classmethod
     def of(cls, settings: OneEuroSettings) -> OneEuroFilter:
         """A filter with these settings."""
         return cls(settings.min_cutoff, settings.beta, settings.d_cutoff)
+
+    def retune(self, settings: OneEuroSettings) -> None:
+        """New settings, same state: the output stays continuous."""
+        self.min_cutoff, self.beta, self.d_cutoff = settings.min_cutoff, settings.beta, settings.d_cutoff
 
     def reset(self) -> None:
         """Forget the history; the next sample passes unfiltered."""

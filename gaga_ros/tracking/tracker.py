@@ -16,7 +16,7 @@ import numpy as np
 
 from gaga_ros.errors import InputError
 from gaga_ros.expression import Expression
-from gaga_ros.tracking.smoothing import FACE_SMOOTHING
+from gaga_ros.tracking.smoothing import FACE_SMOOTHING, OneEuroSettings
 
 #: Tracking modes: mesh (asset-free), flame (needs a FLAME model), auto (flame when one is present).
 TRACKING_MODES = ("mesh", "flame", "auto")
@@ -48,7 +48,7 @@ class Tracker(Protocol):
         """Relearn the driver from the next frames (a new person, or a new neutral face)."""
         ...
 
-    def set_smoothing(self, min_cutoff: float, beta: float, d_cutoff: float) -> None:
+    def set_smoothing(self, settings: OneEuroSettings) -> None:
         """Retune the temporal smoothing live, where the tracker's smoothing has these settings."""
         ...
 
@@ -75,19 +75,18 @@ def resolve_mode(mode: str, models_dir: str | Path | None = None) -> str:
 
 
 def make_tracker(mode: str, models_dir: str | Path | None = None, *, min_confidence: float = 0.5,
-                 flame_steps: int = 3, min_cutoff: float = FACE_SMOOTHING.min_cutoff,
-                 beta: float = FACE_SMOOTHING.beta, d_cutoff: float = FACE_SMOOTHING.d_cutoff,
+                 flame_steps: int = 3, smoothing: OneEuroSettings = FACE_SMOOTHING,
                  reference_frames: int = 15) -> Tracker:
     """The tracker of a mode (see resolve_mode). FLAME mode reads the FLAME model (and FLAME's
     mediapipe embedding when present) from models_dir and raises FileNotFoundError without it; the
-    One Euro settings and reference_frames are mesh mode's."""
+    landmark smoothing and reference_frames are mesh mode's."""
     from gaga_ros.assets import find_assets
 
     if resolve_mode(mode, models_dir) == "mesh":
         from gaga_ros.tracking.mesh_tracker import MeshTracker
 
-        return MeshTracker(min_cutoff=min_cutoff, beta=beta, d_cutoff=d_cutoff,
-                           reference_frames=reference_frames, min_confidence=min_confidence)
+        return MeshTracker(smoothing=smoothing, reference_frames=reference_frames,
+                           min_confidence=min_confidence)
     import torch
 
     from gaga_ros.faces.flame_assets import load_flame_assets
