@@ -639,6 +639,66 @@ def test_source_path_outside_source_dir_is_refused_at_start(tmp_path):
     assert "Gaussians" not in g.log("reconstruction"), "no avatar may be built from outside source_dir"
 
 
+def test_relative_source_paths_mean_what_the_user_typed(photos):
+    """source_path relative to the working directory (`gaga-ros demo source:=../photos/me.jpg`), or to
+    source_dir when that is set; either way still confined (a real rclpy node, in this process)."""
+    import rclpy
+
+    from gaga_ros.errors import InputError
+    from gaga_ros.nodes.reconstruction import ReconstructionNode
+
+    good = (photos / "good.jpg").resolve()
+    cases = [({"source_path": os.path.relpath(good)}, good),
+             ({"source_path": "good.jpg", "source_dir": str(photos)}, good),
+             ({"source_path": "../good.jpg", "source_dir": str(photos / "sub")}, None)]
+    for params, expected in cases:
+        rclpy.init(args=["--ros-args", "-p", "autostart:=false",
+                         *(a for k, v in params.items() for a in ("-p", f"{k}:={v}"))])
+        try:
+            node = ReconstructionNode()
+            try:
+                if expected is None:
+                    with pytest.raises(InputError, match="outside source_dir"):
+                        node.start_path()
+                else:
+                    assert node.start_path() == expected, params
+            finally:
+                node.destroy_node()
+        finally:
+            rclpy.try_shutdown()
+
+
+def test_a_photo_refused_at_start_is_said_on_the_pages(tmp_path, photos):
+    """A start photo without a face fails the reconstruction's activation; its diagnostics carry the
+    reason, and the bridge's status (what the pages show) says it beside the renderer's wait."""
+    g = Graph(tmp_path, {"reconstruction": {"source_path": "cat.png", "source_dir": str(photos), "grid": 64},
+                         "render": {"device": "cpu", "size": 64}, "bridge": {}})
+    obs = Observer(frames=False)
+    g.start_all()
+
+    def notes() -> dict:
+        try:
+            status, body = http_get(g.url + "status")
+        except OSError:
+            return {}
+        return json.loads(body).get("notes", {}) if status == 200 else {}
+
+    try:
+        assert wait_for(lambda: "no face" in notes().get("source", ""), timeout=120), \
+            (notes(), g.log("reconstruction")[-1500:], g.log("bridge")[-1500:])
+        said = notes()
+        assert "cat.png" in said["source"], said
+        assert "waiting for an avatar on /avatar/model" in said.get("render", ""), said
+        assert wait_for(lambda: "gaga_ros: reconstruction" in obs.diag, timeout=10), obs.diag.keys()
+        level, _, values = obs.diag["gaga_ros: reconstruction"]
+        assert level == 2 and "no face" in values["refused_source"], obs.diag["gaga_ros: reconstruction"]
+        assert "activate failed" in g.log("reconstruction")
+        assert g.procs["reconstruction"].poll() is None, "the node stays up, inactive"
+    finally:
+        g.stop()
+        obs.close()
+
+
 def test_case_count():
     """The issue asks for at least 20 bad-input cases."""
     assert len(CASES) >= 20, len(CASES)

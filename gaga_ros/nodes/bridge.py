@@ -4,8 +4,8 @@ Out to the pages: the avatar (all), the operator's voice (kiosk, viewers), the r
 robot/audio and the kiosk microphone (operator), the robot's camera (operator, robot_camera).
 In from the pages: the operator's camera -> upstream_topic, the operator's voice -> operator/audio,
 JSON expressions -> avatar/expression, avatar/named_expression, avatar/look_at(_display). The
-pages' plain-words status takes the render node's diagnostics and the tracking status. The
-streaming itself lives in gaga_ros.stream.
+pages' plain-words status takes the render and reconstruction nodes' diagnostics and the tracking
+status. The streaming itself lives in gaga_ros.stream.
 """
 
 from __future__ import annotations
@@ -203,14 +203,21 @@ class BridgeNode(GuardedNode):
         self.server.set_note("tracking", None if msg.face_found else f"Tracking: {msg.message}.")
 
     def _on_diagnostics(self, msg: DiagnosticArray) -> None:
-        """The render node of this namespace, as the pages should say it (its refusals, its errors)."""
+        """The render and reconstruction nodes of this namespace, as the pages should say it: the
+        renderer's refusals and errors, and a source photo the reconstruction refused (without it a
+        bad photo at start showed only as the renderer waiting for an avatar)."""
         for status in msg.status:
             namespace, _, name = status.hardware_id.rpartition("/")
-            if "render" not in name or (namespace or "/") != self.get_namespace():
+            if (namespace or "/") != self.get_namespace():
                 continue
-            problem = status.level in (WARN, ERROR) and status.message
-            self.server.set_note("render", f"The avatar renderer says: {status.message}." if problem
-                                 else None)
+            if "render" in name:
+                problem = status.level in (WARN, ERROR) and status.message
+                self.server.set_note("render", f"The avatar renderer says: {status.message}." if problem
+                                     else None)
+            elif "reconstruction" in name:
+                refused = next((kv.value for kv in status.values if kv.key == "refused_source"), "")
+                self.server.set_note("source", f"The avatar builder refused a photo: {refused}." if refused
+                                     else None)
 
     def _on_upstream(self, rgb: np.ndarray, stamp_ns: int) -> None:
         self.pub_upstream.publish(to_msg(rgb, stamps.from_ns(stamp_ns), "operator_camera"))

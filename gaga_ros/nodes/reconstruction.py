@@ -32,9 +32,11 @@ PARAMS = (
           "models_dir, else geometric), geometric (asset-free) or gagavatar."),
     Param("models_dir", "", "Folder of the licensed model files (empty: $GAGA_ROS_MODELS or ./models)."),
     Param("gagavatar_config", "full", "GAGAvatar size: full (published) or tiny (tests)."),
-    Param("source_path", "", "Source photo read at start; empty: the built-in astronaut."),
+    Param("source_path", "", "Source photo read at start, relative to source_dir when that is set, "
+          "else to the working directory; empty: the built-in astronaut."),
     Param("source_dir", "", "Folder that photo paths must lie in (empty: the folder of source_path, "
-          "else the working directory). Paths outside it are refused."),
+          "else the working directory). Paths outside it are refused; the service's relative paths "
+          "are read from it."),
     Param("device", "cpu", "Device to reconstruct on: cpu, cuda or auto."),
     Param("grid", 192, "Geometric backend: lifted pixels per side of the head crop.", low=32, high=512),
 )
@@ -63,8 +65,15 @@ class ReconstructionNode(ManagedNode):
             return Path(self.p["source_path"]).expanduser().resolve().parent
         return Path.cwd().resolve()
 
+    def start_path(self) -> Path:
+        """source_path as the user meant it: relative to source_dir when set, else to the working
+        directory (whose folder of the photo is then source_dir), confined like any other path."""
+        path = Path(self.p["source_path"]).expanduser()
+        return self.confined(str(path if self.p["source_dir"] else path.resolve()))
+
     def confined(self, path: str) -> Path:
-        """`path` resolved inside source_dir; InputError for anything outside it."""
+        """`path` resolved inside source_dir (a relative one from there); InputError for anything
+        outside it."""
         root = self.source_dir()
         full = (root / Path(path).expanduser()).resolve()
         if not full.is_relative_to(root):
@@ -84,9 +93,13 @@ class ReconstructionNode(ManagedNode):
 
     def activate(self) -> None:
         if self.avatar is None:
-            photo = (load_image(self.confined(self.p["source_path"])) if self.p["source_path"]
-                     else default_source())
-            self.build(photo, self.p["source_path"] or "built-in astronaut")
+            label = self.p["source_path"] or "built-in astronaut"
+            try:
+                photo = load_image(self.start_path()) if self.p["source_path"] else default_source()
+                self.build(photo, label)
+            except GagaError as exc:  # the activation fails; diagnostics (and so the pages) say why
+                self.error = f"{label}: {exc}"
+                raise
         else:
             self.publish()
 
@@ -145,7 +158,7 @@ class ReconstructionNode(ManagedNode):
 
     def _report(self):
         values = {"avatar_id": self.avatar.avatar_id if self.avatar else "",
-                  "gaussians": len(self.avatar) if self.avatar else 0}
+                  "gaussians": len(self.avatar) if self.avatar else 0, "refused_source": self.error}
         if self.avatar is None:
             return ERROR, self.error or "no avatar yet", values
         if self.error:

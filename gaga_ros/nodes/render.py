@@ -222,7 +222,7 @@ class RenderNode(ManagedNode):
         if self.avatar is None and self.error:
             return ERROR, self.error, values
         if self.avatar is None:
-            return WARN, "waiting for an avatar on /avatar/model", values
+            return WARN, f"waiting for an avatar on {self.resolve_topic_name(names.MODEL)}", values
         if self.tracking is not None and not self.tracking.face_found:
             if self.meter.rate > 0:  # another driver keeps the face moving (the loop's idle driver)
                 return OK, f"rendering; tracking: {self.tracking.message}", values
