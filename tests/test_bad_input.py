@@ -670,9 +670,10 @@ def test_relative_source_paths_mean_what_the_user_typed(photos):
 
 def test_a_photo_refused_at_start_is_said_on_the_pages(tmp_path, photos):
     """A start photo without a face fails the reconstruction's activation; its diagnostics carry the
-    reason, and the bridge's status (what the pages show) says it beside the renderer's wait."""
+    reason, and the bridge's status (what the pages show) says it beside the renderer's wait. In a
+    namespace of its own: this module's running graph serves the root one meanwhile."""
     g = Graph(tmp_path, {"reconstruction": {"source_path": "cat.png", "source_dir": str(photos), "grid": 64},
-                         "render": {"device": "cpu", "size": 64}, "bridge": {}})
+                         "render": {"device": "cpu", "size": 64}, "bridge": {}}, namespace="/refused")
     obs = Observer(frames=False)
     g.start_all()
 
@@ -684,14 +685,14 @@ def test_a_photo_refused_at_start_is_said_on_the_pages(tmp_path, photos):
         return json.loads(body).get("notes", {}) if status == 200 else {}
 
     try:
-        assert wait_for(lambda: "no face" in notes().get("source", ""), timeout=120), \
-            (notes(), g.log("reconstruction")[-1500:], g.log("bridge")[-1500:])
-        said = notes()
-        assert "cat.png" in said["source"], said
-        assert "waiting for an avatar on /avatar/model" in said.get("render", ""), said
-        assert wait_for(lambda: "gaga_ros: reconstruction" in obs.diag, timeout=10), obs.diag.keys()
-        level, _, values = obs.diag["gaga_ros: reconstruction"]
-        assert level == 2 and "no face" in values["refused_source"], obs.diag["gaga_ros: reconstruction"]
+        wait = "waiting for an avatar on /refused/avatar/model"
+        assert wait_for(lambda: "no face" in (n := notes()).get("source", "") and wait in n.get("render", ""),
+                        timeout=120), (notes(), g.log("reconstruction")[-1500:], g.log("bridge")[-1500:])
+        assert "cat.png" in notes()["source"], notes()
+        key = "gaga_ros: refused/reconstruction"
+        assert wait_for(lambda: key in obs.diag, timeout=10), obs.diag.keys()
+        level, _, values = obs.diag[key]
+        assert level == 2 and "no face" in values["refused_source"], obs.diag[key]
         assert "activate failed" in g.log("reconstruction")
         assert g.procs["reconstruction"].poll() is None, "the node stays up, inactive"
     finally:

@@ -54,8 +54,8 @@ def proc_status(pid: int) -> dict[str, int]:
 class Graph:
     """The demo graph's nodes as separate processes, each restartable on its own."""
 
-    def __init__(self, workdir: Path, params: dict[str, dict] | None = None) -> None:
-        self.workdir = workdir
+    def __init__(self, workdir: Path, params: dict[str, dict] | None = None, namespace: str = "") -> None:
+        self.workdir, self.namespace = workdir, namespace
         self.params = {k: dict(v) for k, v in (params or GRAPH_PARAMS).items()}
         if "bridge" in self.params:
             self.params["bridge"].setdefault("port", free_port())
@@ -69,9 +69,12 @@ class Graph:
 
     def start(self, name: str) -> subprocess.Popen:
         path = self.workdir / f"{name}.yaml"
-        path.write_text(yaml.safe_dump({name: {"ros__parameters": self.params[name]}}))
+        key = f"/**/{name}" if self.namespace else name  # a params file names namespaced nodes by path
+        path.write_text(yaml.safe_dump({key: {"ros__parameters": self.params[name]}}))
         cmd = [sys.executable, "-m", "gaga_ros.cli", "node", name, "--ros-args", "-r",
                f"__node:={name}", "--params-file", str(path)]
+        if self.namespace:
+            cmd += ["-r", f"__ns:={self.namespace}"]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.procs[name], self.started_at[name] = proc, time.monotonic()
         log = self.logs.setdefault(name, collections.deque(maxlen=400))
