@@ -266,6 +266,60 @@ def test_fleet_node_discovers_a_namespace_and_forgets_it_when_it_disappears(ros_
     assert proc.returncode == 0 and "no longer serving /rz" in out, out[-3000:]
 
 
+def test_fleet_node_serves_named_expressions_per_namespace(ros_node, avatars, tmp_path):
+    """A named command on NS/avatar/named_expression shows on that namespace's neutral face while it
+    has no live driver (then fades and settles), nothing crosses to the other namespace, and a bad
+    name is refused and reported while the fleet keeps serving: the render node's rules."""
+    import time
+
+    from sensor_msgs.msg import Image
+
+    from gaga_ros.msg import NamedExpression
+    from gaga_ros.nodes import qos
+    from gaga_ros.nodes.avatar_msg import to_msg
+    from gaga_ros.nodes.image_msg import from_msg
+
+    seen = Namespaces(ros_node, ["na", "nb"])
+    now = ros_node.get_clock().now().to_msg()
+    seen.models["na"].publish(to_msg(avatars["a"], now))
+    seen.models["nb"].publish(to_msg(avatars["b"], now))
+    named = {ns: ros_node.create_publisher(NamedExpression, f"/{ns}/avatar/named_expression",
+                                           qos.EXPRESSIONS) for ns in ("na", "nb")}
+    arrived: dict[str, list[float]] = {"na": [], "nb": []}
+    for ns in arrived:
+        ros_node.create_subscription(Image, f"/{ns}/avatar/image",
+                                     lambda m, ns=ns: arrived[ns].append(time.monotonic()), qos.FRAMES)
+
+    def quiet(ns: str, seconds: float) -> bool:
+        return wait_for(lambda: time.monotonic() - max(arrived[ns], default=0.0) > seconds, 30, 0.05)
+
+    proc = start_node("fleet", params={"device": "cpu", "size": SIZE, "namespaces": ["na", "nb"]},
+                      tmp_path=tmp_path)
+    try:
+        assert seen.drive(["na", "nb"], 2, 180), stop_process(proc)[-3000:]
+        assert quiet("na", 1.0) and quiet("nb", 0.0)  # the live driver has stopped
+        before_b = len(seen.frames["nb"])
+        t0 = time.monotonic()
+        jaw = NamedExpression(names=["jawOpen"], weights=[1.0], hold_s=1.0)
+        assert wait_for(lambda: (named["na"].publish(jaw) or True)
+                        and sum(t > t0 for t in arrived["na"]) >= 3, 60, 0.3), seen.status
+        opened = from_msg(seen.frames["na"][-1]).astype(np.float64)
+        assert quiet("na", 1.0)  # held, faded, then one neutral frame and nothing more
+        closed = from_msg(seen.frames["na"][-1]).astype(np.float64)
+        assert np.abs(opened - closed).max(2)[52:86].mean() > 3.0  # the mouth moved and closed again
+        assert np.abs(opened - closed).max(2)[:24].mean() < 1.0  # the hair did not
+        assert len(seen.frames["nb"]) == before_b, "a command to /na reached /nb"
+
+        named["nb"].publish(NamedExpression(names=["grin"], weights=[1.0]))
+        refused = "refused /nb/avatar/named_expression: unknown expression names ['grin']"
+        assert wait_for(lambda: refused in seen.status[0], 30), seen.status
+        assert seen.drive(["na", "nb"], 2, 60)
+        assert int(seen.status[1].get("named_commands", "0")) >= 1, seen.status  # the good ones counted
+    finally:
+        out = stop_process(proc)
+    assert proc.returncode == 0 and "Traceback" not in out, out[-3000:]
+
+
 # ---- the batched GAGAvatar path (GPU machine) ----------------------------------------------------
 
 

@@ -7,7 +7,9 @@ gaga_ros.render.fleet. Which namespaces: the `namespaces` parameter, changeable 
 joins, one removed leaves), and with `discover` every namespace whose avatar/model has a publisher
 and whose avatar/image has none but this node (a namespace with its own render node is left alone);
 a discovered namespace whose model and expression publishers are all gone for `forget_s` leaves.
-Named expressions and look_at are not served here (the render node serves them for one avatar).
+Named expressions and look_at targets (NS/avatar/named_expression, NS/avatar/look_at(_display)) are
+served per namespace as the render node serves them (gaga_ros.nodes.face_inputs): added to that
+namespace's live expressions, or shown on its neutral face while it has no live driver.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from gaga_ros.errors import GagaError
 from gaga_ros.mailbox import KeyedMailbox
 from gaga_ros.msg import Expression as ExpressionMsg
 from gaga_ros.msg import GaussianAvatar
-from gaga_ros.nodes import names, qos, stamps
+from gaga_ros.nodes import face_inputs, names, qos, stamps
 from gaga_ros.nodes.avatar_msg import from_msg as avatar_from_msg
 from gaga_ros.nodes.diagnostics import OK, WARN, Diagnostics, RateMeter
 from gaga_ros.nodes.expression_msg import from_msg as expression_from_msg
@@ -63,6 +65,7 @@ PARAMS = (
     Param("memory_cap_mb", 0.0, "Most memory the served avatars and batches may hold, MiB (0: no cap "
           "but the device's free memory); a join beyond it is refused, naming both figures.",
           low=0.0, high=1e7),
+    *face_inputs.PARAMS,
 )
 
 
@@ -73,6 +76,7 @@ class _Served:
     model_sub: Subscription
     expression_sub: Subscription
     image_pub: Publisher
+    face: face_inputs.FaceInputs
     discovered: bool
     gone_since: float | None = None
 
@@ -111,6 +115,7 @@ class FleetNode(ManagedNode):
         self.add_on_set_parameters_callback(self._check_parameters)
         self.add_post_set_parameters_callback(lambda params: self._follow_namespaces())
         self.create_timer(DISCOVER_PERIOD_S, self._discover)
+        self.create_timer(1.0 / face_inputs.IDLE_FPS, self._idle_frames, callback_group=self.inputs)
         self.diagnostics = Diagnostics(self, self._report)
         self.start()
 
@@ -185,8 +190,9 @@ class FleetNode(ManagedNode):
                                               lambda msg, ns=ns: self._on_expression(ns, msg),
                                               qos.EXPRESSIONS, callback_group=self.inputs)
         image = self.create_publisher(Image, names.in_namespace(ns, names.IMAGE), qos.FRAMES)
+        face = face_inputs.FaceInputs(self, self.p, ns, self.inputs)
         with self.served_lock:
-            self.served[ns] = _Served(model, expression, image, discovered)
+            self.served[ns] = _Served(model, expression, image, face, discovered)
         self.get_logger().info(f"serving {ns or '/'}" + (" (discovered)" if discovered else ""))
 
     def _leave(self, ns: str) -> None:
@@ -198,6 +204,7 @@ class FleetNode(ManagedNode):
             self.fleet.leave(ns)
         self.destroy_subscription(served.model_sub)
         self.destroy_subscription(served.expression_sub)
+        served.face.destroy()
         self.destroy_publisher(served.image_pub)
         self.get_logger().info(f"no longer serving {ns or '/'}")
 
@@ -239,8 +246,20 @@ class FleetNode(ManagedNode):
                                f"Gaussians) on {self.device}")
 
     def _on_expression(self, ns: str, msg: ExpressionMsg) -> None:
-        if self.fleet is not None:
-            self.fleet.put(ns, expression_from_msg(msg))  # a malformed one raises: the guard refuses it
+        served = self.served.get(ns)
+        if self.fleet is not None and served is not None:
+            # a malformed one raises: the guard refuses it
+            self.fleet.put(ns, served.face.mixer.apply(expression_from_msg(msg)))
+
+    def _idle_frames(self) -> None:
+        """Each namespace's neutral face with its named command or look_at while no live driver
+        carries them (as the render node does)."""
+        if self.fleet is None:
+            return
+        for ns, served in list(self.served.items()):
+            expr = served.face.mixer.idle()
+            if expr is not None:
+                self.fleet.put(ns, expr)
 
     def _serve(self) -> None:
         fleet = self.fleet
@@ -274,7 +293,8 @@ class FleetNode(ManagedNode):
         values = {"avatars": len(members), "frame_rate": self.meter.rate, "frames": self.meter.count,
                   "latency_ms": self.latency_ms, "round_ms": self.round_ms, "batches": len(fleet.batches),
                   "superseded_frames": self.outbox.dropped,
-                  "memory_mb": fleet.used_bytes() / 2**20, "device": self.device}
+                  "memory_mb": fleet.used_bytes() / 2**20, "device": self.device,
+                  "named_commands": sum(s.face.count for s in list(self.served.values()))}
         for m in members:
             label = m.key or "/"
             values[f"{label} frames"] = m.frames

@@ -14,7 +14,6 @@ import time
 
 import cv2
 import numpy as np
-from geometry_msgs.msg import PointStamped
 from sensor_msgs.msg import CompressedImage, Image
 
 from gaga_ros.avatar.backends import RENDER_SIDES, render_device, renderer_for
@@ -22,21 +21,15 @@ from gaga_ros.avatar.base import Avatar, AvatarBackend
 from gaga_ros.errors import GagaError
 from gaga_ros.expression import Expression
 from gaga_ros.mailbox import Mailbox
-from gaga_ros.msg import DisplayPoint, GaussianAvatar, NamedExpression, TrackingStatus
 from gaga_ros.msg import Expression as ExpressionMsg
-from gaga_ros.named import Display, FaceMixer, LookAt, check_frame
-from gaga_ros.nodes import names, qos, stamps
+from gaga_ros.msg import GaussianAvatar, TrackingStatus
+from gaga_ros.nodes import face_inputs, names, qos, stamps
 from gaga_ros.nodes.avatar_msg import from_msg as avatar_from_msg
 from gaga_ros.nodes.diagnostics import ERROR, OK, WARN, Diagnostics, RateMeter
 from gaga_ros.nodes.expression_msg import from_msg as expression_from_msg
-from gaga_ros.nodes.expression_msg import named_from_msg
 from gaga_ros.nodes.image_msg import to_msg as image_to_msg
 from gaga_ros.nodes.managed import ManagedNode
 from gaga_ros.nodes.parameters import COMPILE, Param
-
-#: Frames per second of the neutral face showing a named command while no driver is live (the
-#: scripted driver's rate); the mailbox drops what the renderer cannot keep up with.
-IDLE_FPS = 30.0
 
 PARAMS = (
     Param("device", "auto", "Where the avatar lives and renders: auto (cuda when present), cuda, cpu."),
@@ -54,16 +47,7 @@ PARAMS = (
     Param("fast_path", True, "GAGAvatar on CUDA: CUDA graphs + fp16 refiner (about 5x faster, ~55 dB "
           "from the fp32 path); false renders the fp32 reference path."),
     COMPILE,
-    Param("display_frame", "display", "frame_id of look_at points: origin at the display's centre, x "
-          "right, y up, z toward the viewer, metres (empty frame_id means this frame too)."),
-    Param("display_width_m", 0.30, "Width of the face display, metres (maps look_at_display u).",
-          low=0.01, high=10.0),
-    Param("display_height_m", 0.30, "Height of the face display, metres (maps look_at_display v).",
-          low=0.01, high=10.0),
-    Param("eye_depth_m", 0.30, "How far behind the display's centre the avatar's eyes are taken to be.",
-          low=0.0, high=10.0),
-    Param("look_hold_s", 2.0, "How long a look_at holds before the eyes return (repeat it to track).",
-          low=0.1, high=60.0),
+    *face_inputs.PARAMS,
 )
 
 
@@ -88,17 +72,10 @@ class RenderNode(ManagedNode):
         self.pub = self.create_publisher(Image, names.IMAGE, qos.FRAMES)
         self.pub_jpeg = self.create_publisher(CompressedImage, names.IMAGE_COMPRESSED, qos.FRAMES)
         self.avatar_sub = None  # made on configure: a fresh transient-local reader gets the avatar back
-        self.mixer = FaceMixer(lambda: self.get_clock().now().nanoseconds * 1e-9,
-                               Display(self.p["display_width_m"], self.p["display_height_m"],
-                                       self.p["eye_depth_m"]), self.p["look_hold_s"])
-        self.named_in = 0
+        self.face = face_inputs.FaceInputs(self, self.p)
         self.create_subscription(ExpressionMsg, names.EXPRESSION, self._on_expression,
                                  qos.EXPRESSIONS)
-        self.create_subscription(NamedExpression, names.NAMED_EXPRESSION, self._on_named, qos.EXPRESSIONS)
-        self.create_subscription(PointStamped, names.LOOK_AT, self._on_look_at, qos.EXPRESSIONS)
-        self.create_subscription(DisplayPoint, names.LOOK_AT_DISPLAY, self._on_look_at_display,
-                                 qos.EXPRESSIONS)
-        self.create_timer(1.0 / IDLE_FPS, self._idle_frame)
+        self.create_timer(1.0 / face_inputs.IDLE_FPS, self._idle_frame)
         self.create_subscription(TrackingStatus, names.TRACKING_STATUS,
                                  lambda m: setattr(self, "tracking", m), qos.LATCHED)
         self.diagnostics = Diagnostics(self, self._report)
@@ -149,25 +126,12 @@ class RenderNode(ManagedNode):
 
     def _on_expression(self, msg: ExpressionMsg) -> None:
         # A malformed one raises: the guard refuses it.
-        self.mailbox.put(self.mixer.apply(expression_from_msg(msg)))
-
-    def _on_named(self, msg: NamedExpression) -> None:
-        self.mixer.command(named_from_msg(msg))
-        self.named_in += 1
-
-    def _on_look_at(self, msg: PointStamped) -> None:
-        check_frame(msg.header.frame_id, self.p["display_frame"])
-        self.mixer.look_at(LookAt(point=(msg.point.x, msg.point.y, msg.point.z)))
-        self.named_in += 1
-
-    def _on_look_at_display(self, msg: DisplayPoint) -> None:
-        self.mixer.look_at(LookAt(uv=(msg.u, msg.v)))
-        self.named_in += 1
+        self.mailbox.put(self.face.mixer.apply(expression_from_msg(msg)))
 
     def _idle_frame(self) -> None:
         """The neutral face with a named command or look_at while no live driver carries them."""
         if self.worker is not None:
-            expr = self.mixer.idle()
+            expr = self.face.mixer.idle()
             if expr is not None:
                 self.mailbox.put(expr)
 
@@ -204,12 +168,12 @@ class RenderNode(ManagedNode):
 
     def _report(self):
         refused = {t: self.guard.counts[self.resolve_topic_name(t)] for t in (
-            names.EXPRESSION, names.NAMED_EXPRESSION, names.LOOK_AT, names.LOOK_AT_DISPLAY)}
+            names.EXPRESSION, *face_inputs.TOPICS)}
         values = {"frame_rate": self.meter.rate, "frames": self.meter.count,
                   "latency_ms": self.latency_ms, "render_ms": self.render_ms,
                   "dropped_expressions": self.mailbox.dropped,
                   "rejected_expressions": refused.pop(names.EXPRESSION),
-                  "named_commands": self.named_in,
+                  "named_commands": self.face.count,
                   "rejected_named": sum(refused.values()),
                   "device": self.device}
         if self.device == "cuda":
