@@ -246,10 +246,11 @@ class FleetNode(ManagedNode):
                                f"Gaussians) on {self.device}")
 
     def _on_expression(self, ns: str, msg: ExpressionMsg) -> None:
-        served = self.served.get(ns)
-        if self.fleet is not None and served is not None:
-            # a malformed one raises: the guard refuses it
-            self.fleet.put(ns, served.face.mixer.apply(expression_from_msg(msg)))
+        if self.fleet is None:
+            return
+        expression = expression_from_msg(msg)  # a malformed one raises: the guard refuses it
+        served = self.served.get(ns)  # None only while the namespace joins: no command to add yet
+        self.fleet.put(ns, served.face.mixer.apply(expression) if served is not None else expression)
 
     def _idle_frames(self) -> None:
         """Each namespace's neutral face with its named command or look_at while no live driver
