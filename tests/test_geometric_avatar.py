@@ -117,6 +117,29 @@ def test_closed_eyes_cover_the_eyes(backend, avatar):
     assert after < 0.6 * before
 
 
+def test_widened_eyes_stretch_without_stripes(backend, avatar):
+    # An eye opened past the photo's lids stretches its content upward. Grown evenly, its rows of
+    # Gaussians parted into stripes (vertical roughness 1.85x the neutral eye's at 512 px; 1.25x
+    # when each follows its triangle's stretch).
+    size = 512
+    camera = Camera.from_transform(avatar.source_transform, size)
+
+    def roughness(weight: float) -> float:
+        expression = Expression(FaceModel.MESH, vertices=CANONICAL_VERTICES + displacement(
+            {"eyeBlinkLeft": weight, "eyeBlinkRight": weight}))
+        gray = backend.render(avatar, expression, size).astype(np.float64).mean(2)
+        vertices = backend.driven_vertices(avatar, expression).numpy()
+        values = []
+        for side in ("left", "right"):
+            xy = camera.project(vertices[np.r_[REGIONS[f"{side}_eye_upper"], REGIONS[f"{side}_eye_lower"]]])
+            (x0, y0), (x1, y1) = np.floor(xy.min(0)).astype(int), np.ceil(xy.max(0)).astype(int)
+            middle = gray[y0:y1 + 1, x0 + (x1 - x0) // 4:x1 - (x1 - x0) // 4]
+            values.append(np.abs(np.diff(middle, 2, axis=0)).mean())
+        return float(np.mean(values))
+
+    assert roughness(-1.0) < 1.5 * roughness(0.0)
+
+
 def test_cross_identity_keeps_source_shape(backend, avatar, landmarker, media_dir):
     """Obama drives the astronaut: the render keeps her face shape, not his."""
     cap = cv2.VideoCapture(str(media_dir / "obama.mp4"))

@@ -94,6 +94,51 @@ def matrix_to_quat(m: torch.Tensor) -> torch.Tensor:
     return q * torch.where(q[:, :1] < 0, -1.0, 1.0)
 
 
+def stretched(avatar: Avatar, vertices: torch.Tensor, rest: Rest,
+              rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Gaussians of `rows` (N,) bool whose triangles grew past their rest area, shaped by their
+    triangle's whole in-plane deformation: indices (K,), quats (K,4) and scales (K,3).
+
+    deform's growth is isotropic: right for skin, which stretches about evenly, but an opening that
+    widens (an eye opened past the photo's lids) stretches along one direction, so its rows of
+    Gaussians part and show as stripes. Here each covariance goes through J = F' [A 0; 0 1] F^T, with
+    F, F' the triangle's rest and current frames and A the 2x2 map of its edges, A's singular values
+    kept in STRETCH_RANGE (a photo's closed eye has a degenerate rest triangle). It costs a 3x3
+    eigendecomposition per Gaussian, so it is meant for a few hundred, not the whole avatar.
+    """
+    triangles = avatar.triangles
+    tri = rest.triangle[rows]
+    corners = vertices[triangles[tri]]
+    edge = corners[:, 1] - corners[:, 0]
+    area = torch.linalg.cross(edge, corners[:, 2] - corners[:, 0]).norm(dim=1) / 2
+    grew = area > rest.area[tri]
+    index = torch.nonzero(rows).squeeze(1)[grew]
+    if not len(index):  # nothing opened past its rest: the common case costs only the areas
+        return index, avatar.gaussians.quats[:0], avatar.gaussians.scales[:0]
+    tri, corners = tri[grew], corners[grew]
+    frame, _ = triangle_frames(vertices, triangles[tri], vertex_normals(vertices, triangles))
+    rest_corners = avatar.neutral_vertices[triangles[tri]]
+
+    def in_plane(c: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        return (f.transpose(1, 2) @ torch.stack([c[:, 1] - c[:, 0], c[:, 2] - c[:, 0]], -1))[:, :2]
+
+    before, after = in_plane(rest_corners, rest.frame[tri]), in_plane(corners, frame)
+    flat = torch.linalg.det(before).abs() <= _EPS
+    eye = torch.eye(2, device=vertices.device).expand(len(tri), 2, 2)
+    a = after @ torch.linalg.inv(torch.where(flat[:, None, None], eye, before))
+    u, sigma, vh = torch.linalg.svd(torch.where(flat[:, None, None], eye, a))
+    a = u @ torch.diag_embed(sigma.clamp(*STRETCH_RANGE)) @ vh
+    jac = torch.eye(3, device=vertices.device).repeat(len(tri), 1, 1)
+    jac[:, :2, :2] = a
+    jac = frame @ jac @ rest.frame[tri].transpose(1, 2)
+    g = avatar.gaussians
+    rot = jac @ quat_to_matrix(g.quats[index])
+    cov = rot @ torch.diag_embed(g.scales[index] ** 2) @ rot.transpose(1, 2)
+    variance, axes = torch.linalg.eigh((cov + cov.transpose(1, 2)) / 2)
+    axes = axes * torch.where(torch.linalg.det(axes) < 0, -1.0, 1.0)[:, None, None]
+    return index, matrix_to_quat(axes), variance.clamp_min(_EPS).sqrt()
+
+
 class Rest:
     """Per-avatar constants of the deformation, built once: the barycentric weights as a sparse
     CSR (N, V) matrix (anchors are then sparse products, ~10x faster than gathers on CPU) and the

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from gaga_ros.avatar.base import CAMERA_FIXED, Avatar, Binding, content_id, photo_landmarker, source_face
-from gaga_ros.avatar.deform import Rest, anchors, deform, matrix_to_quat, quat_to_matrix
+from gaga_ros.avatar.deform import Rest, anchors, deform, matrix_to_quat, quat_to_matrix, stretched
 from gaga_ros.camera import Camera, frontal_transform
 from gaga_ros.conventions import CROP_SIZE
 from gaga_ros.errors import InputError
@@ -267,8 +267,8 @@ class GeometricAvatar:
                              "pixels per side")
         expression = self.to_mesh(expression)
         prepared = self.prepared(avatar)
-        means, quats, growth = deform(avatar, self.driven_vertices(avatar, expression), prepared.rest,
-                                      prepared.eyes)
+        vertices = self.driven_vertices(avatar, expression)
+        means, quats, growth = deform(avatar, vertices, prepared.rest, prepared.eyes)
         transform = rebase_transform(expression.transform, avatar.source_transform)
         fixed = avatar.binding.triangle == CAMERA_FIXED
         if bool(fixed.any()):
@@ -289,7 +289,11 @@ class GeometricAvatar:
         opened = shrunk[:, None]  # eyes and teeth are apart: the teeth's clamp leaves the eyes' as it was
         lid = prepared.lid_colour
         colors = torch.where(prepared.eyes[:, None], lid + (g.colors - lid) * opened, g.colors)
-        gaussians = Gaussians(means, quats, g.scales * growth[:, None], g.opacities, colors)
+        scales = g.scales * growth[:, None]
+        # An eye opened past the photo's lids stretches its content upward, not evenly (no stripes).
+        wide, wide_quats, wide_scales = stretched(avatar, vertices, prepared.rest, prepared.eyes)
+        quats[wide], scales[wide] = wide_quats, wide_scales
+        gaussians = Gaussians(means, quats, scales, g.opacities, colors)
         return gaussians, Camera.from_transform(transform, int(size))
 
     def render(self, avatar: Avatar, expression: Expression, size: int = CROP_SIZE) -> np.ndarray:
