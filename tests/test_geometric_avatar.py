@@ -16,7 +16,7 @@ from gaga_ros.crop import crop_head, head_box
 from gaga_ros.driver import ScriptedDriver
 from gaga_ros.expression import Expression, ExpressionError, FaceModel
 from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES, FACE_LANDMARKS, REGIONS, TRIANGLES
-from gaga_ros.source import default_source
+from gaga_ros.source import default_source, load_image
 from gaga_ros.tracking.landmarks import FaceLandmarker
 from gaga_ros.tracking.mesh_tracker import MeshTracker, fit_head
 
@@ -138,6 +138,23 @@ def test_widened_eyes_stretch_without_stripes(backend, avatar):
         return float(np.mean(values))
 
     assert roughness(-1.0) < 1.5 * roughness(0.0)
+
+
+def test_an_opening_jaw_shows_no_line_across_the_chin(backend, media_dir):
+    # Monroe's fitted mesh ends above her chin. The photo's chin below it, held with the upper face,
+    # showed through the opening jaw's chin as a dark line (379 dark pixels at jawOpen 0.6).
+    avatar = backend.reconstruct(load_image(media_dir / "monroe.jpg"))
+    size = 512
+    camera = Camera.from_transform(avatar.source_transform, size)
+    expression = Expression(FaceModel.MESH, vertices=CANONICAL_VERTICES + displacement({"jawOpen": 0.6}))
+    gray = backend.render(avatar, expression, size).astype(np.uint8).mean(2).astype(np.uint8)
+    vertices = backend.driven_vertices(avatar, expression).numpy()
+    chin = np.zeros((size, size), np.uint8)
+    cv2.fillConvexPoly(chin, cv2.convexHull(camera.project(vertices[REGIONS["jaw"]]).astype(np.int32)), 1)
+    chin[:int(camera.project(vertices[REGIONS["lips_lower"]])[:, 1].max()) + 5] = 0
+    dark = (cv2.medianBlur(gray, 15).astype(np.float64) - gray) > 25
+    assert chin.sum() > 2000
+    assert dark[chin > 0].sum() < 40
 
 
 def test_cross_identity_keeps_source_shape(backend, avatar, landmarker, media_dir):

@@ -45,6 +45,9 @@ SOURCE_MOUTH_DEPTH, TEETH_DEPTH, MOUTH_DEPTH = 0.02, 0.03, 0.04
 #: over SEAM_BLEND of the crop; the torso repeats the SEAM_BAND (of the crop) above the chin line,
 #: SEAM_DEPTH (canonical units) further back.
 SEAM_BLEND, SEAM_BAND, SEAM_DEPTH = 0.05, 0.08, 0.3
+#: Off-mesh pixels below the mouth nearer than this (fraction of the crop) to the jaw line, and how far
+#: they are set back (face-size units).
+CHIN_REACH, CHIN_SETBACK = 0.04, 0.06
 #: Darkening of the mirrored back layer, which the source photo never saw.
 BACK_SHADE = 0.8
 #: Lifted pixels per side of the head crop: the default, and the accepted range.
@@ -448,6 +451,16 @@ class _Lifter:
         chin_v = self.camera.project(self.neutral[REGIONS["jaw"]].astype(np.float32))[:, 1].max()
         body = off & ~ell_hit & (uv[:, 1] > chin_v)
         head_off = off & ~body
+        # Off the mesh just below the jaw line is the photo's chin where the fitted mesh ends above
+        # it. It stays with the steady upper face (so the face's outline holds still while the mouth
+        # moves), set back so that the chin, which an opening jaw moves down and back, covers it
+        # rather than letting it show through as a dark line.
+        jaw_uv = self.camera.project(self.neutral[REGIONS["jaw"]].astype(np.float32)).astype(np.float64)
+        mouth_v = self.camera.project(self.neutral[REGIONS["mouth_inner"]].astype(np.float32))[:, 1].max()
+        reach = np.linalg.norm(uv[:, None] - jaw_uv[None], axis=2).min(1)
+        chin = head_off & (uv[:, 1] > mouth_v) & (reach < CHIN_REACH * CROP_SIZE)
+        if chin.any():
+            points[chin] = self._unproject(uv[chin], depth[chin] + CHIN_SETBACK * self.scale)
         if head_off.any():
             triangle[head_off], barycentric[head_off] = self._bind_nearest(points[head_off], _STEADY)
         triangle[body] = CAMERA_FIXED
@@ -459,7 +472,7 @@ class _Lifter:
         image[ys + 1, xs + 1] = depth
         steps = [np.abs(image[ys + 1 + dy, xs + 1 + dx] - depth)
                  for dy, dx in ((0, 1), (1, 0), (0, -1), (-1, 0))]
-        step = np.nan_to_num(np.nanmax(np.stack(steps), axis=0), nan=0.0)
+        step = np.nan_to_num(np.fmax.reduce(steps), nan=0.0)  # fmax: an isolated pixel has no step
         thickness = np.clip(THICKEN * step, THICKNESS_RANGE[0] * sigma, THICKNESS_RANGE[1] * sigma)
         hair = off & ~body & (uv[:, 1] < self.camera.project(
             self.neutral[REGIONS["left_iris"]].astype(np.float32))[:, 1].min())
