@@ -42,8 +42,8 @@ PARAMS = (
     Param("reference_frames", 15, "Frames averaged into the driver's neutral reference.", low=1,
           high=300),
     Param("min_cutoff", FACE_SMOOTHING.min_cutoff, "One Euro filter of the expression (landmark) motion, "
-          "mesh mode: cutoff (Hz) for a still face; lower = steadier. The head pose has its own filter "
-          "(gaga_ros/tracking/smoothing.py).", read_only=False, low=0.01, high=30.0),
+          "mesh mode: cutoff (Hz) for a still face; lower = steadier. The head pose and the eyelids have "
+          "their own filters (gaga_ros/tracking/smoothing.py).", read_only=False, low=0.01, high=30.0),
     Param("beta", FACE_SMOOTHING.beta, "One Euro filter: how fast the cutoff opens with speed; "
           "higher = less lag.", read_only=False, low=0.0, high=100.0),
     Param("d_cutoff", FACE_SMOOTHING.d_cutoff, "One Euro filter: cutoff (Hz) of the speed estimate; "

@@ -22,7 +22,13 @@ from gaga_ros.errors import InputError
 from gaga_ros.expression import Expression, FaceModel
 from gaga_ros.faces.mediapipe_mesh import CANONICAL_VERTICES, FACE_LANDMARKS, REGIONS
 from gaga_ros.tracking.landmarks import FaceLandmarker
-from gaga_ros.tracking.smoothing import FACE_SMOOTHING, HEAD_SMOOTHING, OneEuroFilter, OneEuroSettings
+from gaga_ros.tracking.smoothing import (
+    FACE_SMOOTHING,
+    HEAD_SMOOTHING,
+    LID_SMOOTHING,
+    OneEuroFilter,
+    OneEuroSettings,
+)
 from gaga_ros.tracking.tracker import TrackingState, nearest_rotation
 
 #: Landmarks that move little with expression (forehead, nose, cheeks, eye corners): the rigid fit uses
@@ -32,6 +38,9 @@ _MOVING = ("lips_upper", "lips_lower", "lower_face", "left_eye_upper", "left_eye
 #: The eye corners (33, 133, 362, 263) stay: blinks do not move them.
 RIGID = np.union1d(np.setdiff1d(np.arange(FACE_LANDMARKS), np.concatenate([REGIONS[r] for r in _MOVING])),
                    [33, 133, 362, 263]).astype(np.int32)
+#: The eyelids' vertices, which LID_SMOOTHING filters instead of the face's `smoothing`.
+_LIDS = np.unique(np.concatenate([REGIONS[r] for r in ("left_eye_upper", "left_eye_lower", "right_eye_upper",
+                                                        "right_eye_lower")]))
 #: Reprojection error (pixels on the 512 crop) at which fit quality halves the confidence. A different
 #: person's face fits the canonical one to ~5-7 px, a broken fit is off by tens of pixels.
 RMSE_HALF = 16.0
@@ -147,8 +156,9 @@ def _register(points: np.ndarray, rot: np.ndarray, trans: np.ndarray,
 class MeshTracker:
     """Camera frames -> smoothed mesh-mode Expressions, relative to the driver's own reference.
 
-    One Euro filters smooth the vertex motion (`smoothing`, canonical units) and the head pose
-    (`head_smoothing`: the rotation as an axis-angle in radians and the translation in units).
+    One Euro filters smooth the vertex motion (`smoothing`, canonical units; the eyelids have their
+    own, LID_SMOOTHING) and the head pose (`head_smoothing`: the rotation as an axis-angle in radians
+    and the translation in units).
     """
 
     #: One Euro settings of the crop box (in units of the box side, per second).
@@ -164,7 +174,7 @@ class MeshTracker:
         self.min_confidence = float(min_confidence)
         self.crop_size, self.crop_scale = int(crop_size), float(crop_scale)
         self._front = frontal_transform(distance)
-        self._filters = {"motion": OneEuroFilter.of(smoothing),
+        self._filters = {"motion": OneEuroFilter.of(smoothing), "lids": OneEuroFilter.of(LID_SMOOTHING),
                          "rot": OneEuroFilter.of(head_smoothing), "trans": OneEuroFilter.of(head_smoothing)}
         self._box_filter = OneEuroFilter.of(self.BOX_FILTER)
         self._last: tuple[np.ndarray, np.ndarray, CropWindow] | None = None
@@ -255,6 +265,7 @@ class MeshTracker:
         delta = cv2.Rodrigues(rot @ ref_rot.T)[0][:, 0]
         shift = (trans - ref_trans) @ ref_rot.T @ self._front[:, :3]
         motion = self._filters["motion"](points - ref_points, t)
+        motion[_LIDS] = self._filters["lids"]((points - ref_points)[_LIDS], t)
         delta = self._filters["rot"](delta, t)
         shift = self._filters["trans"](shift, t)
         transform = np.column_stack([cv2.Rodrigues(delta)[0] @ self._front[:, :3],
