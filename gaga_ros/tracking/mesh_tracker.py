@@ -26,6 +26,7 @@ from gaga_ros.tracking.smoothing import (
     FACE_SMOOTHING,
     HEAD_SMOOTHING,
     LID_SMOOTHING,
+    SHIFT_SMOOTHING,
     OneEuroFilter,
     OneEuroSettings,
 )
@@ -157,8 +158,8 @@ class MeshTracker:
     """Camera frames -> smoothed mesh-mode Expressions, relative to the driver's own reference.
 
     One Euro filters smooth the vertex motion (`smoothing`, canonical units; the eyelids have their
-    own, LID_SMOOTHING) and the head pose (`head_smoothing`: the rotation as an axis-angle in radians
-    and the translation in units).
+    own, LID_SMOOTHING), the head's rotation (`head_smoothing`, an axis-angle in radians) and its shift
+    (SHIFT_SMOOTHING, in units).
     """
 
     #: One Euro settings of the crop box (in units of the box side, per second).
@@ -175,7 +176,7 @@ class MeshTracker:
         self.crop_size, self.crop_scale = int(crop_size), float(crop_scale)
         self._front = frontal_transform(distance)
         self._filters = {"motion": OneEuroFilter.of(smoothing), "lids": OneEuroFilter.of(LID_SMOOTHING),
-                         "rot": OneEuroFilter.of(head_smoothing), "trans": OneEuroFilter.of(head_smoothing)}
+                         "rot": OneEuroFilter.of(head_smoothing), "trans": OneEuroFilter.of(SHIFT_SMOOTHING)}
         self._box_filter = OneEuroFilter.of(self.BOX_FILTER)
         self._last: tuple[np.ndarray, np.ndarray, CropWindow] | None = None
         self._last_crop: HeadCrop | None = None
