@@ -69,6 +69,9 @@ HAIR_MIN_PIXELS = 20
 #: fraction of it, the matte a mirrored pixel needs to give its colour, and the blur (crop pixels) of
 #: the colours it mirrors.
 BACK_SPACING, BACK_SIGMA, BACK_MATTE, BACK_BLUR_PX = 1.6, 0.75, 0.5, 6
+#: How far behind the front layer (fraction of the head's depth radius) the back layer stays, and the
+#: window (lifted pixels) over which the front layer's deepest point counts.
+BACK_CLEARANCE, BACK_REACH = 0.1, 9
 #: Mouth interior: lattice steps per mouth triangle side, the barycentric weight of the upper lip
 #: above which a point is teeth, and the sigma of its Gaussians (canonical units).
 MOUTH_STEPS, TEETH_WEIGHT, MOUTH_SIGMA = 8, 0.9, 0.012
@@ -315,6 +318,7 @@ class _FrontView:
 
     hair_colour: np.ndarray | None  # median RGB of the hair above the eyes; None: too little hair
     face_pixels: np.ndarray  # (grid, grid) bool: lifted pixels on the face mesh
+    depth: np.ndarray  # (grid, grid) deepest lifted pixel within BACK_REACH // 2 pixels, -inf: none
 
 
 class _Lifter:
@@ -476,8 +480,12 @@ class _Lifter:
         thickness = np.clip(THICKEN * step, THICKNESS_RANGE[0] * sigma, THICKNESS_RANGE[1] * sigma)
         hair = off & ~body & (uv[:, 1] < self.camera.project(
             self.neutral[REGIONS["left_iris"]].astype(np.float32))[:, 1].min())
+        from scipy import ndimage
+
+        front_depth = np.full((g, g), -np.inf)
+        front_depth[ys, xs] = depth
         seen = _FrontView(np.median(colours[ys[hair], xs[hair]], axis=0) if hair.sum() > HAIR_MIN_PIXELS
-                          else None, tri_id >= 0)
+                          else None, tri_id >= 0, ndimage.maximum_filter(front_depth, size=BACK_REACH))
         opacity = np.where(on_mesh, 1.0, np.clip((matte[ys, xs] - MATTE_KEEP) / MATTE_RAMP, 0, 1)) * OPACITY
         # The neck again, fixed to the torso and set back, so the torso shows no gap
         # when the head lifts or turns above it.
@@ -525,6 +533,14 @@ class _Lifter:
         view = (self.eye - self.centre) / np.linalg.norm(self.eye - self.centre)
         unit = unit[unit @ view < 0]  # the half the source camera did not see
         points = self.centre + unit * self.radii
+        # Near the silhouette the far half reaches the front layer's depth, and there it showed in
+        # front of the face's sides as grey lines even in the source's own view: such points go
+        # back along their ray, BACK_CLEARANCE of the depth radius behind the front layer.
+        own = self.camera.project(points.astype(np.float32)).astype(np.float64)
+        cell = np.clip((own / self.pixel).astype(int), 0, self.grid - 1)
+        behind = seen.depth[cell[:, 1], cell[:, 0]] + BACK_CLEARANCE * self.radii[2]
+        close = np.isfinite(behind) & (self.camera.depth(points.astype(np.float32)) < behind)
+        points[close] = self._unproject(own[close], behind[close])
         mirrored = points - 2 * ((points - self.centre) @ view)[:, None] * view
         uv = self.camera.project(mirrored.astype(np.float32))
         inside = ((uv >= 0) & (uv < CROP_SIZE - 1)).all(1)
