@@ -94,10 +94,11 @@ def matrix_to_quat(m: torch.Tensor) -> torch.Tensor:
     return q * torch.where(q[:, :1] < 0, -1.0, 1.0)
 
 
-def stretched(avatar: Avatar, vertices: torch.Tensor, rest: Rest,
+def stretched(avatar: Avatar, vertices: torch.Tensor, rest: Rest, pose: Pose,
               rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The Gaussians of `rows` (N,) bool whose triangles grew past their rest area, shaped by their
-    triangle's whole in-plane deformation: indices (K,), quats (K,4) and scales (K,3).
+    triangle's whole in-plane deformation: indices (K,), quats (K,4) and scales (K,3). `pose` is
+    rest.pose(vertices, avatar.triangles), which deform takes too (computed once per frame).
 
     deform's growth is isotropic: right for skin, which stretches about evenly, but an opening that
     widens (an eye opened past the photo's lids) stretches along one direction, so its rows of
@@ -107,16 +108,14 @@ def stretched(avatar: Avatar, vertices: torch.Tensor, rest: Rest,
     eigendecomposition per Gaussian, so it is meant for a few hundred, not the whole avatar.
     """
     triangles = avatar.triangles
+    _, frames, areas = pose
     tri = rest.triangle[rows]
-    corners = vertices[triangles[tri]]
-    edge = corners[:, 1] - corners[:, 0]
-    area = torch.linalg.cross(edge, corners[:, 2] - corners[:, 0]).norm(dim=1) / 2
-    grew = area > rest.area[tri]
+    grew = areas[tri] > rest.area[tri]
     index = torch.nonzero(rows).squeeze(1)[grew]
-    if not len(index):  # nothing opened past its rest: the common case costs only the areas
+    if not len(index):  # nothing opened past its rest: the common case
         return index, avatar.gaussians.quats[:0], avatar.gaussians.scales[:0]
-    tri, corners = tri[grew], corners[grew]
-    frame, _ = triangle_frames(vertices, triangles[tri], vertex_normals(vertices, triangles))
+    tri = tri[grew]
+    frame, corners = frames[tri], vertices[triangles[tri]]
     rest_corners = avatar.neutral_vertices[triangles[tri]]
 
     def in_plane(c: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
@@ -139,6 +138,10 @@ def stretched(avatar: Avatar, vertices: torch.Tensor, rest: Rest,
     return index, matrix_to_quat(axes), variance.clamp_min(_EPS).sqrt()
 
 
+#: A mesh's pose as Rest.pose gives it: anchors (N,3), triangle frames (F,3,3) and areas (F,).
+Pose = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 class Rest:
     """Per-avatar constants of the deformation, built once: the barycentric weights as a sparse
     CSR (N, V) matrix (anchors are then sparse products, ~10x faster than gathers on CPU) and the
@@ -159,7 +162,7 @@ class Rest:
         self.offset = b.offset[:, None]
         self.anchor, self.frame, self.area = self.pose(avatar.neutral_vertices, avatar.triangles)
 
-    def pose(self, vertices: torch.Tensor, triangles: torch.Tensor):
+    def pose(self, vertices: torch.Tensor, triangles: torch.Tensor) -> Pose:
         normals = vertex_normals(vertices, triangles)
         blend = self.weights @ normals
         blend = blend / blend.norm(dim=1, keepdim=True).clamp_min(_EPS)
@@ -168,7 +171,8 @@ class Rest:
 
 
 def deform(avatar: Avatar, vertices: torch.Tensor, rest: Rest | None = None,
-           vanishing: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           vanishing: torch.Tensor | None = None,
+           pose: Pose | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Means (N,3), quats (N,4) and growth factors (N,) of the avatar's Gaussians on mesh `vertices`.
 
     `vertices` (V,3) is the deformed mesh in the canonical frame (same topology as the neutral one).
@@ -178,13 +182,14 @@ def deform(avatar: Avatar, vertices: torch.Tensor, rest: Rest | None = None,
     caller that deforms the avatar every frame builds once (None: built here). `vanishing` (N,) bool
     marks Gaussians that fill an opening (an eye between its lids): below their triangle's rest area
     they shrink in proportion to it, without STRETCH_RANGE's floor, so a closed opening shows nothing.
+    `pose` is rest.pose(vertices, avatar.triangles) when the caller has it already (None: computed).
     """
     vertices = torch.as_tensor(vertices, dtype=torch.float32, device=avatar.device)
     if vertices.shape != avatar.neutral_vertices.shape:
         raise InputError(f"deform needs vertices of shape {tuple(avatar.neutral_vertices.shape)}, "
                          f"got {tuple(vertices.shape)}")
     rest = Rest(avatar) if rest is None else rest
-    anchor, frame, area = rest.pose(vertices, avatar.triangles)
+    anchor, frame, area = rest.pose(vertices, avatar.triangles) if pose is None else pose
     g = avatar.gaussians
     means = g.means + anchor - rest.anchor  # CAMERA_FIXED rows have no weights: zero motion
     turn = matrix_to_quat(frame @ rest.frame.transpose(1, 2))

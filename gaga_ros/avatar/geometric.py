@@ -274,7 +274,8 @@ class GeometricAvatar:
         expression = self.to_mesh(expression)
         prepared = self.prepared(avatar)
         vertices = self.driven_vertices(avatar, expression)
-        means, quats, growth = deform(avatar, vertices, prepared.rest, prepared.eyes)
+        pose = prepared.rest.pose(vertices, avatar.triangles)
+        means, quats, growth = deform(avatar, vertices, prepared.rest, prepared.eyes, pose)
         transform = rebase_transform(expression.transform, avatar.source_transform)
         fixed = avatar.binding.triangle == CAMERA_FIXED
         if bool(fixed.any()):
@@ -297,7 +298,7 @@ class GeometricAvatar:
         colors = torch.where(prepared.eyes[:, None], lid + (g.colors - lid) * opened, g.colors)
         scales = g.scales * growth[:, None]
         # An eye opened past the photo's lids stretches its content upward, not evenly (no stripes).
-        wide, wide_quats, wide_scales = stretched(avatar, vertices, prepared.rest, prepared.eyes)
+        wide, wide_quats, wide_scales = stretched(avatar, vertices, prepared.rest, pose, prepared.eyes)
         quats[wide], scales[wide] = wide_quats, wide_scales
         gaussians = Gaussians(means, quats, scales, g.opacities, colors)
         return gaussians, Camera.from_transform(transform, int(size))
@@ -452,14 +453,14 @@ class _Lifter:
         if in_mouth.any():
             triangle[in_mouth], barycentric[in_mouth] = self._bind_nearest(points[in_mouth], _LIPS)
         off = ~on_mesh
-        chin_v = self.camera.project(self.neutral[REGIONS["jaw"]].astype(np.float32))[:, 1].max()
+        jaw_uv = self.camera.project(self.neutral[REGIONS["jaw"]].astype(np.float32)).astype(np.float64)
+        chin_v = jaw_uv[:, 1].max()
         body = off & ~ell_hit & (uv[:, 1] > chin_v)
         head_off = off & ~body
         # Off the mesh just below the jaw line is the photo's chin where the fitted mesh ends above
         # it. It stays with the steady upper face (so the face's outline holds still while the mouth
         # moves), set back so that the chin, which an opening jaw moves down and back, covers it
         # rather than letting it show through as a dark line.
-        jaw_uv = self.camera.project(self.neutral[REGIONS["jaw"]].astype(np.float32)).astype(np.float64)
         mouth_v = self.camera.project(self.neutral[REGIONS["mouth_inner"]].astype(np.float32))[:, 1].max()
         reach = np.linalg.norm(uv[:, None] - jaw_uv[None], axis=2).min(1)
         chin = head_off & (uv[:, 1] > mouth_v) & (reach < CHIN_REACH * CROP_SIZE)

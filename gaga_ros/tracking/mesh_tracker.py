@@ -265,8 +265,9 @@ class MeshTracker:
         # Head-frame motion: x R_t = (x D) R_ref, so D = R_t R_ref^T; the avatar gets x D R_front.
         delta = cv2.Rodrigues(rot @ ref_rot.T)[0][:, 0]
         shift = (trans - ref_trans) @ ref_rot.T @ self._front[:, :3]
-        motion = self._filters["motion"](points - ref_points, t)
-        motion[_LIDS] = self._filters["lids"]((points - ref_points)[_LIDS], t)
+        raw = points - ref_points
+        motion = self._filters["motion"](raw, t)
+        motion[_LIDS] = self._filters["lids"](raw[_LIDS], t)
         delta = self._filters["rot"](delta, t)
         shift = self._filters["trans"](shift, t)
         transform = np.column_stack([cv2.Rodrigues(delta)[0] @ self._front[:, :3],
