@@ -35,11 +35,12 @@ class OneEuroSettings:
 FACE_SMOOTHING = OneEuroSettings(min_cutoff=0.3, beta=30.0, d_cutoff=3.0)
 #: The eyelids' own filter (the 32 lid vertices of the motion): a slow widening of the eyes, as when
 #: the driver looks up, moves the lids too slowly to open FACE_SMOOTHING's speed term and lagged by
-#: about half a second. Lid jitter costs little to see (0.1 % of the eye opening on a still face with
-#: sensor noise, under 0.1 px at 512), and this follows the driver's eye opening nearly as the raw
-#: landmarks do (r 0.924-0.961 on the three clips against 0.898-0.940; TRANSFER_NOTES, fifth pass).
+#: about half a second. Lid jitter costs little to see (an eye opening steady to 0.1 % of the eye's
+#: width on a still face with sensor noise, under 0.1 px at 512), and this follows the driver's eye
+#: opening nearly as the raw landmarks do (r 0.924-0.961 on the three clips against 0.898-0.940;
+#: TRANSFER_NOTES, fifth pass).
 LID_SMOOTHING = OneEuroSettings(min_cutoff=0.5, beta=100.0, d_cutoff=3.0)
-#: Its filter of the head's rotation (an axis-angle in radians). A still cutoff of
+#: The mesh tracker's filter of the head's rotation (an axis-angle in radians). A still cutoff of
 #: 1 Hz, not 0.3, because the render must stay on a slowly drifting head (self-reenactment lost 0.1 dB
 #: at 0.3). A speed gain of 10 (5 before) lets nods through with less lag: pose correlation with the
 #: driver's measured pitch 0.776 -> 0.790 (head_turns) and 0.533 -> 0.566 (expressive), for a still
@@ -47,8 +48,8 @@ LID_SMOOTHING = OneEuroSettings(min_cutoff=0.5, beta=100.0, d_cutoff=3.0)
 #: little more (0.792, 0.592) but a speaking head's median turn between frames rose to 0.50 degree from
 #: 0.39 (raw: 0.66), jitter let through while it moves (TRANSFER_NOTES, fifth pass).
 HEAD_SMOOTHING = OneEuroSettings(min_cutoff=1.0, beta=10.0, d_cutoff=2.0)
-#: Its filter of the head's shift: the former head filter, since a faster one let a speaking head's
-#: distance jump by a tenth of a unit between frames.
+#: Its filter of the head's shift (GAGAvatar units): the former head filter, since a faster one let a
+#: speaking head's distance jump by a tenth of a unit between frames.
 SHIFT_SMOOTHING = OneEuroSettings(min_cutoff=1.0, beta=5.0, d_cutoff=2.0)
 
 
