@@ -216,6 +216,10 @@ def graph(tmp_path_factory):
         ok = obs.serving(timeout=150)
         assert ok, "graph never served frames:\n" + "\n".join(f"--- {n}\n{g.log(n)[-1500:]}"
                                                              for n in g.procs)
+        # Frames can come before the observer's own copy of the latched avatar: render and the
+        # observer are separate readers of /avatar/model, and on a loaded machine the large
+        # message reached render first (CI, 4 tests here read an empty avatar_ids).
+        assert wait_for(lambda: obs.avatar_ids, timeout=60), "no /avatar/model reached the observer"
         yield g, obs
     finally:
         g.stop()
