@@ -239,35 +239,6 @@ def test_arrays_round_trip(backend, avatar):
         Avatar.from_arrays(broken)
     with pytest.raises(AvatarError, match="triangle"):
         Avatar.from_arrays(dict(arrays, binding_triangle=np.full(n, 10**6, np.uint32)))
-    # Without shares of the head's motion, what is bound to the mesh follows it and the rest stays.
-    plain = Avatar.from_arrays(dict(arrays, binding_follow=np.zeros(0, np.float32)))
-    np.testing.assert_array_equal(plain.binding.follow.numpy(),
-                                  arrays["binding_triangle"] != np.uint32(CAMERA_FIXED))
-
-
-def test_the_hair_beside_a_rolling_head_bends_with_it(backend, media_dir):
-    # The torso's pixels, held where the source camera saw them, tore from the hair above them when
-    # the head rolled: a black wedge between them at the crop's edge (obama driving Monroe). With
-    # shares of the head's motion falling off from the head and towards the crop's edges (Binding.follow)
-    # the hair bends instead. Measured: background showing where her neutral render has hair, in the
-    # lower side quarters, 311 and 292 pixels before, 149 and 103 after.
-    from scipy.spatial.transform import Rotation
-
-    avatar = backend.reconstruct(load_image(media_dir / "monroe.jpg"))
-    follow = avatar.binding.follow.numpy()
-    fixed = avatar.binding.triangle.numpy() == CAMERA_FIXED
-    assert (follow[~fixed] == 1).mean() > 0.8 and ((follow > 0) & (follow < 1) & fixed).sum() > 500
-    size = 256
-    hair = backend.render(avatar, neutral(), size).max(2) >= 60
-    sides = np.zeros((size, size), bool)
-    sides[size // 2:, : size // 4] = sides[size // 2:, -size // 4:] = True
-    for roll in (12, -12):
-        t = frontal_transform().astype(np.float64)
-        t[:, :3] = t[:, :3] @ Rotation.from_euler("z", roll, degrees=True).as_matrix()
-        rolled = backend.render(avatar, Expression(FaceModel.MESH, vertices=CANONICAL_VERTICES,
-                                                   transform=t.astype(np.float32)), size)
-        torn = (rolled.max(2) < 25) & hair & sides
-        assert torn.sum() < 200, (roll, int(torn.sum()))
 
 
 def test_photo_without_face_raises(backend):
