@@ -98,7 +98,8 @@ def test_every_node_is_guarded():
         assert classes and all(issubclass(c, Guarded) for c in classes), (name, classes)
 
 
-@pytest.mark.parametrize("case", ["means 1e6", "negative scale", "scale 1e4", "opacity 2", "zero quaternion"])
+@pytest.mark.parametrize("case", ["means 1e6", "negative scale", "scale 1e4", "opacity 2", "zero quaternion",
+                                  "follow -1"])
 def test_finite_but_absurd_avatars_are_refused_with_the_range(case):
     from gaga_ros.avatar.base import Avatar, AvatarError
     from gaga_ros.avatar.geometric import GeometricAvatar
@@ -108,7 +109,8 @@ def test_finite_but_absurd_avatars_are_refused_with_the_range(case):
     Avatar.from_arrays(fields)  # the valid one passes
     name, index, value = {"means 1e6": ("means", 0, 1e6), "negative scale": ("scales", 1, -0.01),
                           "scale 1e4": ("scales", 2, 1e4), "opacity 2": ("opacities", 0, 2.0),
-                          "zero quaternion": ("quats", slice(0, 4), 0.0)}[case]
+                          "zero quaternion": ("quats", slice(0, 4), 0.0),
+                          "follow -1": ("binding_follow", 0, -1.0)}[case]
     fields[name] = fields[name].copy()
     fields[name][index] = value
     with pytest.raises(AvatarError) as err:

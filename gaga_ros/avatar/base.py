@@ -100,14 +100,20 @@ class Binding:
     Gaussian i moves with the anchor point sum_k barycentric[i,k] * v[triangle[i,k]] +
     offset[i] * n, n the barycentric blend of the vertex normals, and turns with the triangle's
     frame; its neutral position is the avatar's `means`. triangle == CAMERA_FIXED: see there.
+    follow[i] in [0, 1] is the share of all that motion (the head's and its triangle's) it takes, of
+    the head's roll and shift only for a CAMERA_FIXED one (a torso does not turn with the head): 0
+    keeps it where the source camera saw it, and shares between let the torso and hair beside the
+    head bend with it rather than tear from it (usually 1 for bound Gaussians, 0 for fixed ones).
     """
 
     triangle: torch.Tensor  # (N,) int64
     barycentric: torch.Tensor  # (N, 3) float32
     offset: torch.Tensor  # (N,) float32
+    follow: torch.Tensor  # (N,) float32
 
     def to(self, device: torch.device | str) -> Binding:
-        return Binding(self.triangle.to(device), self.barycentric.to(device), self.offset.to(device))
+        return Binding(self.triangle.to(device), self.barycentric.to(device), self.offset.to(device),
+                       self.follow.to(device))
 
 
 @dataclass
@@ -162,6 +168,7 @@ class Avatar:
             "binding_triangle": flat(self.binding.triangle, np.uint32),
             "binding_barycentric": flat(self.binding.barycentric, np.float32),
             "binding_offset": flat(self.binding.offset, np.float32),
+            "binding_follow": flat(self.binding.follow, np.float32),
             "neutral_vertices": flat(self.neutral_vertices, np.float32),
             "triangles": flat(self.triangles, np.uint32),
             "source_transform": np.asarray(self.source_transform, np.float32).reshape(12).copy(),
@@ -204,11 +211,15 @@ class Avatar:
         tri = arr("binding_triangle", np.int64, 1, allow_empty=True)
         bary = arr("binding_barycentric", np.float32, 3, allow_empty=True)
         offset = arr("binding_offset", np.float32, 1, allow_empty=True)
+        follow = arr("binding_follow", np.float32, 1, allow_empty=True)
         if tri.size == 0:  # static avatar: every Gaussian keeps its place in the source view
             tri = np.full(n, CAMERA_FIXED, np.int64)
             bary, offset = np.zeros((n, 3), np.float32), np.zeros(n, np.float32)
-        if bary.size != 3 * n or offset.size != n:
+        if follow.size == 0:  # what is bound to the mesh follows it, the rest stays
+            follow = (tri != CAMERA_FIXED).astype(np.float32)
+        if bary.size != 3 * n or offset.size != n or follow.size != n:
             raise AvatarError("binding arrays must be all empty or all sized by num_gaussians")
+        _within("binding_follow", follow, 0.0, 1.0, "shares of the head's motion")
         verts = np.asarray(fields["neutral_vertices"], np.float32).reshape(-1)
         faces = np.asarray(fields["triangles"]).reshape(-1).astype(np.int64)
         if verts.size % 3 or faces.size % 3:
@@ -231,14 +242,15 @@ class Avatar:
         gaussians = Gaussians(t(means), t(quats), t(scales), t(opacities), t(features))
         extra = np.asarray(fields["extra"], np.uint8).tobytes()
         return cls(str(fields["backend"]), str(fields["avatar_id"]), gaussians,
-                   Binding(t(tri), t(bary.reshape(n, 3)), t(offset)),
+                   Binding(t(tri), t(bary.reshape(n, 3)), t(offset), t(follow)),
                    t(verts.reshape(n_verts, 3)), t(faces.reshape(n_faces, 3)),
                    transform.reshape(3, 4), extra)
 
 
 _MESSAGE_FIELDS = ("avatar_id", "backend", "num_gaussians", "feature_dim", "means", "quats", "scales",
                    "opacities", "features", "binding_triangle", "binding_barycentric",
-                   "binding_offset", "neutral_vertices", "triangles", "source_transform", "extra")
+                   "binding_offset", "binding_follow", "neutral_vertices", "triangles",
+                   "source_transform", "extra")
 
 
 class AvatarBackend(Protocol):

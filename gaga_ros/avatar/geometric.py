@@ -45,6 +45,14 @@ SOURCE_MOUTH_DEPTH, TEETH_DEPTH, MOUTH_DEPTH = 0.02, 0.03, 0.04
 #: over SEAM_BLEND of the crop; the torso repeats the SEAM_BAND (of the crop) above the chin line,
 #: SEAM_DEPTH (canonical units) further back.
 SEAM_BLEND, SEAM_BAND, SEAM_DEPTH = 0.05, 0.08, 0.3
+#: Shares of the head's motion (Binding.follow): the torso's pixels take 1 (of its roll and shift only,
+#: rolled_and_shifted) next to the head falling to 0 at FOLLOW_SPAN (canonical units, scaled to the
+#: source's face) from it, and every off-mesh pixel falls to 0 over FOLLOW_EDGE of the crop at its
+#: sides and bottom, which hold still (nothing beyond them to show). Where the share changes the layer
+#: stretches, and its Gaussians grow by that stretch so they do not part into lines. Hard-fixed, the
+#: torso tore from a rolling head as a black wedge at the crop's edge (bench/TRANSFER_NOTES.md, sixth
+#: and seventh passes).
+FOLLOW_SPAN, FOLLOW_EDGE = 0.3, 0.15
 #: Off-mesh pixels below the mouth nearer than this (fraction of the crop) to the jaw line, and how far
 #: they are set back (face-size units).
 CHIN_REACH, CHIN_SETBACK = 0.04, 0.06
@@ -167,6 +175,24 @@ def rebase_transform(driver: np.ndarray, source: np.ndarray) -> np.ndarray:
     return out.astype(np.float32)
 
 
+def rolled_and_shifted(cam: torch.Tensor, source: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Points `cam` (in the `source` camera's frame) moved by the head's roll and its shift from
+    `source` to `new` (3x4 transforms, as Camera's), but not by its turn or nod; returned in the
+    canonical frame that `new` shows.
+
+    The head turns about the canonical origin. Its roll is the twist about its own forward axis
+    (canonical z) of its rotation between the two cameras: atan2 of that matrix's antisymmetric and
+    trace parts in x and y, exact, and 0 for a pure turn or nod.
+    """
+    head = source[:, :3] @ new[:, :3].T  # the head's rotation in its own frame (column vectors)
+    roll = torch.atan2(head[1, 0] - head[0, 1], head[0, 0] + head[1, 1])
+    c, s = torch.cos(roll), torch.sin(roll)
+    twist = torch.eye(3, device=cam.device, dtype=cam.dtype)
+    twist[0, 0], twist[0, 1], twist[1, 0], twist[1, 1] = c, -s, s, c
+    spin = source[:, :3].T @ twist @ source[:, :3]  # that twist in camera space
+    return ((cam - source[:, 3]) @ spin.T) @ new[:, :3].T
+
+
 @dataclass
 class Prepared:
     """What the geometric backend derives once per avatar to render it (Avatar.prepared)."""
@@ -220,7 +246,8 @@ class GeometricAvatar:
         t = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in arrays.items()}
         gaussians = Gaussians(t["means"].float(), t["quats"].float(), t["scales"].float(),
                               t["opacities"].float(), t["colors"].float())
-        binding = Binding(t["triangle"].long(), t["barycentric"].float(), t["offset"].float())
+        binding = Binding(t["triangle"].long(), t["barycentric"].float(), t["offset"].float(),
+                          t["follow"].float())
         avatar_id = content_id(crop.image.tobytes() + f"{self.name}:{self.grid}".encode())
         return Avatar(self.name, avatar_id, gaussians, binding,
                       torch.from_numpy(neutral.astype(np.float32)).to(self.device),
@@ -278,12 +305,27 @@ class GeometricAvatar:
         means, quats, growth = deform(avatar, vertices, prepared.rest, prepared.eyes, pose)
         transform = rebase_transform(expression.transform, avatar.source_transform)
         fixed = avatar.binding.triangle == CAMERA_FIXED
-        if bool(fixed.any()):
-            # Keep the torso where the source camera saw it: undo the head's turn for these.
-            src = torch.from_numpy(avatar.source_transform.astype(np.float32)).to(avatar.device)
-            new = torch.from_numpy(transform).to(avatar.device)
-            cam = means[fixed] @ src[:, :3] + src[:, 3]
-            means[fixed] = (cam - new[:, 3]) @ new[:, :3].T
+        src = torch.from_numpy(avatar.source_transform.astype(np.float32)).to(avatar.device)
+        new = torch.from_numpy(transform).to(avatar.device)
+        partial = avatar.binding.follow < 1
+        stretch = None
+        if bool(partial.any()):
+            # What does not wholly follow the head (the torso, the crop's edges) stays where the
+            # source camera saw it but for its share of the head's motion: the head's turn undone
+            # for the rest of it.
+            cam = avatar.gaussians.means[partial] @ src[:, :3] + src[:, 3]
+            still = (cam - new[:, 3]) @ new[:, :3].T
+            follow = avatar.binding.follow[partial]
+            # the torso's share is of the head's roll and shift alone: shoulders do not turn with a
+            # shake of the head, and a torso that did cost the transfer bench's yaw 0.03
+            # (bench/TRANSFER_NOTES.md, seventh pass)
+            torso = fixed[partial, None]
+            moved = torch.where(torso, rolled_and_shifted(cam, src, new), means[partial])
+            means[partial] = follow[:, None] * moved + (1 - follow[:, None]) * still
+            # Where the share falls off it stretches the layer by about the gap over FOLLOW_SPAN.
+            bending = (follow > 0) & (follow < 1)
+            stretch = 1 + bending * (moved - still).norm(dim=1) / (FOLLOW_SPAN * prepared.delta_scale)
+        if bool(fixed.any()):  # the torso keeps the orientation the source camera saw
             turn = (new[:, :3] @ src[:, :3].T).expand(int(fixed.sum()), 3, 3)
             quats[fixed] = matrix_to_quat(turn @ quat_to_matrix(quats[fixed]))
         # Teeth bound to a mouth that is closed in the photo would grow with the opening's area
@@ -297,6 +339,8 @@ class GeometricAvatar:
         lid = prepared.lid_colour
         colors = torch.where(prepared.eyes[:, None], lid + (g.colors - lid) * opened, g.colors)
         scales = g.scales * growth[:, None]
+        if stretch is not None:
+            scales[partial] = scales[partial] * stretch[:, None]
         # An eye opened past the photo's lids stretches its content upward, not evenly (no stripes).
         wide, wide_quats, wide_scales = stretched(avatar, vertices, prepared.rest, pose, prepared.eyes)
         quats[wide], scales[wide] = wide_quats, wide_scales
@@ -470,6 +514,7 @@ class _Lifter:
             triangle[head_off], barycentric[head_off] = self._bind_nearest(points[head_off], _STEADY)
         triangle[body] = CAMERA_FIXED
         barycentric[body] = 0.0
+        follow = self._follow(keep, ys, xs, body, on_mesh, uv)
         sigma = FRONT_SIGMA * self.pixel * depth / self.focal
         # Thicken along the view ray where depth changes fast between neighbours (hair and cheeks
         # seen at a grazing angle), so a turned head shows no gaps between the layers of pixels.
@@ -493,6 +538,7 @@ class _Lifter:
         fill = off & ~body & (uv[:, 1] > chin_v - SEAM_BAND * CROP_SIZE)
         fill_points = self._unproject(uv[fill], depth[fill] + SEAM_DEPTH * self.scale)
         triangle = np.r_[triangle, np.full(fill.sum(), CAMERA_FIXED)]
+        follow = np.r_[follow, np.zeros(fill.sum())]  # the fill stays: it shows what the head uncovers
         barycentric = np.r_[barycentric, np.zeros((fill.sum(), 3))]
         points = np.r_[points, fill_points]
         return {
@@ -501,8 +547,23 @@ class _Lifter:
                             np.stack([sigma[fill]] * 3, 1)],
             "opacities": np.r_[opacity, opacity[fill]],
             "colors": np.r_[colours[ys, xs], colours[ys[fill], xs[fill]]], "triangle": triangle,
-            "barycentric": barycentric, "offset": np.zeros(len(points)),
+            "barycentric": barycentric, "offset": np.zeros(len(points)), "follow": follow,
         }, seen
+
+    def _follow(self, keep: np.ndarray, ys: np.ndarray, xs: np.ndarray, body: np.ndarray,
+                on_mesh: np.ndarray, uv: np.ndarray) -> np.ndarray:
+        """Each lifted pixel's share of the head's motion (Binding.follow; see FOLLOW_SPAN)."""
+        from scipy import ndimage
+
+        head = np.zeros_like(keep)
+        head[ys[~body], xs[~body]] = True
+        centre_depth = self.camera.depth(self.centre[None].astype(np.float32))[0]
+        units = self.pixel * centre_depth / self.focal  # canonical units per lifted pixel at the head
+        apart = ndimage.distance_transform_edt(~head)[ys, xs] * units
+        share = np.where(body, np.clip(1 - apart / (FOLLOW_SPAN * self.scale), 0, 1), 1.0)
+        border = np.minimum(np.minimum(uv[:, 0], CROP_SIZE - uv[:, 0]), CROP_SIZE - uv[:, 1])
+        share *= np.clip(border / (FOLLOW_EDGE * CROP_SIZE), 0, 1)
+        return np.where(on_mesh, 1.0, share)
 
     def _seam_correction(self, tri_id: np.ndarray, zbuf: np.ndarray, ys: np.ndarray, xs: np.ndarray,
                          ell_depth: np.ndarray) -> np.ndarray:
@@ -561,6 +622,7 @@ class _Lifter:
             "means": points, "quats": self._facing(points), "scales": np.stack([sigma] * 3, 1),
             "opacities": np.full(len(points), OPACITY), "colors": colours * BACK_SHADE,
             "triangle": triangle, "barycentric": barycentric, "offset": np.zeros(len(points)),
+            "follow": np.ones(len(points)),
         }
 
     def mouth(self) -> dict[str, np.ndarray]:
@@ -574,7 +636,7 @@ class _Lifter:
         scale = face_size(self.neutral) / face_size(CANONICAL_VERTICES)
         offset = np.zeros(len(triangle))
         binding = Binding(torch.from_numpy(triangle), torch.from_numpy(barycentric),
-                          torch.from_numpy(offset))
+                          torch.from_numpy(offset), torch.ones(len(triangle)))
         teeth = _teeth(binding).numpy()
         colours = np.where(teeth[:, None], TEETH_COLOUR, MOUTH_COLOUR)
         on_opening = anchors(torch.from_numpy(self.neutral), torch.from_numpy(AVATAR_TRIANGLES),
@@ -587,5 +649,5 @@ class _Lifter:
         return {
             "means": points, "quats": self._facing(points), "scales": np.stack([sigma] * 3, 1),
             "opacities": np.full(len(points), OPACITY), "colors": colours, "triangle": triangle,
-            "barycentric": barycentric, "offset": offset,
+            "barycentric": barycentric, "offset": offset, "follow": np.ones(len(points)),
         }

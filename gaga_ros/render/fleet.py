@@ -106,7 +106,7 @@ def avatar_bytes(avatar: Avatar) -> int:
     """Bytes an avatar's tensors take on a device."""
     g, b = avatar.gaussians, avatar.binding
     tensors = (g.means, g.quats, g.scales, g.opacities, g.colors, b.triangle, b.barycentric, b.offset,
-               avatar.neutral_vertices, avatar.triangles)
+               b.follow, avatar.neutral_vertices, avatar.triangles)
     return sum(t.numel() * t.element_size() for t in tensors)
 
 

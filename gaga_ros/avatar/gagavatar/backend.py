@@ -126,7 +126,7 @@ class GagaAvatarBackend:
         neutral = self.flame(shape=shape)[0]
         gaussians = Gaussians(torch.cat([neutral, source.local_means]), source.quats, source.scales,
                               source.opacities, source.colors)
-        static = Binding(torch.empty(0, dtype=torch.long), torch.empty(0, 3), torch.empty(0))
+        static = Binding(torch.empty(0, dtype=torch.long), torch.empty(0, 3), torch.empty(0), torch.empty(0))
         avatar = Avatar(self.name, content_id(np.ascontiguousarray(crop).tobytes() + b"gagavatar"),
                         gaussians, static, neutral, self.flame.faces.long(), transform,
                         extra=shape.cpu().numpy().astype(np.float32).tobytes(), warnings=warnings)
