@@ -197,8 +197,14 @@ def test_operator_face_and_voice_drive_the_kiosk_and_the_robot_is_heard(loop):
             operator_levels = await operator.evaluate("gaga.voiceLevels")
             second = await ob.new_page(g.url + "operator")
             # the page shows its 409 once explain() ran after it (not an older "Connecting" line)
-            await second.wait_for("gaga.busy !== null && (gaga.explained || []).includes(gaga.busy)",
-                                  timeout=30)
+            try:
+                await second.wait_for("gaga.busy !== null && (gaga.explained || []).includes(gaga.busy)",
+                                      timeout=30)
+            except TimeoutError:
+                pages = {name: await page.evaluate("[gaga.state, gaga.errors, gaga.explained]")
+                         for name, page in (("first", operator), ("second", second))}
+                raise AssertionError(f"no 409 for a second operator after a {len(series)}-frame grab: "
+                                     f"{pages}, bridge: {obs.status('bridge')}") from None
             said = await second.evaluate("gaga.explained.join(' ')")
             return series, quiet, kiosk_levels, operator_levels, said
 
@@ -208,7 +214,12 @@ def test_operator_face_and_voice_drive_the_kiosk_and_the_robot_is_heard(loop):
     opening = [mouth(rgb) for _, rgb in series]
     keep = [i for i, (c, m) in enumerate(zip(clip_index, opening, strict=True))
             if c is not None and m is not None]
-    assert len(keep) >= 0.7 * len(series) >= 30, f"face and clip frame known for {len(keep)}/{len(series)}"
+    # A loaded machine leaves some frames' clip frame unknown (a camera frame the observer's best-effort
+    # subscription missed, or a stretch driven by the voice while the face was lost: seen once, 100 of
+    # 245 frames kept), but the frames the operator's camera drove must show a face.
+    by_camera = sum(c is not None for c in clip_index)
+    known = f"{len(series)} kiosk frames, {by_camera} driven by a known clip frame, {len(keep)} with a face"
+    assert len(keep) >= 30 and len(keep) >= 0.9 * by_camera, known
     values = np.array([opening[i] for i in keep])
     driven = np.array([clip_index[i] for i in keep])
     # The kiosk's mouth is open where the operator's was and closed where it was closed: the mean
