@@ -19,6 +19,7 @@ import torch
 
 from gaga_ros.avatar.base import CAMERA_FIXED, Avatar, Binding, content_id, photo_landmarker, source_face
 from gaga_ros.avatar.deform import Rest, anchors, deform, matrix_to_quat, quat_to_matrix, stretched
+from gaga_ros.blendshapes import rotation
 from gaga_ros.camera import Camera, frontal_transform
 from gaga_ros.conventions import CROP_SIZE
 from gaga_ros.errors import InputError
@@ -46,7 +47,7 @@ SOURCE_MOUTH_DEPTH, TEETH_DEPTH, MOUTH_DEPTH = 0.02, 0.03, 0.04
 #: SEAM_DEPTH (canonical units) further back.
 SEAM_BLEND, SEAM_BAND, SEAM_DEPTH = 0.05, 0.08, 0.3
 #: Shares of the head's motion (Binding.follow): the torso's pixels take 1 (of its roll and shift only,
-#: rolled_and_shifted) next to the head falling to 0 at FOLLOW_SPAN (canonical units, scaled to the
+#: roll_in_camera) next to the head falling to 0 at FOLLOW_SPAN (canonical units, scaled to the
 #: source's face) from it, and every off-mesh pixel falls to 0 over FOLLOW_EDGE of the crop at its
 #: sides and bottom, which hold still (nothing beyond them to show). Where the share changes the layer
 #: stretches, and its Gaussians grow by that stretch so they do not part into lines. Hard-fixed, the
@@ -175,22 +176,18 @@ def rebase_transform(driver: np.ndarray, source: np.ndarray) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def rolled_and_shifted(cam: torch.Tensor, source: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """Points `cam` (in the `source` camera's frame) moved by the head's roll and its shift from
-    `source` to `new` (3x4 transforms, as Camera's), but not by its turn or nod; returned in the
-    canonical frame that `new` shows.
+def roll_in_camera(source: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """The head's roll from camera `source` to `new` (3x4 transforms, as Camera's), as a rotation
+    of the source camera's space (3x3, column vectors), without its turn or nod.
 
     The head turns about the canonical origin. Its roll is the twist about its own forward axis
     (canonical z) of its rotation between the two cameras: atan2 of that matrix's antisymmetric and
     trace parts in x and y, exact, and 0 for a pure turn or nod.
     """
-    head = source[:, :3] @ new[:, :3].T  # the head's rotation in its own frame (column vectors)
-    roll = torch.atan2(head[1, 0] - head[0, 1], head[0, 0] + head[1, 1])
-    c, s = torch.cos(roll), torch.sin(roll)
-    twist = torch.eye(3, device=cam.device, dtype=cam.dtype)
-    twist[0, 0], twist[0, 1], twist[1, 0], twist[1, 1] = c, -s, s, c
-    spin = source[:, :3].T @ twist @ source[:, :3]  # that twist in camera space
-    return ((cam - source[:, 3]) @ spin.T) @ new[:, :3].T
+    src = np.asarray(source, np.float64).reshape(3, 4)[:, :3]
+    head = src @ np.asarray(new, np.float64).reshape(3, 4)[:, :3].T  # in its own frame
+    roll = np.arctan2(head[1, 0] - head[0, 1], head[0, 0] + head[1, 1])
+    return (src.T @ rotation("z", roll) @ src).astype(np.float32)
 
 
 @dataclass
@@ -319,8 +316,10 @@ class GeometricAvatar:
             # the torso's share is of the head's roll and shift alone: shoulders do not turn with a
             # shake of the head, and a torso that did cost the transfer bench's yaw 0.03
             # (bench/TRANSFER_NOTES.md, seventh pass)
-            torso = fixed[partial, None]
-            moved = torch.where(torso, rolled_and_shifted(cam, src, new), means[partial])
+            moved, torso = means[partial], fixed[partial]
+            if bool(torso.any()):
+                spin = torch.from_numpy(roll_in_camera(avatar.source_transform, transform)).to(avatar.device)
+                moved[torso] = ((cam[torso] - src[:, 3]) @ spin.T) @ new[:, :3].T
             means[partial] = follow[:, None] * moved + (1 - follow[:, None]) * still
             # Where the share falls off it stretches the layer by about the gap over FOLLOW_SPAN.
             bending = (follow > 0) & (follow < 1)
