@@ -229,12 +229,12 @@ def test_operator_face_and_voice_drive_the_kiosk_and_the_robot_is_heard(loop):
     # mid-run) costs a correlation more than it costs this.)
     opened, closed = values[is_open[driven]], values[is_closed[driven]]
     means = [np.mean(v) if len(v) else np.nan for v in (opened, closed)]
+    open_clips, closed_clips = len(set(driven[is_open[driven]])), len(set(driven[is_closed[driven]]))
     counts = (f"{len(series)} kiosk frames in {series[-1][0] - series[0][0]:.0f} s: {len(opened)} driven by "
-              f"{len(set(driven[is_open[driven]]))} open clip frames, {len(closed)} by "
-              f"{len(set(driven[is_closed[driven]]))} closed ones; mean openings "
+              f"{open_clips} open clip frames, {len(closed)} by {closed_clips} closed ones; mean openings "
               f"{means[0]:.3f} and {means[1]:.3f}")
     print(counts)
-    assert len(set(driven[is_open[driven]])) >= 5 and len(set(driven[is_closed[driven]])) >= 5, counts
+    assert open_clips >= 5 and closed_clips >= 5, counts
     assert means[0] - means[1] > 0.02, counts
     # the operator's voice: on the kiosk page and on the ROS topic; the kiosk microphone: on the operator's
     floor = max(db for _, db in quiet)
